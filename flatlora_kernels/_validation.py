@@ -1,0 +1,96 @@
+"""Argument checks shared by every entry point: bad input fails here, in Python, with a clear message."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_float_tensor(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (fp32/bf16/fp16/fp64), got dtype {t.dtype}")
+
+
+def check_weights(weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> None:
+    """``weight: [out, in]``, ``lora_A: [r, in]``, ``lora_B: [out, r]``, r >= 1, one device."""
+    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        _check_float_tensor(name, t)
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    out_features, in_features = weight.shape
+    if out_features == 0 or in_features == 0:
+        raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
+    rank = lora_A.shape[0]
+    if rank == 0:
+        raise ValueError("LoRA rank r must be >= 1 (lora_A has 0 rows)")
+    if lora_A.shape[1] != in_features:
+        raise ValueError(
+            f"lora_A must have shape [r, in_features] = [r, {in_features}], got {tuple(lora_A.shape)}"
+        )
+    if tuple(lora_B.shape) != (out_features, rank):
+        raise ValueError(
+            f"lora_B must have shape [out_features, r] = [{out_features}, {rank}], got {tuple(lora_B.shape)}"
+        )
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.device != weight.device:
+            raise ValueError(f"{name} is on {t.device} but weight is on {weight.device}")
+
+
+def check_input(x: Tensor, weight: Tensor) -> None:
+    _check_float_tensor("x", x)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x must have shape [..., in_features] = [..., {weight.shape[1]}], got {tuple(x.shape)}"
+        )
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
+
+
+def check_bias(bias: Tensor | None, weight: Tensor) -> None:
+    if bias is None:
+        return
+    _check_float_tensor("bias", bias)
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [out_features] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if bias.device != weight.device:
+        raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
+
+
+def check_sigma(sigma: float | Tensor) -> None:
+    """sigma: a finite number >= 0, or a 1-element float tensor (checked when it is on the CPU)."""
+    if isinstance(sigma, Tensor):
+        if sigma.numel() != 1 or not sigma.dtype.is_floating_point:
+            raise TypeError(f"sigma tensor must hold one floating-point value, got {sigma.numel()} x {sigma.dtype}")
+        if sigma.device.type != "cpu":
+            return  # reading it would sync the device; the schedule keeps it valid
+        value = float(sigma)
+    elif isinstance(sigma, numbers.Real) and not isinstance(sigma, bool):
+        value = float(sigma)
+    else:
+        raise TypeError(f"sigma must be a float or a 1-element tensor, got {type(sigma).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"sigma must be finite and >= 0, got {value}")
+
+
+def check_scaling(scaling: float) -> None:
+    if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite real number, got {scaling!r}")
+
+
+def check_seed(seed: int | Tensor) -> None:
+    """seed: a Python int in [0, 2**63), or a 1-element int64 tensor (any 64-bit value)."""
+    if isinstance(seed, Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError(f"seed tensor must be one int64 value, got {seed.numel()} x {seed.dtype}")
+        return
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or a 0-dim int64 tensor, got {type(seed).__name__}")
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")

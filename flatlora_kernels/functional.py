@@ -1,0 +1,92 @@
+"""``flat_lora_linear``: the functional entry point (validation, backend choice, shapes, autocast)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers torch.ops.flatlora.*)
+from ._validation import check_bias, check_input, check_scaling, check_seed, check_sigma, check_weights
+from .backends import BACKENDS
+
+__all__ = ["flat_lora_linear", "resolve_backend"]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``"auto"`` to the fast path for ``device`` and reject combinations that cannot run."""
+    if backend == "auto":
+        if device.type == "cpu":
+            return "cpp"
+        if device.type == "cuda":
+            return "triton"
+        return "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+    if backend == "cpp" and device.type != "cpu":
+        raise ValueError(f"backend='cpp' runs on CPU tensors only, got tensors on {device}")
+    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "backend='triton' on CPU tensors runs the kernels in Triton's interpreter: set "
+            "TRITON_INTERPRET=1 in the environment before importing triton (or use backend='cpp')"
+        )
+    if backend == "triton" and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}")
+    return backend
+
+
+def _as_device_tensor(value, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.detach().to(device=device, dtype=dtype).reshape(())
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def flat_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    bias: Tensor | None = None,
+    *,
+    scaling: float,
+    sigma: float | Tensor,
+    seed: int | Tensor,
+    backend: str = "auto",
+) -> Tensor:
+    """``y = x @ (W + scaling * B @ A + eps)^T + bias``, with eps regenerated from ``seed``.
+
+    Args:
+        x: ``[..., in_features]``; its dtype is the compute dtype (under autocast, the autocast dtype).
+        weight: the frozen base weight ``[out_features, in_features]`` (must not require grad).
+        lora_A: ``[r, in_features]``; lora_B: ``[out_features, r]``; bias: ``[out_features]`` or None.
+        scaling: the LoRA scale ``s`` (``lora_alpha / r``).
+        sigma: the noise level (already multiplied by any schedule factor); float or 1-element tensor.
+        seed: Python int or 0-dim int64 tensor selecting the noise draw (see ``flatlora_kernels.noise``).
+        backend: ``"auto"`` (C++ on CPU, Triton on CUDA), ``"reference"``, ``"cpp"`` or ``"triton"``.
+
+    Differentiable in ``x``, ``lora_A``, ``lora_B`` and ``bias``; eps is a constant (no gradient).
+    """
+    check_weights(weight, lora_A, lora_B)
+    check_input(x, weight)
+    check_bias(bias, weight)
+    check_scaling(scaling)
+    check_sigma(sigma)
+    check_seed(seed)
+    if weight.requires_grad:
+        raise ValueError(
+            "flat_lora_linear: the base weight must be frozen (weight.requires_grad is True); "
+            "only lora_A, lora_B and bias are trained"
+        )
+    device = x.device
+    backend = resolve_backend(backend, device)
+    if torch.is_autocast_enabled(device.type):
+        x = x.to(torch.get_autocast_dtype(device.type))
+    sigma_t = _as_device_tensor(sigma, torch.float32, device)
+    seed_t = _as_device_tensor(seed, torch.int64, device)
+    out_features, in_features = weight.shape
+    with torch.autocast(device.type, enabled=False):
+        y, _ = torch.ops.flatlora.forward(
+            x.reshape(-1, in_features), weight, lora_A, lora_B, bias, float(scaling), sigma_t, seed_t, backend
+        )
+    return y.reshape(*x.shape[:-1], out_features)

@@ -1,0 +1,177 @@
+"""The Flat-LoRA noise stream: its one definition, and its plain-PyTorch reference.
+
+Every backend (this reference, the C++ CPU code in ``csrc/``, the Triton kernels in
+``flatlora_kernels/kernels/``) must produce exactly the stream defined here. Nothing about it
+depends on tile sizes, chunk sizes, strategies, devices or backends.
+
+Definition
+----------
+For a frozen weight ``W: [N, K]`` (N = out_features, K = in_features), LoRA factors
+``A: [r, K]``, ``B: [N, r]`` and scaling ``s``::
+
+    W'        = W + s * B @ A                           (in fp32)
+    row_scale = sigma * ||W'[i, :]||_2 / sqrt(K)        (fp32, one per output row i)
+    eps[i, j] = row_scale[i] * z(seed, i, j)
+
+``eps`` is a constant of the step: no gradient flows through it (nor through ``row_scale``), as in
+the paper's code, where the noise is drawn under ``no_grad``.
+
+``z(seed, i, j)`` is a standard normal taken from Triton's Philox4x32-10 stream
+(``tl.randn4x(seed, offset)``, 10 rounds), with this **row-quarter counter layout**::
+
+    Kq      = ceil(K / 4)             # Philox calls per row
+    lane    = j // Kq                 # which of the call's 4 normals (0..3)
+    offset  = i * Kq + (j - lane*Kq)  # int64; Philox counter = (lo32(offset), hi32(offset), 0, 0)
+    key     = (lo32(seed), hi32(seed))   # seed's 64 bits, two's complement
+    z(seed, i, j) = randn4x(seed, offset)[lane]
+
+so one Philox call feeds columns ``c, c + Kq, c + 2Kq, c + 3Kq`` of the same row (columns past K are
+dropped). A kernel that walks ``c`` over a row gets four contiguous column strips per call, with no
+shuffling between lanes, on any tile or SIMD width: this is why the layout was chosen. Row chunks
+``[i0, i1)`` are always made of whole calls.
+
+The normals of one call are Box-Muller pairs exactly as Triton computes them::
+
+    (c0, c1, c2, c3) = Philox4x32_10(counter, key)
+    u(x)  = fp32(x') * fp32(4.6566127342e-10), x' = int32(x) if int32(x) >= 0 else -int32(x) - 1
+    (z0, z1) = BoxMuller(u(c0), u(c1));  (z2, z3) = BoxMuller(u(c2), u(c3))
+    BoxMuller(u1, u2) = (r cos th, r sin th), r = sqrt(-2 log max(u1, 1e-7)), th = 2 pi u2
+
+The Philox integers are bit-exact across backends; the floats agree to ~1e-6 (libm vs libdevice
+log/cos/sin, fused multiply-adds).
+
+The seed is a Python int in ``[0, 2**63)`` or a 0-dim int64 tensor (preferred on GPU: no recompiles,
+no host sync). ``sigma = 0`` gives exactly LoRA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PHILOX_ROUNDS",
+    "counters_per_row",
+    "philox4x32_10",
+    "normal_rows",
+    "perturbation_row_scale",
+    "filter_noise",
+]
+
+PHILOX_ROUNDS = 10
+_MASK32 = 0xFFFFFFFF
+_ROUND_A = 0xD2511F53  # multiplies c0
+_ROUND_B = 0xCD9E8D57  # multiplies c2
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+_UNIFORM_SCALE = 4.6566127342e-10
+_TWO_PI = 6.283185307179586
+
+
+def counters_per_row(in_features: int) -> int:
+    """Philox calls per weight row: ``Kq = ceil(K / 4)``."""
+    return (in_features + 3) // 4
+
+
+def _mulhilo32(a: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(hi, lo) 32-bit halves of the 64-bit product ``a * x`` for ``x`` in [0, 2^32), in int64."""
+    # Split x into 16-bit halves so that no int64 product overflows (every term < 2^49).
+    x_hi, x_lo = x >> 16, x & 0xFFFF
+    p_hi, p_lo = x_hi * a, x_lo * a
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
+    return hi, lo
+
+
+def philox4x32_10(seed: Tensor, offset: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton's ``tl.randint4x(seed, offset)``: four uint32 outputs (held in int64) per offset."""
+    seed = seed.to(torch.int64)
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    c0 = offset & _MASK32
+    c1 = (offset >> 32) & _MASK32
+    c2 = torch.zeros_like(offset)
+    c3 = torch.zeros_like(offset)
+    for _ in range(PHILOX_ROUNDS):
+        hi_b, lo_b = _mulhilo32(_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _uniform(x: Tensor) -> Tensor:
+    signed = torch.where(x >= 2**31, x - 2**32, x)
+    signed = torch.where(signed < 0, -signed - 1, signed)
+    return signed.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def _box_muller(u1: Tensor, u2: Tensor) -> tuple[Tensor, Tensor]:
+    u1 = torch.clamp_min(u1, 1.0e-7)
+    theta = torch.tensor(_TWO_PI, dtype=torch.float32) * u2
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    return radius * torch.cos(theta), radius * torch.sin(theta)
+
+
+def _seed_tensor(seed: int | Tensor, device: torch.device) -> Tensor:
+    if isinstance(seed, Tensor):
+        return seed.to(device=device, dtype=torch.int64).reshape(())
+    return torch.tensor(seed, dtype=torch.int64, device=device)
+
+
+def normal_rows(
+    seed: int | Tensor,
+    in_features: int,
+    row_start: int,
+    row_end: int,
+    *,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """``z(seed, i, j)`` for rows ``[row_start, row_end)`` and all ``in_features`` columns (fp32)."""
+    device = torch.device(device)
+    kq = counters_per_row(in_features)
+    rows = torch.arange(row_start, row_end, device=device, dtype=torch.int64)
+    offsets = rows[:, None] * kq + torch.arange(kq, device=device, dtype=torch.int64)[None, :]
+    c0, c1, c2, c3 = philox4x32_10(_seed_tensor(seed, device), offsets)
+    z0, z1 = _box_muller(_uniform(c0), _uniform(c1))
+    z2, z3 = _box_muller(_uniform(c2), _uniform(c3))
+    # Lane t covers columns [t*Kq, (t+1)*Kq): concatenating the lanes lays the row out in order.
+    return torch.cat([z0, z1, z2, z3], dim=1)[:, :in_features]
+
+
+def perturbation_row_scale(
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling: float, sigma: float | Tensor
+) -> Tensor:
+    """``sigma * ||W + s*B@A||_row / sqrt(K)`` in fp32, shape ``[N]`` (forms ``B@A`` whole: reference only)."""
+    with torch.no_grad():
+        merged = weight.float() + scaling * (lora_B.float() @ lora_A.float())
+        sigma_t = torch.as_tensor(sigma, dtype=torch.float32, device=weight.device)
+        return sigma_t * torch.linalg.vector_norm(merged, dim=1) / math.sqrt(weight.shape[1])
+
+
+def filter_noise(
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    *,
+    scaling: float,
+    sigma: float | Tensor,
+    seed: int | Tensor,
+) -> Tensor:
+    """Materialise ``eps`` (fp32, the weight's shape) exactly as the kernels regenerate it.
+
+    For tests and debugging only: training paths never call this, they regenerate eps in place.
+    """
+    from ._validation import check_seed, check_sigma, check_weights
+
+    check_weights(weight, lora_A, lora_B)
+    check_sigma(sigma)
+    check_seed(seed)
+    out_features, in_features = weight.shape
+    with torch.no_grad():
+        scale = perturbation_row_scale(weight, lora_A, lora_B, scaling=scaling, sigma=sigma)
+        z = normal_rows(seed, in_features, 0, out_features, device=weight.device)
+        return scale[:, None] * z

@@ -1,0 +1,135 @@
+"""``torch.library`` ops: the layer ``torch.compile`` and autograd see.
+
+* ``flatlora::forward`` / ``flatlora::backward`` are ``triton_op``s, so Inductor traces into the
+  Triton kernels on CUDA (the launchers call them through ``wrap_triton``).
+* On CPU tensors those ops call ``flatlora::forward_cpu`` / ``flatlora::backward_cpu``: opaque
+  ``custom_op``s backed by the C++ extension, with their own fakes. (A CPU kernel registered on a
+  ``triton_op`` is ignored under torch.compile, hence the branch inside the op.)
+* Autograd is registered on ``flatlora::forward``; its backward calls ``flatlora::backward``, which
+  regenerates eps from the saved seed and row scales.
+
+All ops take 2-D ``x``; ``flatlora_kernels.functional`` flattens leading dims. The seed and sigma
+travel as tensors, so a new seed or sigma every step neither recompiles nor syncs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import get_backend
+
+
+def _forward_fake(x, weight, lora_A, lora_B, bias, scaling, sigma, seed, *rest):
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    row_scale = x.new_empty((weight.shape[0],), dtype=torch.float32)
+    return y, row_scale
+
+
+def _backward_fake(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx, *rest):
+    dx = torch.empty_like(x) if compute_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+@torch.library.custom_op("flatlora::forward_cpu", mutates_args=(), device_types="cpu")
+def forward_cpu(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    bias: Optional[Tensor],
+    scaling: float,
+    sigma: Tensor,
+    seed: Tensor,
+) -> tuple[Tensor, Tensor]:
+    return get_backend("cpp").forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed)
+
+
+@torch.library.custom_op("flatlora::backward_cpu", mutates_args=(), device_types="cpu")
+def backward_cpu(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    row_scale: Tensor,
+    scaling: float,
+    seed: Tensor,
+    compute_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return get_backend("cpp").backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx)
+
+
+forward_cpu.register_fake(_forward_fake)
+backward_cpu.register_fake(_backward_fake)
+
+
+@torch.library.triton_op("flatlora::forward", mutates_args=())
+def forward(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    bias: Optional[Tensor],
+    scaling: float,
+    sigma: Tensor,
+    seed: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    if backend == "cpp":
+        return torch.ops.flatlora.forward_cpu(x, weight, lora_A, lora_B, bias, scaling, sigma, seed)
+    return get_backend(backend).forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed)
+
+
+@torch.library.triton_op("flatlora::backward", mutates_args=())
+def backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    row_scale: Tensor,
+    scaling: float,
+    seed: Tensor,
+    compute_dx: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "cpp":
+        return torch.ops.flatlora.backward_cpu(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx)
+    return get_backend(backend).backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_A, lora_B, bias, scaling, _sigma, seed, backend = inputs
+    _y, row_scale = output
+    ctx.mark_non_differentiable(row_scale)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, row_scale, seed)
+    ctx.scaling = scaling
+    ctx.backend = backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy, _d_row_scale):
+    x, weight, lora_A, lora_B, row_scale, seed = ctx.saved_tensors
+    need_x, need_A, need_B, need_bias = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
+    dy = dy.contiguous()
+    dx, d_lora_A, d_lora_B = torch.ops.flatlora.backward(
+        dy, x, weight, lora_A, lora_B, row_scale, ctx.scaling, seed, need_x, ctx.backend
+    )
+    d_bias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if need_bias else None
+    return (
+        dx if need_x else None,
+        None,
+        d_lora_A if need_A else None,
+        d_lora_B if need_B else None,
+        d_bias,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+forward.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,47 @@
+"""Plain-PyTorch references shared by tests and benchmarks.
+
+* ``naive_flat_lora_linear``: autograd through the materialised ``W + s*B@A + eps`` (the "naive
+  perturbation" baseline: it keeps a weight-sized tensor alive for backward).
+* ``lora_linear``: plain LoRA, PEFT's math: ``F.linear(x, W) + s * (x @ A^T) @ B^T``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .noise import filter_noise
+
+__all__ = ["perturbed_weight", "naive_flat_lora_linear", "lora_linear"]
+
+
+def perturbed_weight(
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling: float, sigma: float | Tensor, seed: int | Tensor
+) -> Tensor:
+    """``W + s*B@A + eps`` in fp32, differentiable in A and B (eps is a constant)."""
+    eps = filter_noise(weight, lora_A, lora_B, scaling=scaling, sigma=sigma, seed=seed)
+    return weight.float() + scaling * (lora_B.float() @ lora_A.float()) + eps
+
+
+def naive_flat_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    bias: Tensor | None = None,
+    *,
+    scaling: float,
+    sigma: float | Tensor,
+    seed: int | Tensor,
+) -> Tensor:
+    """``y = x @ (W + s*B@A + eps)^T + bias`` with the perturbed weight rounded to x's dtype."""
+    w_eff = perturbed_weight(weight, lora_A, lora_B, scaling=scaling, sigma=sigma, seed=seed).to(x.dtype)
+    return F.linear(x, w_eff, None if bias is None else bias.to(x.dtype))
+
+
+def lora_linear(
+    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None = None, *, scaling: float
+) -> Tensor:
+    """Plain LoRA (no noise), as PEFT computes it."""
+    return F.linear(x, weight, bias) + scaling * ((x @ lora_A.t()) @ lora_B.t())
