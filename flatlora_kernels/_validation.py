@@ -68,8 +68,8 @@ def check_sigma(sigma: float | Tensor) -> None:
     if isinstance(sigma, Tensor):
         if sigma.numel() != 1 or not sigma.dtype.is_floating_point:
             raise TypeError(f"sigma tensor must hold one floating-point value, got {sigma.numel()} x {sigma.dtype}")
-        if sigma.device.type != "cpu":
-            return  # reading it would sync the device; the schedule keeps it valid
+        if sigma.device.type != "cpu" or torch.compiler.is_compiling():
+            return  # reading it would sync the device (or break the graph); the schedule keeps it valid
         value = float(sigma)
     elif isinstance(sigma, numbers.Real) and not isinstance(sigma, bool):
         value = float(sigma)
