@@ -1,0 +1,144 @@
+"""Fine-tune the pretrained digits model on the shifted domain with one method, under a fixed budget.
+
+Every method gets the same pretrained weights, the same batches (same seed), the same optimizer,
+learning rate, rank and number of optimizer steps; they differ only in what the method adds.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..memory import PeakMemory
+from ..model import apply_flat_lora
+from ..schedule import FlatLoraSchedule
+from .data import DigitsTask
+from .model import accuracy
+
+METHODS = ("lora", "flat-lora", "efmlora")
+TARGET_MODULES = ["fc1", "fc2", "fc3", "head"]
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 3e-3
+    rank: int = 8
+    lora_alpha: float = 16.0
+    sigma: float = 0.1
+    efm_rho: float = 0.05
+    efm_beta: float = 0.9
+    eval_every: int = 50
+
+
+@dataclass
+class RunResult:
+    method: str
+    seed: int
+    accuracy: float
+    corrupted_accuracy: dict[str, float]
+    losses: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_accuracy: list[float] = field(default_factory=list)
+    step_ms: float = 0.0
+    peak_memory_mib: float | None = None
+
+    @property
+    def mean_corrupted_accuracy(self) -> float:
+        return sum(self.corrupted_accuracy.values()) / len(self.corrupted_accuracy)
+
+
+def _build(pretrained: nn.Module, method: str, config: FinetuneConfig) -> nn.Module:
+    model = copy.deepcopy(pretrained).train()
+    sigma = config.sigma if method == "flat-lora" else 0.0
+    return apply_flat_lora(
+        model, target_modules=TARGET_MODULES, r=config.rank, lora_alpha=config.lora_alpha, sigma=sigma, fused=True
+    )
+
+
+def finetune(
+    pretrained: nn.Module,
+    task: DigitsTask,
+    method: str,
+    *,
+    seed: int,
+    config: FinetuneConfig,
+    device: torch.device,
+    progress=None,
+) -> RunResult:
+    """One fine-tuning run; ``progress`` (a tqdm bar or None) advances once per optimizer step."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    torch.manual_seed(seed)  # the LoRA initialisation
+    model = _build(pretrained, method, config).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    schedule = FlatLoraSchedule(model, total_steps=config.steps, seed=seed) if method == "flat-lora" else None
+    sharpness = None
+    if method == "efmlora":
+        from ..fmlora import EFMLoRA
+
+        sharpness = EFMLoRA(model, optimizer, rho=config.efm_rho, beta=config.efm_beta)
+
+    generator = torch.Generator().manual_seed(seed)  # identical batches for every method
+    train = task.target_train
+    result = RunResult(method=method, seed=seed, accuracy=0.0, corrupted_accuracy={})
+
+    def train_step(images, labels) -> float:
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        (sharpness or optimizer).step()
+        if schedule is not None:
+            schedule.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return loss.item()
+
+    step_seconds = 0.0
+    for step in range(config.steps):
+        index = torch.randint(0, train.labels.numel(), (config.batch_size,), generator=generator)
+        images, labels = train.images[index].to(device), train.labels[index].to(device)
+        if step == 0:  # memory is measured on the first step, time on the others (the profiler is slow)
+            with PeakMemory(device) as peak:
+                loss = train_step(images, labels)
+            result.peak_memory_mib = peak.mib
+        else:
+            started = time.perf_counter()
+            loss = train_step(images, labels)
+            step_seconds += time.perf_counter() - started
+        result.losses.append(loss)
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            with _unperturbed(sharpness):
+                result.eval_steps.append(step + 1)
+                result.eval_accuracy.append(accuracy(model, task.target_test))
+        if progress is not None:
+            progress.update(1)
+    result.step_ms = 1000 * step_seconds / max(1, config.steps - 1)
+    with _unperturbed(sharpness):
+        result.accuracy = accuracy(model, task.target_test)
+        result.corrupted_accuracy = {name: accuracy(model, split) for name, split in task.target_test_corrupted.items()}
+    return result
+
+
+class _unperturbed:
+    """Evaluate EFMLoRA at its unperturbed adapter (it otherwise keeps B + E_hat applied between steps)."""
+
+    def __init__(self, sharpness):
+        self.sharpness = sharpness
+
+    def __enter__(self):
+        if self.sharpness is not None:
+            self._context = self.sharpness.unperturbed()
+            self._context.__enter__()
+
+    def __exit__(self, *exc):
+        if self.sharpness is not None:
+            return self._context.__exit__(*exc)
+        return False

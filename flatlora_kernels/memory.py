@@ -1,0 +1,76 @@
+"""Peak memory of a block of code, on CUDA and on the CPU.
+
+* CUDA: ``reset_peak_memory_stats`` + ``max_memory_allocated`` (the caching allocator's own count).
+* CPU: PyTorch has no CPU allocator statistics, so the block runs under the profiler with
+  ``profile_memory=True``, whose ``[memory]`` events record every CPU allocation and free, including
+  those made inside C++ ops; the peak is the running maximum of their sum. The profiler slows the
+  block down: measure memory and time in separate runs.
+
+Both report the peak *above* what was allocated when the block started (activations, gradients and
+temporaries; not the model already in memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+__all__ = ["PeakMemory"]
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Kineto writes a line to the process's stderr at every profiler start and stop; hide those."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as peak: ...`` then ``peak.bytes`` / ``peak.mib``."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.bytes: int | None = None
+        self._profiler = None
+
+    @property
+    def mib(self) -> float | None:
+        return None if self.bytes is None else self.bytes / 2**20
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.device.type == "cpu":
+            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            with _quiet_native_stderr():
+                self._profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+        elif self._profiler is not None:
+            with _quiet_native_stderr():
+                self._profiler.__exit__(*exc)
+            events = self._profiler.profiler.kineto_results.events()
+            changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+            current = peak = 0
+            for _, nbytes in changes:
+                current += nbytes
+                peak = max(peak, current)
+            self.bytes = peak
+        return False
