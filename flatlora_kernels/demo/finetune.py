@@ -82,7 +82,7 @@ def finetune(
     schedule = FlatLoraSchedule(model, total_steps=config.steps, seed=seed) if method == "flat-lora" else None
     sharpness = None
     if method == "efmlora":
-        from ..fmlora import EFMLoRA
+        from ..sharpness import EFMLoRA
 
         sharpness = EFMLoRA(model, optimizer, rho=config.efm_rho, beta=config.efm_beta)
 

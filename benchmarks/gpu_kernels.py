@@ -1,0 +1,470 @@
+"""Kernel-level GPU checks and timings of the Triton backend (a standalone script; needs CUDA).
+
+    python benchmarks/gpu_kernels.py [--quick] [--json results.json]
+    python benchmarks/gpu_kernels.py --resources     # no GPU needed (TRITON_INTERPRET unset)
+
+1. Correctness on fresh random data at real sizes, before any timing: forward and every gradient of
+   ``flat_lora_linear(backend="triton")`` under each strategy, against the plain-PyTorch backend run
+   on fp32 copies of the inputs (same eps by definition), as ``||out - ref|| / ||ref||``. The
+   caching allocator is poisoned with NaN first, so an unwritten output element shows up.
+2. ``triton.testing.do_bench`` medians (p20/p80 kept in the JSON) of: cuBLAS ``x @ W^T``; LoRA fwd and
+   fwd+bwd (PEFT's math under autograd); the naive perturbation (``W + eps`` kept for backward);
+   Flat-LoRA fwd and fwd+bwd per strategy; the kernels alone (row scales, one regeneration of W',
+   the z tile) with their normal rates; the in-register crossover sweep over M; the chunk-cap sweep.
+3. Peak memory of a 16-layer 4096-wide stack at M=8192 (LoRA vs naive vs Flat-LoRA).
+
+``--resources`` compiles every kernel with the backend's GPU tiles for sm_90 (Triton's bundled
+ptxas) and prints the compiler's resource report: registers, stack (spills), shared memory, and
+whether the dots became Hopper ``HGMMA`` or ``HMMA`` instructions. A small stack is expected:
+libdevice's sin/cos keep a scratch array for huge arguments, a path Box-Muller never takes.
+
+Targets (ANCHORS §3; none measured yet): Flat-LoRA fwd+bwd <= 1.00x LoRA fwd+bwd at (M, N, K) =
+(8192, 4096, 4096), (2048, 4096, 4096), (8192, 11008, 4096), bf16, r=16; noise generation
+>= 300 G normals/s at M=256; stack peak <= LoRA's + 1%. Markdown tables are printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flatlora_kernels import flat_lora_linear  # noqa: E402
+from flatlora_kernels.backends import torch_reference  # noqa: E402
+from flatlora_kernels.reference import lora_linear  # noqa: E402
+
+DEVICE = "cuda"
+DTYPE = torch.bfloat16
+RANK, SCALING, SIGMA = 16, 2.0, 0.05
+TARGET_SHAPES = [(8192, 4096, 4096), (2048, 4096, 4096), (8192, 11008, 4096)]
+SMALL_M = [1, 16, 64, 256]
+CROSSOVER_M = [16, 32, 64, 128, 256, 512, 1024]
+CHUNK_CAPS_MIB = [4, 8, 16, 32, 64]
+# Relative-error ceilings against the fp32 reference (METHOD.md: bf16 operands land in 1e-3..1e-2).
+MAX_RELATIVE_ERROR = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+
+
+# ---- setup --------------------------------------------------------------------------------------
+
+
+def make_layer(N, K, r=RANK, dtype=DTYPE, factor_dtype=torch.float32, seed=0):
+    """Frozen W (dtype), trainable fp32 A and B (as PEFT keeps them under autocast), bias; non-zero B."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, device=DEVICE)  # noqa: E731
+    weight = (randn(N, K) / math.sqrt(K)).to(dtype)
+    lora_A = (randn(r, K) / math.sqrt(K)).to(factor_dtype)
+    lora_B = (randn(N, r) * 0.02).to(factor_dtype)
+    bias = (randn(N) * 0.1).to(dtype)
+    return weight, lora_A, lora_B, bias
+
+
+def make_inputs(M, N, K, dtype=DTYPE, seed=1):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(M, K, generator=g, device=DEVICE).to(dtype)
+    dy = torch.randn(M, N, generator=g, device=DEVICE).to(dtype)
+    return x, dy
+
+
+def seed_and_sigma(step=7):
+    return torch.tensor(1000 + step, device=DEVICE), torch.tensor(SIGMA, device=DEVICE)
+
+
+def poison_allocator(nbytes=2**30):
+    """Fill freed cache blocks with NaN so that outputs the kernels fail to write stay NaN."""
+    block = torch.full((nbytes // 4,), float("nan"), device=DEVICE)
+    del block
+
+
+def triton_backend_module():
+    from flatlora_kernels.backends import triton_backend
+
+    return triton_backend
+
+
+@contextlib.contextmanager
+def strategy(name):
+    with triton_backend_module().use_strategy(name):
+        yield
+
+
+@contextlib.contextmanager
+def chunk_cap(nbytes, grows_to_output):
+    tb = triton_backend_module()
+    previous = tb.chunk_bytes, tb.chunk_grows_to_output
+    tb.chunk_bytes, tb.chunk_grows_to_output = nbytes, grows_to_output
+    try:
+        yield
+    finally:
+        tb.chunk_bytes, tb.chunk_grows_to_output = previous
+
+
+# ---- the computations compared --------------------------------------------------------------------
+
+
+def flat_lora(x, weight, lora_A, lora_B, bias, seed, sigma):
+    return flat_lora_linear(x, weight, lora_A, lora_B, bias, scaling=SCALING, sigma=sigma, seed=seed, backend="triton")
+
+
+def lora(x, weight, lora_A, lora_B, bias, *_):
+    return lora_linear(x, weight, lora_A.to(x.dtype), lora_B.to(x.dtype), bias, scaling=SCALING)
+
+
+def naive_perturbation(x, weight, lora_A, lora_B, bias, *_):
+    """ANCHORS §3's baseline: eps from torch.randn, ``W + eps`` kept alive by autograd for backward."""
+    with torch.no_grad():
+        merged = weight.float() + SCALING * (lora_B.float() @ lora_A.float())
+        std = SIGMA * torch.linalg.vector_norm(merged, dim=1, keepdim=True) / math.sqrt(weight.shape[1])
+        w_noisy = (weight.float() + std * torch.randn_like(merged)).to(x.dtype)
+    return F.linear(x, w_noisy, bias) + SCALING * ((x @ lora_A.to(x.dtype).t()) @ lora_B.to(x.dtype).t())
+
+
+def fwd_bwd_closure(fn, x, weight, lora_A, lora_B, bias, dy, seed, sigma):
+    x = x.detach().requires_grad_(True)
+    lora_A = lora_A.detach().requires_grad_(True)
+    lora_B = lora_B.detach().requires_grad_(True)
+    leaves = [x, lora_A, lora_B]
+
+    def run():
+        fn(x, weight, lora_A, lora_B, bias, seed, sigma).backward(dy)
+
+    return run, leaves
+
+
+def fwd_closure(fn, x, weight, lora_A, lora_B, bias, seed, sigma):
+    def run():
+        with torch.no_grad():
+            fn(x, weight, lora_A, lora_B, bias, seed, sigma)
+
+    return run
+
+
+# ---- 0. compiler resource report (no GPU) -------------------------------------------------------
+
+TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+WEIGHT_ARGS = ("stride_wn", "stride_wk", "stride_ar", "stride_ak", "stride_bn", "stride_br")
+
+
+def kernel_launches(compute_dtype, weight_dtype, factor_dtype):
+    """(label, kernel, argument types, constexprs, launch options) as the launchers would use them."""
+    tb = triton_backend_module()
+    from flatlora_kernels import kernels as K
+
+    c, w, f = (TRITON_TYPES[d] for d in (compute_dtype, weight_dtype, factor_dtype))
+    probe = torch.empty(RANK, 8, dtype=factor_dtype)
+    factor = tb._factor_constexprs(probe, probe, compute_dtype)
+    common = dict(w_ptr=f"*{w}", a_ptr=f"*{f}", b_ptr=f"*{f}", rank="i32", scaling="fp32", in_features="i32",
+                  **{name: "i32" for name in WEIGHT_ARGS})  # fmt: skip
+    noise = dict(row_scale_ptr="*fp32", seed_ptr="*i64", counters_per_row="i32")
+    main_dot = dict(DOT_TF32=tb._main_dot_tf32(compute_dtype), DOTS_IN_FP32=False)
+
+    def split(tiles):
+        tiles = dict(tiles)
+        options = {k: tiles.pop(k) for k in ("num_warps", "num_stages") if k in tiles}
+        return tiles, options
+
+    launches = []
+    tiles, options = split(tb.GPU_TILES["row_scale"])
+    launches.append(("row_scale", K.row_scale_kernel, dict(common, sigma_ptr="*fp32", out_ptr="*fp32",
+                     out_features="i32", sqrt_in_features="fp32"), dict(tiles, **factor), options))  # fmt: skip
+    tiles, options = split(tb.GPU_TILES["perturbed_weight"])
+    launches.append(("perturbed_weight", K.perturbed_weight_kernel, dict(common, **noise, out_ptr=f"*{c}",
+                     row_start="i32", row_end="i32", counter_start="i32", counter_end="i32",
+                     stride_out_row="i32", stride_out_strip="i32"), dict(tiles, **factor), options))  # fmt: skip
+    for M in (16, 64):
+        tiles, options = split(tb._fused_tiles("fused_forward", M, compute_dtype))
+        launches.append((f"fused_forward M={M}", K.fused_forward_kernel, dict(common, **noise, x_ptr=f"*{c}",
+                         bias_ptr=f"*{c}", y_ptr=f"*{c}", n_tokens="i32", out_features="i32", counters_per_split="i32",
+                         stride_xm="i32", stride_xk="i32", stride_ys="i32", stride_ym="i32", stride_yn="i32"),
+                         dict(tiles, HAS_BIAS=True, **factor, **main_dot), options))  # fmt: skip
+        tiles, options = split(tb._fused_tiles("fused_input_grad", M, compute_dtype))
+        launches.append((f"fused_input_grad M={M}", K.fused_input_grad_kernel, dict(common, **noise, dy_ptr=f"*{c}",
+                         dx_ptr=f"*{c}", n_tokens="i32", out_features="i32", rows_per_split="i32", stride_dym="i32",
+                         stride_dyn="i32", stride_dxs="i32", stride_dxm="i32", stride_dxk="i32"),
+                         dict(tiles, **factor, **main_dot), options))  # fmt: skip
+    tiles, options = split(tb.GPU_TILES["normal_rows"])
+    launches.append(("normal_rows", K.normal_rows_kernel, dict(seed_ptr="*i64", out_ptr=f"*{c}", row_start="i32",
+                     n_rows="i32", in_features="i32", counters_per_row="i32", stride_out_row="i32"), tiles, options))  # fmt: skip
+    return launches
+
+
+def resource_report(arch=90):
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if triton_backend_module().INTERPRETING:
+        sys.exit("--resources compiles real kernels: run it with TRITON_INTERPRET unset")
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    rows = {}
+    cases = [(torch.bfloat16, torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+             (torch.float16, torch.float16, torch.float16), (torch.float32, torch.float32, torch.float32)]  # fmt: skip
+    for compute_dtype, weight_dtype, factor_dtype in cases:
+        case = f"x {TRITON_TYPES[compute_dtype]}, W {TRITON_TYPES[weight_dtype]}, A/B {TRITON_TYPES[factor_dtype]}"
+        for label, kernel, types, constexprs, options in kernel_launches(compute_dtype, weight_dtype, factor_dtype):
+            signature = {name: ("constexpr" if name in constexprs else types[name]) for name in kernel.arg_names}
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                                      options=options)  # fmt: skip
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+                cubin.write(compiled.asm["cubin"])
+                cubin.flush()
+                usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
+                sass = subprocess.run([cuobjdump, "-sass", cubin.name], capture_output=True, text=True).stdout
+            found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+            rows[f"{label} [{case}]"] = dict(
+                registers=int(found.group(1)) if found else "?",
+                stack_bytes=int(found.group(2)) if found else "?",
+                shared_bytes=compiled.metadata.shared,
+                HGMMA=sass.count("HGMMA"),
+                HMMA=sass.count("HMMA"),
+                options=" ".join(f"{k}={v}" for k, v in options.items()),
+            )
+    print(markdown_table(f"Compiler resource report, sm_{arch} (not a timing)", rows,
+                         ["registers", "stack_bytes", "shared_bytes", "HGMMA", "HMMA", "options"]))  # fmt: skip
+
+
+# ---- 1. correctness -------------------------------------------------------------------------------
+
+
+def relative_error(actual, expected):
+    actual, expected = actual.double(), expected.double()
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    return (torch.linalg.vector_norm(actual - expected) / (torch.linalg.vector_norm(expected) + 1e-30)).item()
+
+
+def check_correctness(M, N, K, name, dtype=DTYPE):
+    weight, lora_A, lora_B, bias = make_layer(N, K, dtype=dtype, seed=M + N)
+    x, dy = make_inputs(M, N, K, dtype=dtype, seed=M * 3 + K)
+    seed, sigma = seed_and_sigma(M)
+    poison_allocator()
+    xr = x.detach().requires_grad_(True)
+    A, B = lora_A.detach().requires_grad_(True), lora_B.detach().requires_grad_(True)
+    with strategy(name):
+        y = flat_lora(xr, weight, A, B, bias, seed, sigma)
+        y.backward(dy)
+    torch.cuda.synchronize()
+    ref_y, scale = torch_reference.forward(x.float(), weight, lora_A, lora_B, bias, SCALING, sigma, seed)
+    ref_dx, ref_dA, ref_dB = torch_reference.backward(
+        dy.float(), x.float(), weight, lora_A, lora_B, scale, SCALING, seed, True
+    )
+    errors = {
+        "y": relative_error(y, ref_y),
+        "dx": relative_error(xr.grad, ref_dx),
+        "dA": relative_error(A.grad, ref_dA),
+        "dB": relative_error(B.grad, ref_dB),
+    }
+    ok = all(e <= MAX_RELATIVE_ERROR[dtype] for e in errors.values())
+    return dict(M=M, N=N, K=K, strategy=name, dtype=str(dtype), ok=ok, **errors)
+
+
+# ---- 2. timings -----------------------------------------------------------------------------------
+
+
+def bench(run, grad_to_none=None):
+    from triton.testing import do_bench
+
+    p50, p20, p80 = do_bench(run, warmup=50, rep=300, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+    return dict(ms=p50, p20=p20, p80=p80)
+
+
+def time_layer(M, N, K, strategies):
+    weight, lora_A, lora_B, bias = make_layer(N, K)
+    x, dy = make_inputs(M, N, K)
+    seed, sigma = seed_and_sigma()
+    args = (x, weight, lora_A, lora_B, bias)
+    rows = {"cuBLAS x@W^T": bench(lambda: torch.mm(x, weight.t()))}
+    for label, fn in (("LoRA", lora), ("naive perturbation", naive_perturbation)):
+        if label == "LoRA":
+            rows["LoRA fwd"] = bench(fwd_closure(fn, *args, seed, sigma))
+        run, leaves = fwd_bwd_closure(fn, *args, dy, seed, sigma)
+        rows[f"{label} fwd+bwd"] = bench(run, grad_to_none=leaves)
+    for name in strategies:
+        with strategy(name):
+            rows[f"Flat-LoRA {name} fwd"] = bench(fwd_closure(flat_lora, *args, seed, sigma))
+            run, leaves = fwd_bwd_closure(flat_lora, *args, dy, seed, sigma)
+            rows[f"Flat-LoRA {name} fwd+bwd"] = bench(run, grad_to_none=leaves)
+    lora_ms = rows["LoRA fwd+bwd"]["ms"]
+    for key, row in rows.items():
+        if key.endswith("fwd+bwd"):
+            row["x LoRA"] = row["ms"] / lora_ms
+    return rows
+
+
+def time_kernels(N, K, M_in_register=256):
+    """The kernels alone: row scales, one full regeneration of W', the z tile, and the fused GEMM."""
+    tb = triton_backend_module()
+    weight, lora_A, lora_B, bias = make_layer(N, K)
+    seed, sigma = seed_and_sigma()
+    normals = N * K
+    scale = tb.row_scale(weight, lora_A, lora_B, SCALING, sigma, DTYPE)
+    rows = {}
+    rows["row scales (reads W once)"] = bench(lambda: tb.row_scale(weight, lora_A, lora_B, SCALING, sigma, DTYPE))
+    rows["regenerate W' (bf16 out)"] = bench(
+        lambda: tb.perturbed_weight_rows(weight, lora_A, lora_B, scale, SCALING, seed, 0, N, DTYPE)
+    )
+    rows["z tile only (bf16 out)"] = bench(lambda: tb.normal_rows(seed, K, 0, N, DTYPE))
+    for key in ("regenerate W' (bf16 out)", "z tile only (bf16 out)"):
+        rows[key]["G normals/s"] = normals / (rows[key]["ms"] * 1e-3) / 1e9
+    x, dy = make_inputs(M_in_register, N, K)
+    regenerations = math.ceil(M_in_register / tb._fused_tiles("fused_forward", M_in_register, DTYPE)["BLOCK_TOKENS"])
+    with torch.no_grad():
+        key = f"in-register fwd GEMM, M={M_in_register}"
+        rows[key] = bench(lambda: tb._forward_in_register(x, weight, lora_A, lora_B, bias, SCALING, scale, seed))
+        rows[key]["G normals/s"] = regenerations * normals / (rows[key]["ms"] * 1e-3) / 1e9
+        key = f"streamed fwd, M={M_in_register}"
+        rows[key] = bench(lambda: tb._forward_streamed(x, weight, lora_A, lora_B, bias, SCALING, scale, seed))
+        rows[key]["G normals/s"] = normals / (rows[key]["ms"] * 1e-3) / 1e9
+    return rows
+
+
+def crossover_sweep(N=4096, K=4096):
+    """fwd+bwd per strategy over M: where the in-register path stops paying (sets IN_REGISTER_MAX_TOKENS)."""
+    weight, lora_A, lora_B, bias = make_layer(N, K)
+    seed, sigma = seed_and_sigma()
+    rows = {}
+    for M in CROSSOVER_M:
+        x, dy = make_inputs(M, N, K)
+        for name in ("streamed", "in_register"):
+            with strategy(name):
+                run, leaves = fwd_bwd_closure(flat_lora, x, weight, lora_A, lora_B, bias, dy, seed, sigma)
+                rows[f"M={M} {name}"] = bench(run, grad_to_none=leaves)
+        run, leaves = fwd_bwd_closure(lora, x, weight, lora_A, lora_B, bias, dy, seed, sigma)
+        rows[f"M={M} LoRA"] = bench(run, grad_to_none=leaves)
+    return rows
+
+
+def chunk_sweep(M=8192, N=11008, K=4096):
+    """Streamed fwd+bwd by fixed chunk cap, and with chunks allowed to grow to the output's size."""
+    weight, lora_A, lora_B, bias = make_layer(N, K)
+    x, dy = make_inputs(M, N, K)
+    seed, sigma = seed_and_sigma()
+    rows = {}
+    settings = [(mib, False) for mib in CHUNK_CAPS_MIB] + [(16, True)]
+    for mib, grows in settings:
+        with chunk_cap(mib * 2**20, grows), strategy("streamed"):
+            run, leaves = fwd_bwd_closure(flat_lora, x, weight, lora_A, lora_B, bias, dy, seed, sigma)
+            rows[f"cap {mib} MiB" + (", grows to output" if grows else "")] = bench(run, grad_to_none=leaves)
+    return rows
+
+
+# ---- 3. peak memory -------------------------------------------------------------------------------
+
+
+def stack_peak_memory(depth=16, width=4096, M=8192):
+    layers = [make_layer(width, width, seed=i) for i in range(depth)]
+    x, _ = make_inputs(M, width, width)
+    seed, sigma = seed_and_sigma()
+    results = {}
+    variants = [
+        ("LoRA", lora, contextlib.nullcontext()),
+        ("naive perturbation", naive_perturbation, contextlib.nullcontext()),
+        ("Flat-LoRA (auto)", flat_lora, contextlib.nullcontext()),
+        ("Flat-LoRA (streamed, fixed 16 MiB chunks)", flat_lora, chunk_cap(16 * 2**20, False)),
+    ]
+    for label, fn, setting in variants:
+        factors = [(A.detach().requires_grad_(True), B.detach().requires_grad_(True)) for _, A, B, _ in layers]
+        h0 = x.detach().requires_grad_(True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with setting:
+            h = h0
+            for (weight, _, _, bias), (A, B) in zip(layers, factors):
+                h = fn(h, weight, A, B, bias, seed, sigma)
+            h.float().square().mean().backward()
+        torch.cuda.synchronize()
+        results[label] = dict(peak_MiB=(torch.cuda.max_memory_allocated() - base) / 2**20)
+        del h, h0, factors
+    lora_peak = results["LoRA"]["peak_MiB"]
+    for row in results.values():
+        row["x LoRA"] = row["peak_MiB"] / lora_peak
+    return results
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+
+def markdown_table(title, rows, columns):
+    lines = [f"### {title}", "", "| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for key, row in rows.items():
+        cells = []
+        for column in columns:
+            value = row.get(column, "")
+            cells.append(f"{value:.4g}" if isinstance(value, float) else str(value))
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="first target shape only, no sweeps")
+    parser.add_argument("--json", type=Path, default=None, help="write every number here")
+    parser.add_argument("--resources", action="store_true", help="compiler resource report only (no GPU needed)")
+    args = parser.parse_args(argv)
+    if args.resources:
+        return resource_report()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/gpu_kernels.py needs a CUDA device")
+    import triton
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    facts = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        dtype=str(DTYPE),
+        rank=RANK,
+        chunk_bytes=triton_backend_module().chunk_bytes,
+        in_register_max_tokens=triton_backend_module().IN_REGISTER_MAX_TOKENS,
+    )
+    shapes = TARGET_SHAPES[:1] if args.quick else TARGET_SHAPES
+    report = dict(facts=facts)
+
+    checks = [check_correctness(M, N, K, "auto") for M, N, K in shapes]
+    checks += [check_correctness(M, N, K, "streamed") for M, N, K in shapes]
+    checks += [check_correctness(M, 4096, 4096, name) for M in SMALL_M for name in ("streamed", "in_register")]
+    checks += [check_correctness(300, 1000, 1030, name, dtype) for dtype in (torch.float16, torch.float32)
+               for name in ("streamed", "in_register")]  # fmt: skip
+    report["correctness"] = checks
+    tables = [markdown_table("Correctness (relative error vs fp32 reference)",
+                             {f"{c['M']}x{c['N']}x{c['K']} {c['dtype']} {c['strategy']}": c for c in checks},
+                             ["ok", "y", "dx", "dA", "dB"])]  # fmt: skip
+    if not all(c["ok"] for c in checks):
+        print("\n".join(tables))
+        sys.exit("correctness check failed: no timings taken")
+
+    report["layers"] = {}
+    for M, N, K in shapes:
+        rows = time_layer(M, N, K, ["auto", "streamed"])
+        report["layers"][f"{M}x{N}x{K}"] = rows
+        tables.append(markdown_table(f"(M, N, K) = ({M}, {N}, {K}), bf16, r={RANK}: medians", rows, ["ms", "p20", "p80", "x LoRA"]))
+    report["kernels"] = time_kernels(4096, 4096)
+    tables.append(markdown_table("Kernels alone, N = K = 4096", report["kernels"], ["ms", "G normals/s"]))
+    if not args.quick:
+        report["crossover"] = crossover_sweep()
+        tables.append(markdown_table("fwd+bwd by strategy over M (N = K = 4096)", report["crossover"], ["ms"]))
+        report["chunks"] = chunk_sweep()
+        tables.append(markdown_table("Streamed fwd+bwd by chunk cap, (8192, 11008, 4096)", report["chunks"], ["ms"]))
+        report["memory"] = stack_peak_memory()
+        tables.append(markdown_table("Peak memory, 16 x 4096-wide layers, M=8192, fwd+bwd", report["memory"], ["peak_MiB", "x LoRA"]))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+    print("\n" + "\n".join(f"{k}: {v}" for k, v in facts.items()) + "\n")
+    print("\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+// Python bindings of flatlora_kernels._C: the cpp backend plus small debug entry points for tests.
+#include <torch/extension.h>
+
+#include "flatlora_cpu.h"
+#include "normal_stream.h"
+#include "perturbed_chunk.h"
+
+namespace {
+
+uint64_t seed_bits(int64_t seed) { return static_cast<uint64_t>(seed); }
+
+// (c0, c1, c2, c3) as int64 tensors holding uint32 values, like flatlora_kernels.noise.philox4x32_10.
+std::vector<at::Tensor> philox4x32_10(int64_t seed, const at::Tensor& offsets) {
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.device().is_cpu(), "offsets must be a CPU int64 tensor");
+  const at::Tensor flat = offsets.contiguous().reshape({-1});
+  std::vector<uint32_t> words(static_cast<size_t>(flat.numel()) * 4);
+  flatlora::philox_at(seed_bits(seed), flat.data_ptr<int64_t>(), flat.numel(), words.data());
+  at::Tensor all = at::empty({flat.numel(), 4}, offsets.options());
+  int64_t* out = all.data_ptr<int64_t>();
+  for (size_t i = 0; i < words.size(); ++i) out[i] = words[i];
+  std::vector<at::Tensor> lanes;
+  for (int64_t lane = 0; lane < 4; ++lane) lanes.push_back(all.select(1, lane).reshape(offsets.sizes()).clone());
+  return lanes;
+}
+
+// z(seed, i, j) for rows [row_start, row_end), fp32 [rows, K], like flatlora_kernels.noise.normal_rows.
+at::Tensor normal_rows(int64_t seed, int64_t in_features, int64_t row_start, int64_t row_end) {
+  TORCH_CHECK(in_features > 0 && row_start >= 0 && row_end >= row_start, "bad normal_rows arguments");
+  at::Tensor out = at::empty({row_end - row_start, in_features}, at::kFloat);
+  float* data = out.data_ptr<float>();
+  at::parallel_for(row_start, row_end, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row)
+      flatlora::normal_row(seed_bits(seed), row, in_features, data + (row - row_start) * in_features);
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Flat-LoRA fused CPU kernels (regenerated Philox noise, chunked perturbed weight)";
+  m.attr("DEFAULT_CHUNK_BYTES") = flatlora::kDefaultChunkBytes;
+  m.def("forward", &flatlora::forward_cpu, "y, row_scale = forward(x, W, A, B, bias, s, sigma, seed, chunk_bytes)",
+        py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("bias"), py::arg("scaling"),
+        py::arg("sigma"), py::arg("seed"), py::arg("chunk_bytes") = flatlora::kDefaultChunkBytes);
+  m.def("backward", &flatlora::backward_cpu,
+        "dx, dA, dB = backward(dy, x, W, A, B, row_scale, s, seed, compute_dx, chunk_bytes)", py::arg("dy"),
+        py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("row_scale"),
+        py::arg("scaling"), py::arg("seed"), py::arg("compute_dx"),
+        py::arg("chunk_bytes") = flatlora::kDefaultChunkBytes);
+  m.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 outputs for int64 offsets (debug)", py::arg("seed"),
+        py::arg("offsets"));
+  m.def("normal_rows", &normal_rows, "noise normals z for a row range (debug)", py::arg("seed"),
+        py::arg("in_features"), py::arg("row_start"), py::arg("row_end"));
+}

@@ -1,0 +1,25 @@
+// The fused Flat-LoRA linear on the CPU: the "cpp" backend's forward and backward
+// (protocol: flatlora_kernels/backends/__init__.py).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace flatlora {
+
+// (y [M, N] in x's dtype, row_scale fp32 [N]).
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                               const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                               const std::optional<at::Tensor>& bias, double scaling,
+                                               const at::Tensor& sigma, const at::Tensor& seed, int64_t chunk_bytes);
+
+// (dx [M, K] or empty, dA in lora_A's dtype, dB in lora_B's dtype).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                            const at::Tensor& weight, const at::Tensor& lora_A,
+                                                            const at::Tensor& lora_B, const at::Tensor& row_scale,
+                                                            double scaling, const at::Tensor& seed, bool compute_dx,
+                                                            int64_t chunk_bytes);
+
+}  // namespace flatlora

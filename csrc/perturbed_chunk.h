@@ -1,0 +1,41 @@
+// Regenerates row chunks of the perturbed weight W + s*B@A + eps without ever holding it whole.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace flatlora {
+
+// Default cap on one chunk (fp32 rows): 4 MiB, the only weight-sized temporary of a pass. Fewer,
+// wider chunks keep the GEMMs they feed efficient (splitting a 1024x1024 layer's GEMM in two cost
+// ~5% on the 2-core test machine); 4 MiB holds a whole 1024x1024 layer, 256 rows of a 4096-wide one.
+constexpr int64_t kDefaultChunkBytes = int64_t{4} << 20;
+
+// Rows per chunk under a byte cap (at least one row).
+int64_t rows_per_chunk(int64_t in_features, int64_t chunk_bytes);
+
+class PerturbedWeight {
+ public:
+  // round_to: the compute dtype; chunk rows are rounded to it, as the reference rounds W_eff.
+  PerturbedWeight(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
+                  uint64_t seed, at::ScalarType round_to);
+
+  // chunk[i] = W' row (row0 + i) + eps, W' = W + s*B@A (fp32); chunk: contiguous fp32 [rows, K].
+  // Forward: also writes row_scale[i] = sigma * ||W' row|| / sqrt(K), from the same pass.
+  void build_with_new_scale(int64_t row0, at::Tensor& chunk, float sigma, float* row_scale) const;
+  // Backward: uses the row scales saved by forward, so eps is identical.
+  void build_with_saved_scale(int64_t row0, at::Tensor& chunk, const float* row_scale) const;
+
+ private:
+  // With saved_scale null, the scales come from the rows' norms and are written to new_scale.
+  void build_rows(int64_t row0, at::Tensor& chunk, float sigma, const float* saved_scale, float* new_scale) const;
+
+  at::Tensor weight_;
+  at::Tensor lora_A_f32_;
+  at::Tensor lora_B_scaled_;  // s * B, fp32
+  uint64_t seed_;
+  at::ScalarType round_to_;
+};
+
+}  // namespace flatlora

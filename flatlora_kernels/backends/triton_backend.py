@@ -1,0 +1,465 @@
+"""The Triton backend: launchers for ``flatlora_kernels.kernels`` and the choice of strategy.
+
+``forward`` computes the row scales (one read of W), then ``y = x @ W'^T (+ bias)`` with
+``W' = W + s*B@A + eps`` by one of two strategies; ``backward`` computes ``dx = dy @ W'`` the same way
+(regenerating eps from the seed: nothing weight-sized survives between the passes) and the LoRA
+gradients ``dA = s*(dy@B)^T@x``, ``dB = s*dy^T@(x@A^T)`` as small cuBLAS matmuls.
+
+Strategies (both regenerate the same eps, bit for bit: same z tile, same row scales; ``W'`` itself may
+differ in the last bit where the kernels contract ``W + s*B@A + eps`` into FMAs differently; see
+``choose_strategy``):
+
+* ``"streamed"`` (large M): a kernel regenerates ``W'`` in the compute dtype in bounded chunks (see
+  ``chunk_bytes``) and cuBLAS consumes each chunk at once. Forward chunks are row blocks of ``W'``
+  (``y[:, rows] = x @ chunk^T``); backward chunks are counter blocks, i.e. four column strips of
+  ``W'`` (``dx[:, strip] = dy @ chunk_strip``), so every output element comes from one GEMM: one
+  rounding, and no read-modify-write of ``dx`` per chunk.
+* ``"in_register"`` (small M): fused Triton GEMMs that build each ``W'`` tile in registers.
+
+Precision: all noise and ``W + s*B@A`` arithmetic is fp32. fp32 dot products (the main GEMM when
+the compute dtype is fp32; ``B@A`` when the factors are fp32 or of mixed dtypes) use TF32 only when
+``torch.backends.cuda.matmul.allow_tf32`` is set, as cuBLAS does for the streamed path, except that
+``B@A`` feeding a 16-bit compute dtype always uses TF32 (its error stays below the rounding of
+``W'`` to that dtype). 16-bit factors of one dtype multiply natively (exact products, fp32 sums).
+
+Under ``TRITON_INTERPRET=1`` (CPU tensors, tests) the launchers pick large tiles, since the
+interpreter pays per loop iteration, and upcast bf16 dot operands, since its bf16 ``tl.dot`` is wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import wrap_triton
+
+from ..kernels import (
+    fused_forward_kernel,
+    fused_input_grad_kernel,
+    normal_rows_kernel,
+    perturbed_weight_kernel,
+    row_scale_kernel,
+)
+from ..noise import counters_per_row
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+# ---------------------------------------------------------------------------------------------
+# Tunables. Every number here is a first guess, to be measured on the GPU (benchmarks/gpu_kernels.py).
+# ---------------------------------------------------------------------------------------------
+
+#: Cap on one regenerated chunk of ``W'`` (bytes, compute dtype): the only memory this backend adds
+#: to LoRA's. 16 MiB is under 1% of LoRA's 1668 MiB peak for a 16-layer 4096-wide stack at M=8192
+#: (ANCHORS §3).
+chunk_bytes: int = 16 * 2**20
+
+#: A chunk may also grow to the size of its pass's output (y forward, dx backward): LoRA's own pass
+#: holds a second buffer of that size at the same moment (its LoRA-branch GEMM output, before the
+#: sum), so the peak stays at or under LoRA's, and large M gets fewer, wider GEMMs (with a 16 MiB
+#: cap, dx of an 11008x4096 layer would come from 32 GEMMs 128 columns wide). To be measured.
+chunk_grows_to_output: bool = True
+
+#: The dispatcher's auto rule: the in-register path for ``M <= IN_REGISTER_MAX_TOKENS``. It pays
+#: while it regenerates the noise about as often as the streamed path (one token tile) and saves
+#: that path's write + read of each chunk; to be measured (M = 16..512 at N = K = 4096).
+IN_REGISTER_MAX_TOKENS: int = 64
+
+#: Small M gives the in-register kernels few output tiles; they split their reduction loop until the
+#: grid has about this many programs per SM (partials in fp32, summed after). To be measured.
+IN_REGISTER_PROGRAMS_PER_SM: int = 2
+
+#: Force the in-register split count (tests); None lets the rule above decide (1 off CUDA).
+in_register_splits: int | None = None
+
+STRATEGY_ENV = "FLATLORA_TRITON_STRATEGY"
+STRATEGIES = ("auto", "streamed", "in_register")
+
+# Chunk lengths are rounded down to this many rows/counters (when the cap allows) so that chunk
+# views passed to cuBLAS stay 16-byte aligned and GEMM-tile friendly.
+_CHUNK_ALIGN = 64
+
+# GPU tiles: first guesses, checked only against the compiler's resource report for sm_90 (registers
+# per thread, no spills beyond libdevice's sin/cos scratch; `python benchmarks/gpu_kernels.py
+# --resources`), never timed. ``MAX_BLOCK_TOKENS`` caps the in-register kernels' token tile, which
+# the launcher sizes to M. fp32 compute takes smaller fused tiles: its exact ("ieee") dots run on
+# FMA units and hold their operands in registers.
+GPU_TILES = {
+    "row_scale": dict(BLOCK_ROWS=16, BLOCK_COLUMNS=128, num_warps=4),
+    "perturbed_weight": dict(BLOCK_ROWS=32, BLOCK_COUNTERS=32, num_warps=8),
+    "fused_forward": dict(MAX_BLOCK_TOKENS=64, BLOCK_OUT=64, BLOCK_COUNTERS=16, num_warps=8, num_stages=2),
+    "fused_input_grad": dict(MAX_BLOCK_TOKENS=64, BLOCK_OUT=64, BLOCK_COUNTERS=16, num_warps=8, num_stages=2),
+    "fused_forward_fp32": dict(MAX_BLOCK_TOKENS=16, BLOCK_OUT=32, BLOCK_COUNTERS=16, num_warps=8, num_stages=2),
+    "fused_input_grad_fp32": dict(MAX_BLOCK_TOKENS=16, BLOCK_OUT=32, BLOCK_COUNTERS=16, num_warps=8, num_stages=2),
+    "normal_rows": dict(BLOCK_ROWS=32, BLOCK_COUNTERS=64, num_warps=8),
+}
+# The interpreter runs programs one by one at ~1.7 ms per loop iteration: few, large tiles.
+INTERPRETER_TILES = {
+    "row_scale": dict(BLOCK_ROWS=64, BLOCK_COLUMNS=128),
+    "perturbed_weight": dict(BLOCK_ROWS=64, BLOCK_COUNTERS=64),
+    "fused_forward": dict(MAX_BLOCK_TOKENS=64, BLOCK_OUT=64, BLOCK_COUNTERS=64),
+    "fused_input_grad": dict(MAX_BLOCK_TOKENS=64, BLOCK_OUT=64, BLOCK_COUNTERS=64),
+    "normal_rows": dict(BLOCK_ROWS=64, BLOCK_COUNTERS=64),
+}
+_MAX_RANK_BLOCK = 64
+
+# ---------------------------------------------------------------------------------------------
+# Strategy choice
+# ---------------------------------------------------------------------------------------------
+
+_forced_strategy: str | None = None
+
+
+def _check_strategy(name: str) -> str:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown Triton strategy {name!r}; expected one of {STRATEGIES}")
+    return name
+
+
+@contextlib.contextmanager
+def use_strategy(name: str) -> Iterator[None]:
+    """Force a strategy (``"auto"``, ``"streamed"`` or ``"in_register"``) inside the block.
+
+    Takes precedence over the ``FLATLORA_TRITON_STRATEGY`` environment variable. Under
+    ``torch.compile`` the choice is made when the graph is traced.
+    """
+    global _forced_strategy
+    previous, _forced_strategy = _forced_strategy, _check_strategy(name)
+    try:
+        yield
+    finally:
+        _forced_strategy = previous
+
+
+def choose_strategy(n_tokens: int, compute_dtype: torch.dtype) -> str:
+    """``"streamed"`` or ``"in_register"`` for a pass over ``n_tokens`` rows of x (or dy).
+
+    Order: ``use_strategy``, then ``$FLATLORA_TRITON_STRATEGY``, then the auto rule
+    (``n_tokens <= IN_REGISTER_MAX_TOKENS``). fp64 always streams (the fused GEMMs are 16/32-bit).
+    """
+    requested = _forced_strategy or _check_strategy(os.environ.get(STRATEGY_ENV, "auto"))
+    if compute_dtype == torch.float64:
+        return "streamed"
+    if requested != "auto":
+        return requested
+    return "in_register" if n_tokens <= IN_REGISTER_MAX_TOKENS else "streamed"
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch parameters
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiles(kernel: str) -> dict:
+    return dict((INTERPRETER_TILES if INTERPRETING else GPU_TILES)[kernel])
+
+
+def _fused_tiles(kernel: str, n_tokens: int, compute_dtype: torch.dtype) -> dict:
+    """Tiles of an in-register kernel, with ``BLOCK_TOKENS`` sized to M (16 at least, for ``tl.dot``)."""
+    tables = INTERPRETER_TILES if INTERPRETING else GPU_TILES
+    tiles = dict(tables.get(f"{kernel}_fp32", tables[kernel]) if compute_dtype == torch.float32 else tables[kernel])
+    cap = tiles.pop("MAX_BLOCK_TOKENS")
+    # Plain comparisons: under torch.compile with a dynamic M they become simple guards.
+    tiles["BLOCK_TOKENS"] = next((size for size in (16, 32, 64, 128) if n_tokens <= size or size >= cap), cap)
+    return tiles
+
+
+def _tf32_allowed() -> bool:
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def _main_dot_tf32(compute_dtype: torch.dtype) -> bool:
+    """May the fused GEMMs' dots use TF32? (Only read for fp32 operands.)"""
+    return compute_dtype != torch.float32 or _tf32_allowed()
+
+
+def _factor_constexprs(lora_A: Tensor, lora_B: Tensor, compute_dtype: torch.dtype) -> dict:
+    """Compile-time settings of the ``B@A`` tiles (see ``kernels/weight_tile.py``)."""
+    rank = lora_A.shape[0]
+    rank_block = min(_MAX_RANK_BLOCK, max(16, triton.next_power_of_2(rank)))
+    native = (
+        lora_A.dtype == lora_B.dtype
+        and lora_A.dtype in (torch.float16, torch.bfloat16)
+        and not (INTERPRETING and lora_A.dtype == torch.bfloat16)
+    )
+    exact_fp32 = compute_dtype in (torch.float32, torch.float64) and not _tf32_allowed()
+    return dict(
+        RANK_BLOCK=rank_block,
+        RANK_BLOCKS=triton.cdiv(rank, rank_block),
+        FACTORS_IN_FP32=not native,
+        FACTOR_TF32=native or not exact_fp32,  # 16-bit operands: the flag is moot, keep the default
+    )
+
+
+def _weight_strides(weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> tuple:
+    return (*weight.stride(), *lora_A.stride(), *lora_B.stride())
+
+
+def _split_reduction(base_programs: int, loop_blocks: int, device: torch.device) -> tuple[int, int]:
+    """``(splits, blocks_per_split)`` for an in-register kernel whose reduction loop has ``loop_blocks``
+    iterations and whose output tiles make ``base_programs`` programs; no split is left empty."""
+    if in_register_splits is not None:
+        wanted = in_register_splits
+    elif device.type == "cuda":
+        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = triton.cdiv(IN_REGISTER_PROGRAMS_PER_SM * sm_count, base_programs)
+    else:
+        wanted = 1
+    blocks_per_split = triton.cdiv(loop_blocks, max(1, min(wanted, loop_blocks)))
+    return triton.cdiv(loop_blocks, blocks_per_split), blocks_per_split
+
+
+def _split_outputs(splits: int, shape: tuple[int, int], dtype: torch.dtype, device) -> tuple[Tensor, tuple]:
+    """The in-register kernels' output and its (split, row, column) strides: the result itself
+    for one split, else fp32 partials ``[splits, *shape]``."""
+    if splits == 1:
+        out = torch.empty(shape, dtype=dtype, device=device)
+        return out, (0, *out.stride())
+    out = torch.empty((splits, *shape), dtype=torch.float32, device=device)
+    return out, out.stride()
+
+
+def _chunk_length(total: int, bytes_per_unit: int, output_bytes: int) -> int:
+    """How many rows (or counters) of ``W'`` one chunk holds: at least one, at most what fits under
+    ``chunk_bytes`` (or under ``output_bytes`` when that is larger and ``chunk_grows_to_output``)."""
+    cap = max(chunk_bytes, output_bytes) if chunk_grows_to_output else chunk_bytes
+    fit = max(1, cap // bytes_per_unit)
+    if fit >= total:
+        return total
+    return fit // _CHUNK_ALIGN * _CHUNK_ALIGN if fit >= _CHUNK_ALIGN else fit
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers (every kernel goes through wrap_triton so that Inductor can trace into it)
+# ---------------------------------------------------------------------------------------------
+
+
+def row_scale(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, sigma: Tensor, compute_dtype) -> Tensor:
+    """fp32 ``[N]``: ``sigma * ||W + s*B@A||_row / sqrt(K)``."""
+    out_features, in_features = weight.shape
+    scale = torch.empty(out_features, dtype=torch.float32, device=weight.device)
+    tiles = _tiles("row_scale")
+    grid = (triton.cdiv(out_features, tiles["BLOCK_ROWS"]),)
+    wrap_triton(row_scale_kernel)[grid](
+        weight, lora_A, lora_B, sigma, scale,
+        out_features, in_features, lora_A.shape[0], float(scaling), math.sqrt(in_features),
+        *_weight_strides(weight, lora_A, lora_B),
+        **tiles, **_factor_constexprs(lora_A, lora_B, compute_dtype),
+    )  # fmt: skip
+    return scale
+
+
+def regenerate_perturbed_weight(
+    out: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    row_scale: Tensor,
+    scaling: float,
+    seed: Tensor,
+    rows: tuple[int, int],
+    counters: tuple[int, int],
+    stride_out_row: int,
+    stride_out_strip: int,
+) -> None:
+    """Write ``W'`` for ``rows x counters`` into ``out`` (layout: see ``kernels/perturbed_weight.py``)."""
+    (row_start, row_end), (counter_start, counter_end) = rows, counters
+    in_features = weight.shape[1]
+    tiles = _tiles("perturbed_weight")
+    grid = (
+        triton.cdiv(row_end - row_start, tiles["BLOCK_ROWS"]),
+        triton.cdiv(counter_end - counter_start, tiles["BLOCK_COUNTERS"]),
+    )
+    wrap_triton(perturbed_weight_kernel)[grid](
+        weight, lora_A, lora_B, row_scale, seed, out,
+        row_start, row_end, counter_start, counter_end,
+        in_features, counters_per_row(in_features), lora_A.shape[0], float(scaling),
+        *_weight_strides(weight, lora_A, lora_B), stride_out_row, stride_out_strip,
+        **tiles, **_factor_constexprs(lora_A, lora_B, out.dtype),
+    )  # fmt: skip
+
+
+def perturbed_weight_rows(weight, lora_A, lora_B, row_scale, scaling, seed, row_start, row_end, dtype) -> Tensor:
+    """``W'[row_start:row_end]`` as a new ``[rows, K]`` tensor of ``dtype``."""
+    in_features = weight.shape[1]
+    out = torch.empty((row_end - row_start, in_features), dtype=dtype, device=weight.device)
+    regenerate_perturbed_weight(
+        out, weight, lora_A, lora_B, row_scale, scaling, seed,
+        rows=(row_start, row_end), counters=(0, counters_per_row(in_features)),
+        stride_out_row=in_features, stride_out_strip=counters_per_row(in_features),
+    )  # fmt: skip
+    return out
+
+
+def normal_rows(seed: Tensor, in_features: int, row_start: int, row_end: int, dtype=torch.float32) -> Tensor:
+    """``z(seed, i, j)`` for rows ``[row_start, row_end)``, from the Triton z tile (tests, RNG benchmark)."""
+    kq = counters_per_row(in_features)
+    out = torch.empty((row_end - row_start, in_features), dtype=dtype, device=seed.device)
+    tiles = _tiles("normal_rows")
+    grid = (triton.cdiv(row_end - row_start, tiles["BLOCK_ROWS"]), triton.cdiv(kq, tiles["BLOCK_COUNTERS"]))
+    wrap_triton(normal_rows_kernel)[grid](seed, out, row_start, row_end - row_start, in_features, kq, in_features, **tiles)
+    return out
+
+
+# --- streamed path ---------------------------------------------------------------------------
+
+
+def _forward_streamed(x, weight, lora_A, lora_B, bias, scaling, row_scale, seed) -> Tensor:
+    n_tokens, in_features = x.shape
+    out_features = weight.shape[0]
+    rows_per_chunk = _chunk_length(
+        out_features, in_features * x.element_size(), output_bytes=n_tokens * out_features * x.element_size()
+    )
+    regenerate = lambda start, end: perturbed_weight_rows(  # noqa: E731
+        weight, lora_A, lora_B, row_scale, scaling, seed, start, end, x.dtype
+    )
+    if rows_per_chunk == out_features:
+        w_perturbed = regenerate(0, out_features)
+        return torch.mm(x, w_perturbed.t()) if bias is None else torch.addmm(bias, x, w_perturbed.t())
+    y = x.new_empty((n_tokens, out_features))
+    for row_start in range(0, out_features, rows_per_chunk):
+        row_end = min(out_features, row_start + rows_per_chunk)
+        chunk = regenerate(row_start, row_end)
+        y_rows = y[:, row_start:row_end]
+        if bias is None:
+            torch.mm(x, chunk.t(), out=y_rows)
+        else:
+            torch.addmm(bias[row_start:row_end], x, chunk.t(), out=y_rows)
+        del chunk  # free it before the next one is allocated: one chunk alive at a time
+    return y
+
+
+def _input_grad_streamed(dy, weight, lora_A, lora_B, row_scale, scaling, seed) -> Tensor:
+    n_tokens = dy.shape[0]
+    out_features, in_features = weight.shape
+    kq = counters_per_row(in_features)
+    # A counter chunk holds four column strips of every row of W'.
+    counters_per_chunk = _chunk_length(
+        kq, 4 * out_features * dy.element_size(), output_bytes=n_tokens * in_features * dy.element_size()
+    )
+    if counters_per_chunk == kq:
+        w_perturbed = perturbed_weight_rows(weight, lora_A, lora_B, row_scale, scaling, seed, 0, out_features, dy.dtype)
+        return torch.mm(dy, w_perturbed)
+    dx = dy.new_empty((n_tokens, in_features))
+    for counter_start in range(0, kq, counters_per_chunk):
+        width = min(kq, counter_start + counters_per_chunk) - counter_start
+        chunk = dy.new_empty((out_features, 4, width))
+        regenerate_perturbed_weight(
+            chunk, weight, lora_A, lora_B, row_scale, scaling, seed,
+            rows=(0, out_features), counters=(counter_start, counter_start + width),
+            stride_out_row=4 * width, stride_out_strip=width,
+        )  # fmt: skip
+        for strip in range(4):
+            column_start = strip * kq + counter_start
+            n_columns = min(width, in_features - column_start)
+            if n_columns <= 0:  # strips past K (only when K < 4 * Kq): so are the later ones
+                break
+            torch.mm(dy, chunk[:, strip, :n_columns], out=dx[:, column_start : column_start + n_columns])
+        del chunk
+    return dx
+
+
+# --- in-register path ------------------------------------------------------------------------
+
+
+def _forward_in_register(x, weight, lora_A, lora_B, bias, scaling, row_scale, seed) -> Tensor:
+    n_tokens, in_features = x.shape
+    out_features = weight.shape[0]
+    kq = counters_per_row(in_features)
+    tiles = _fused_tiles("fused_forward", n_tokens, x.dtype)
+    output_tiles = (triton.cdiv(n_tokens, tiles["BLOCK_TOKENS"]), triton.cdiv(out_features, tiles["BLOCK_OUT"]))
+    splits, blocks_per_split = _split_reduction(
+        output_tiles[0] * output_tiles[1], triton.cdiv(kq, tiles["BLOCK_COUNTERS"]), x.device
+    )
+    out, out_strides = _split_outputs(splits, (n_tokens, out_features), x.dtype, x.device)
+    wrap_triton(fused_forward_kernel)[(*output_tiles, splits)](
+        x, weight, lora_A, lora_B, row_scale, seed, row_scale if bias is None else bias, out,
+        n_tokens, out_features, in_features, kq, blocks_per_split * tiles["BLOCK_COUNTERS"],
+        lora_A.shape[0], float(scaling),
+        *x.stride(), *_weight_strides(weight, lora_A, lora_B), *out_strides,
+        HAS_BIAS=bias is not None and splits == 1, **tiles,
+        **_factor_constexprs(lora_A, lora_B, x.dtype),
+        DOT_TF32=_main_dot_tf32(x.dtype),
+        DOTS_IN_FP32=INTERPRETING and x.dtype == torch.bfloat16,
+    )  # fmt: skip
+    if splits == 1:
+        return out
+    y = out.sum(0)
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype)
+
+
+def _input_grad_in_register(dy, weight, lora_A, lora_B, row_scale, scaling, seed) -> Tensor:
+    n_tokens = dy.shape[0]
+    out_features, in_features = weight.shape
+    kq = counters_per_row(in_features)
+    tiles = _fused_tiles("fused_input_grad", n_tokens, dy.dtype)
+    output_tiles = (triton.cdiv(n_tokens, tiles["BLOCK_TOKENS"]), triton.cdiv(kq, tiles["BLOCK_COUNTERS"]))
+    splits, blocks_per_split = _split_reduction(
+        output_tiles[0] * output_tiles[1], triton.cdiv(out_features, tiles["BLOCK_OUT"]), dy.device
+    )
+    out, out_strides = _split_outputs(splits, (n_tokens, in_features), dy.dtype, dy.device)
+    wrap_triton(fused_input_grad_kernel)[(*output_tiles, splits)](
+        dy, weight, lora_A, lora_B, row_scale, seed, out,
+        n_tokens, out_features, in_features, kq, blocks_per_split * tiles["BLOCK_OUT"],
+        lora_A.shape[0], float(scaling),
+        *dy.stride(), *_weight_strides(weight, lora_A, lora_B), *out_strides,
+        **tiles,
+        **_factor_constexprs(lora_A, lora_B, dy.dtype),
+        DOT_TF32=_main_dot_tf32(dy.dtype),
+        DOTS_IN_FP32=INTERPRETING and dy.dtype == torch.bfloat16,
+    )  # fmt: skip
+    return out if splits == 1 else out.sum(0).to(dy.dtype)
+
+
+# --- LoRA factor gradients -------------------------------------------------------------------
+
+
+def _lora_grads(dy: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """``dA = s*(dy@B)^T@x``, ``dB = s*dy^T@(x@A^T)``: skinny cuBLAS matmuls (fp32 accumulation) in
+    the compute dtype, with ``s`` folded into the small factor copies."""
+    dtype = x.dtype
+    scaled_B = (lora_B.float() * scaling).to(dtype)  # [N, r]
+    scaled_A = (lora_A.float() * scaling).to(dtype)  # [r, K]
+    d_lora_A = torch.mm(torch.mm(dy, scaled_B).t(), x)  # [r, K]
+    d_lora_B = torch.mm(dy.t(), torch.mm(x, scaled_A.t()))  # [N, r]
+    return d_lora_A.to(lora_A.dtype), d_lora_B.to(lora_B.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend protocol (see flatlora_kernels/backends/__init__.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
+    scale = row_scale(weight, lora_A, lora_B, scaling, sigma, x.dtype)
+    n_tokens, out_features = x.shape[0], weight.shape[0]
+    if n_tokens == 0:
+        return x.new_empty((0, out_features)), scale
+    bias = None if bias is None else bias.to(x.dtype)  # added as F.linear would, in the compute dtype
+    if choose_strategy(n_tokens, x.dtype) == "in_register":
+        y = _forward_in_register(x, weight, lora_A, lora_B, bias, scaling, scale, seed)
+    else:
+        y = _forward_streamed(x, weight, lora_A, lora_B, bias, scaling, scale, seed)
+    return y, scale
+
+
+def backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx):
+    dy = dy.to(x.dtype)
+    row_scale = row_scale.contiguous()
+    n_tokens = x.shape[0]
+    if not compute_dx:
+        dx = x.new_empty(0)
+    elif n_tokens == 0:
+        dx = x.new_empty((0, weight.shape[1]))
+    elif choose_strategy(n_tokens, x.dtype) == "in_register":
+        dx = _input_grad_in_register(dy, weight, lora_A, lora_B, row_scale, scaling, seed)
+    else:
+        dx = _input_grad_streamed(dy, weight, lora_A, lora_B, row_scale, scaling, seed)
+    d_lora_A, d_lora_B = _lora_grads(dy, x, lora_A, lora_B, scaling)
+    return dx, d_lora_A, d_lora_B

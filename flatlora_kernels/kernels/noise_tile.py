@@ -1,0 +1,73 @@
+"""The z tile: the one Triton implementation of the Flat-LoRA noise stream (``flatlora_kernels.noise``).
+
+A Philox call at counter ``c`` of weight row ``i`` (offset ``i*Kq + c``, ``Kq = ceil(K/4)``) gives
+the standard normals of the four columns ``c + t*Kq``, t = 0..3 (the row-quarter layout). So a
+block of rows x a block of counters yields four column strips at once, each contiguous in memory,
+with no shuffling between lanes. Every kernel that needs noise goes through ``normal_quad_tile``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def philox_offsets(rows, counters, counters_per_row):
+    """Philox offsets ``row * Kq + c`` of a [rows, counters] tile, in int64 (``N*Kq`` can pass 2**31).
+
+    The int64 type is part of the definition: ``tl.randint4x`` splits it into the counter's two words.
+    """
+    return rows.to(tl.int64)[:, None] * counters_per_row + counters.to(tl.int64)[None, :]
+
+
+@triton.jit
+def normal_quad_tile(seed, rows, counters, counters_per_row):
+    """``(z0, z1, z2, z3)``: fp32 [rows, counters] tiles; ``zt`` holds columns ``counters + t*Kq``.
+
+    ``seed`` is the int64 scalar loaded from the seed tensor (never a Python int: see ANCHORS §4).
+    """
+    return tl.randn4x(seed, philox_offsets(rows, counters, counters_per_row))
+
+
+@triton.jit
+def pick_strip(tile0, tile1, tile2, tile3, strip: tl.constexpr):
+    """The strip-th of four tiles (e.g. of a ``normal_quad_tile`` result); ``strip`` is a compile-time constant."""
+    if strip == 0:
+        tile = tile0
+    elif strip == 1:
+        tile = tile1
+    elif strip == 2:
+        tile = tile2
+    else:
+        tile = tile3
+    return tile
+
+
+@triton.jit
+def _store_normal_strip(z, strip: tl.constexpr, out_rows_ptr, counters, counters_per_row, in_features, in_block):
+    columns = strip * counters_per_row + counters
+    tl.store(out_rows_ptr + columns[None, :], z, mask=in_block & (columns < in_features)[None, :])
+
+
+@triton.jit(do_not_specialize=["row_start", "n_rows"])
+def normal_rows_kernel(
+    seed_ptr,
+    out_ptr,
+    row_start,
+    n_rows,
+    in_features,
+    counters_per_row,
+    stride_out_row,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COUNTERS: tl.constexpr,
+):
+    """``out[i, j] = z(seed, row_start + i, j)`` for ``n_rows`` rows (tests and the RNG-rate benchmark)."""
+    local_rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    counters = tl.program_id(1) * BLOCK_COUNTERS + tl.arange(0, BLOCK_COUNTERS)
+    z0, z1, z2, z3 = normal_quad_tile(tl.load(seed_ptr), row_start + local_rows, counters, counters_per_row)
+    out_rows_ptr = out_ptr + local_rows.to(tl.int64)[:, None] * stride_out_row
+    in_block = (local_rows < n_rows)[:, None] & (counters < counters_per_row)[None, :]
+    for strip in tl.static_range(4):
+        z = pick_strip(z0, z1, z2, z3, strip).to(out_ptr.dtype.element_ty)
+        _store_normal_strip(z, strip, out_rows_ptr, counters, counters_per_row, in_features, in_block)

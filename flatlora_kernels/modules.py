@@ -1,0 +1,301 @@
+"""``FlatLoraLinear``: a frozen ``nn.Linear`` plus a LoRA adapter, trained under Flat-LoRA noise.
+
+In training mode the layer computes ``y = x (W + s*B@A + eps)^T + bias`` with the fused op
+(``flatlora_kernels.functional.flat_lora_linear``); eps is regenerated from a seed, never stored,
+and the base weight is never written to. In eval mode it is plain LoRA (no noise).
+
+Noise state
+-----------
+Two non-persistent buffers hold what changes between optimizer steps, so that updating them never
+recompiles under ``torch.compile`` and never syncs the device:
+
+* ``noise_seed`` (0-dim int64): the draw of the current optimizer step;
+* ``noise_factor`` (0-dim fp32): the schedule's factor; the effective noise level is
+  ``sigma * noise_factor``.
+
+A ``FlatLoraSchedule`` writes both once per optimizer step. **Default (no schedule): factor 0 and
+seed 0, i.e. plain LoRA.** That is exactly the state the cosine schedule prescribes before the first
+optimizer step, and it never silently trains against one frozen perturbation (which a fixed seed
+with factor 1 would do). A training forward of an undriven layer with ``sigma > 0`` warns once.
+Call ``set_noise(seed, factor)`` to drive a layer by hand.
+
+Data-parallel ranks draw different noise through ``noise_rank_key``, a plain int (not a buffer)
+mixed into the seed in forward: DistributedDataParallel broadcasts buffers from rank 0 before every
+forward, which would otherwise give every rank rank 0's noise.
+
+LoRA dropout
+------------
+PEFT applies dropout to the LoRA branch input only: ``y = W x + s*B A dropout(x)``. The fused op
+folds the branch into the weight, so it sees the same ``x`` for both terms. With ``lora_dropout > 0``
+the layer runs the fused op on ``x`` and adds the correction ``s*B A (dropout(x) - x)``: the result
+(and every gradient) is exactly PEFT's, the noise is unchanged (its row norms still come from
+``W + s*B@A``), and the price is one LoRA branch, which is what PEFT pays for its branch anyway.
+With the default ``lora_dropout=0`` no branch is computed.
+
+Merging
+-------
+``merge()`` replaces the base weight's data by the noise-free ``W + s*B@A`` (rounded once to W's
+dtype) and keeps the original tensor aside; ``unmerge()`` puts that tensor back. Nothing is
+subtracted, so unmerge is bit-exact in bf16, at the cost of a second weight copy while merged
+(``flatlora_kernels.model.merge_and_unload`` keeps no copy).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import flat_lora_linear
+
+__all__ = ["FlatLoraLinear"]
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_config(r, lora_alpha, sigma, lora_dropout) -> None:
+    _check_positive_int("r", r)
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not (
+        math.isfinite(lora_alpha) and lora_alpha > 0
+    ):
+        raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+
+
+class FlatLoraLinear(nn.Module):
+    """A frozen linear layer with a trainable LoRA adapter and Flat-LoRA weight noise.
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        r: LoRA rank (``lora_A: [r, in]``, Kaiming-uniform; ``lora_B: [out, r]``, zeros).
+        lora_alpha: the scale is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``).
+        sigma: the Flat-LoRA noise level (0.05-0.1 in the paper); the schedule's factor multiplies it.
+        bias: whether the (frozen) base layer has a bias.
+        fused: True runs ``flat_lora_linear(backend="auto")`` (C++ on CPU, Triton on CUDA); False the
+            plain-PyTorch ``"reference"`` backend: same math, same noise, more memory and time.
+        lora_dropout: dropout on the LoRA branch input (see the module docstring for how).
+        device, dtype: of the base weight and bias. ``lora_dtype`` (default: ``dtype``) is the dtype of
+            ``lora_A`` / ``lora_B``, e.g. fp32 adapters on a bf16 model.
+
+    Only ``lora_A`` and ``lora_B`` require grad; ``weight`` and ``bias`` are frozen Parameters, so
+    ``state_dict`` keys match ``nn.Linear``'s plus the two LoRA tensors.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 8,
+        lora_alpha: float = 16,
+        sigma: float = 0.05,
+        bias: bool = True,
+        fused: bool = True,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        device=None,
+        dtype=None,
+        lora_dtype=None,
+    ) -> None:
+        super().__init__()
+        in_features = _check_positive_int("in_features", in_features)
+        out_features = _check_positive_int("out_features", out_features)
+        self._configure(in_features, out_features, r, lora_alpha, sigma, fused, lora_dropout, use_rslora)
+        factory = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._init_base_like_nn_linear()
+        self._build_adapter(lora_dtype)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int = 8,
+        lora_alpha: float = 16,
+        sigma: float = 0.05,
+        fused: bool = True,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        lora_dtype=None,
+    ) -> "FlatLoraLinear":
+        """Wrap an existing ``nn.Linear``: its weight and bias Parameters are shared (not copied) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._configure(
+            linear.in_features, linear.out_features, r, lora_alpha, sigma, fused, lora_dropout, use_rslora
+        )
+        layer.weight = linear.weight.requires_grad_(False)
+        if linear.bias is not None:
+            layer.bias = linear.bias.requires_grad_(False)
+        else:
+            layer.register_parameter("bias", None)
+        layer._build_adapter(lora_dtype)
+        return layer
+
+    # --- construction -------------------------------------------------------------------------
+
+    def _configure(self, in_features, out_features, r, lora_alpha, sigma, fused, lora_dropout, use_rslora):
+        _check_config(r, lora_alpha, sigma, lora_dropout)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r = int(r)
+        self.lora_alpha = lora_alpha
+        self.use_rslora = bool(use_rslora)
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.sigma = float(sigma)
+        self.fused = bool(fused)
+        self.lora_dropout_p = float(lora_dropout)
+
+    def _init_base_like_nn_linear(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _build_adapter(self, lora_dtype) -> None:
+        device, dtype = self.weight.device, lora_dtype or self.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, device=device, dtype=dtype))
+        self.lora_dropout = nn.Dropout(self.lora_dropout_p) if self.lora_dropout_p > 0 else None
+        self.register_buffer("noise_seed", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("noise_factor", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
+        # The original base weight while merged (a buffer so that .to() moves it along).
+        self.register_buffer("_unmerged_weight", None, persistent=False)
+        self.noise_rank_key = 0
+        self._noise_driven = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's initialisation: A Kaiming-uniform, B zero, so the adapter starts as a no-op."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    # --- noise state --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_noise(self, seed: int, factor: float, rank_key: int | None = None) -> None:
+        """Set this step's draw: written in place, so the buffers keep their identity (and graphs stay valid)."""
+        self.noise_seed.fill_(int(seed))
+        self.noise_factor.fill_(float(factor))
+        if rank_key is not None:
+            self.noise_rank_key = int(rank_key)
+        self._noise_driven = True
+
+    def effective_seed(self) -> Tensor:
+        """The seed the op uses: the step's seed, mixed with this rank's key (see the module docstring)."""
+        if self.noise_rank_key == 0:
+            return self.noise_seed
+        return torch.bitwise_xor(self.noise_seed, self.noise_rank_key)
+
+    def effective_sigma(self) -> Tensor:
+        """``sigma * factor`` as a 0-dim fp32 tensor (no host sync, no recompile when the factor moves)."""
+        return self.noise_factor * self.sigma
+
+    @property
+    def backend(self) -> str:
+        return "auto" if self.fused else "reference"
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def _lora_branch(self, x: Tensor) -> Tensor:
+        """``s * B A x`` computed in the adapter's dtype."""
+        return F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scaling
+
+    def _plain_lora(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        branch_input = x if self.lora_dropout is None else self.lora_dropout(x)
+        return y + self._lora_branch(branch_input).to(y.dtype)
+
+    def _warn_if_undriven(self) -> None:
+        if self._noise_driven or self.sigma == 0 or torch.compiler.is_compiling():
+            return
+        warnings.warn(
+            "FlatLoraLinear is training with no noise: no FlatLoraSchedule (or set_noise call) drives it, "
+            "so its noise factor is 0 and it trains as plain LoRA. Create "
+            "flatlora_kernels.FlatLoraSchedule(model, total_steps) and call .step() after each optimizer step.",
+            stacklevel=3,
+        )
+        self._noise_driven = True  # warn once per layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            if self.training:
+                raise RuntimeError("FlatLoraLinear is merged: call unmerge() before training")
+            return F.linear(x, self.weight, self.bias)
+        if not self.training:
+            return self._plain_lora(x)  # evaluation: no noise
+        self._warn_if_undriven()
+        y = flat_lora_linear(
+            x,
+            self.weight,
+            self.lora_A,
+            self.lora_B,
+            self.bias,
+            scaling=self.scaling,
+            sigma=self.effective_sigma(),
+            seed=self.effective_seed(),
+            backend=self.backend,
+        )
+        if self.lora_dropout is not None:
+            # y holds s*B@A@x; replace it by s*B@A@dropout(x), as PEFT computes the branch.
+            y = y + self._lora_branch(self.lora_dropout(x) - x).to(y.dtype)
+        return y
+
+    # --- merging ------------------------------------------------------------------------------
+
+    @property
+    def merged(self) -> bool:
+        return self._unmerged_weight is not None
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the noise-free adapter into the weight for inference: ``W <- W + s*B@A`` (no-op if merged)."""
+        if self.merged:
+            return
+        original = self.weight.data
+        delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        self._unmerged_weight = original
+        self.weight.data = (original.float() + delta).to(original.dtype)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the original base weight tensor (bit-exact: it was kept, not recomputed)."""
+        if not self.merged:
+            return
+        self.weight.data = self._unmerged_weight
+        self._unmerged_weight = None
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"in_features={self.in_features}",
+            f"out_features={self.out_features}",
+            f"bias={self.bias is not None}",
+            f"r={self.r}",
+            f"lora_alpha={self.lora_alpha}",
+            f"scaling={self.scaling:.4g}",
+            f"sigma={self.sigma}",
+            f"fused={self.fused}",
+        ]
+        if self.lora_dropout_p > 0:
+            parts.append(f"lora_dropout={self.lora_dropout_p}")
+        if self.use_rslora:
+            parts.append("use_rslora=True")
+        if self.merged:
+            parts.append("merged=True")
+        return ", ".join(parts)

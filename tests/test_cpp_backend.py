@@ -1,0 +1,243 @@
+"""The C++ CPU backend (``csrc/``, ``flatlora_kernels._C``): noise stream, fused op, chunking, errors."""
+
+import pytest
+import torch
+
+from flatlora_kernels import flat_lora_linear
+from flatlora_kernels.backends import cpp
+from flatlora_kernels.noise import counters_per_row, normal_rows, philox4x32_10
+from flatlora_kernels.reference import lora_linear, naive_flat_lora_linear
+
+from .conftest import check_backend_against_reference, make_layer
+
+_C = cpp._C
+SEEDS = [0, 1, 16, 12345, 2**40 + 7, 2**63 - 1, -5]
+
+
+# ---- the noise stream -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_philox_integers_bit_exact(seed):
+    # Offsets around 2^32 exercise the counter's high word.
+    offsets = torch.cat([torch.arange(300), torch.arange(2**32 - 100, 2**32 + 100), torch.tensor([2**45 + 3])])
+    got = _C.philox4x32_10(seed, offsets)
+    expected = philox4x32_10(torch.tensor(seed), offsets)
+    for lane, (a, b) in enumerate(zip(got, expected)):
+        assert torch.equal(a, b), f"lane {lane}"
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 5, 7, 13, 100, 1027])
+@pytest.mark.parametrize("seed", [3, 2**63 - 1])
+def test_normals_match_reference(K, seed):
+    assert torch.allclose(_C.normal_rows(seed, K, 0, 9), normal_rows(seed, K, 0, 9), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("K", [5, 21, 1024, 1027])
+def test_normals_across_the_2_pow_32_counter_boundary(K):
+    kq = counters_per_row(K)
+    # Rows around offset 2^32, where the counter's high word changes (mid-row for K = 21 and 1027).
+    first = 2**32 // kq - 2
+    assert torch.allclose(_C.normal_rows(9, K, first, first + 5), normal_rows(9, K, first, first + 5), atol=1e-6)
+    far = 2**40  # offsets far beyond 2^32
+    assert torch.allclose(_C.normal_rows(9, K, far, far + 3), normal_rows(9, K, far, far + 3), atol=1e-6)
+
+
+def test_normals_statistics_and_bulk_accuracy():
+    z = _C.normal_rows(5, 1024, 0, 512)
+    assert (z - normal_rows(5, 1024, 0, 512)).abs().max() <= 1e-6
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    assert z.abs().max() <= 5.68
+
+
+# ---- the fused op against the plain-PyTorch reference ------------------------------------------
+
+SHAPES = [(1, 1, 1, 1), (37, 29, 13, 3), (5, 70, 2, 1), (64, 300, 257, 16), (130, 67, 1027, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N,K,r", SHAPES)
+def test_matches_reference(M, N, K, r, dtype):
+    check_backend_against_reference("cpp", M=M, N=N, K=K, r=r, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_dims_and_no_bias(dtype):
+    check_backend_against_reference("cpp", M=7, N=33, K=19, r=4, dtype=dtype, batch_shape=(2, 3), use_bias=False)
+
+
+def test_fp64_input():
+    """fp64 x runs fp64 GEMMs; the perturbed weight itself is fp32 by definition (fp32 rounding only)."""
+    x, weight, lora_A, lora_B, bias = _layer_and_input(M=9, N=21, K=17, r=2, dtype=torch.float64)
+    kw = dict(scaling=2.0, sigma=0.1, seed=6)
+    got = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
+    ref = _run(naive_flat_lora_linear, x, weight, lora_A, lora_B, bias, **kw)
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch):
+    """Chunks of a few rows, ending mid-way through N (and a one-row cap where K is wide)."""
+    monkeypatch.setattr(cpp, "chunk_bytes", 3 * 4 * 40)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_reference_with_tiny_chunks(tiny_chunks, dtype):
+    check_backend_against_reference("cpp", M=23, N=31, K=40, r=3, dtype=dtype)  # 3 rows per chunk
+    check_backend_against_reference("cpp", M=11, N=10, K=1000, r=2, dtype=dtype)  # 1 row per chunk
+
+
+def _run(backend, x, weight, lora_A, lora_B, bias, **kw):
+    """[y, dx, dA, dB] with an all-ones output gradient; backend: a name, or a reference function."""
+    x, lora_A, lora_B = (t.detach().requires_grad_(True) for t in (x, lora_A, lora_B))
+    if callable(backend):
+        y = backend(x, weight, lora_A, lora_B, bias, **kw)
+    else:
+        y = flat_lora_linear(x, weight, lora_A, lora_B, bias, backend=backend, **kw)
+    grads = torch.autograd.grad(y, (x, lora_A, lora_B), torch.ones_like(y))
+    return [y.detach(), *grads]
+
+
+def _layer_and_input(M=50, N=45, K=70, r=5, dtype=torch.float32, seed=0):
+    weight, lora_A, lora_B, bias = make_layer(N, K, r, dtype=dtype, seed=seed)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    return x, weight, lora_A, lora_B, bias
+
+
+def test_chunk_size_does_not_change_results(monkeypatch):
+    x, weight, lora_A, lora_B, bias = _layer_and_input()
+    kw = dict(scaling=2.0, sigma=0.3, seed=77)
+    whole = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
+    for cap in (1, 4 * 70 * 7):  # one row per chunk; 7 rows (45 = 6*7 + 3: the last chunk is short)
+        monkeypatch.setattr(cpp, "chunk_bytes", cap)
+        chunked = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
+        for a, b in zip(whole, chunked):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_repeated_calls_are_deterministic():
+    x, weight, lora_A, lora_B, bias = _layer_and_input(M=33, N=77, K=51)
+    kw = dict(scaling=1.5, sigma=0.2, seed=2**50 + 1)
+    first = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
+    torch.randn(1 << 16).mul_(float("nan"))  # leave garbage in the allocator's recycled memory
+    second = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_forward_and_backward_use_the_same_eps():
+    """dx equals autograd through the materialised weight, and depends on the seed."""
+    x, weight, lora_A, lora_B, bias = _layer_and_input()
+    kw = dict(scaling=2.0, sigma=0.5, seed=31)
+    got = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
+    x_ = x.detach().requires_grad_(True)
+    y_ref = naive_flat_lora_linear(x_, weight, lora_A, lora_B, bias, **kw)
+    (dx_ref,) = torch.autograd.grad(y_ref, x_, torch.ones_like(y_ref))
+    torch.testing.assert_close(got[0], y_ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], dx_ref, rtol=1e-5, atol=1e-5)
+    other = _run("cpp", x, weight, lora_A, lora_B, bias, **{**kw, "seed": 32})
+    assert not torch.allclose(other[1], got[1], atol=1e-3)
+
+
+def test_sigma_zero_is_plain_lora():
+    x, weight, lora_A, lora_B, bias = _layer_and_input()
+    got = _run("cpp", x, weight, lora_A, lora_B, bias, scaling=2.0, sigma=0.0, seed=5)
+    x_, a_, b_ = (t.detach().requires_grad_(True) for t in (x, lora_A, lora_B))
+    y = lora_linear(x_, weight, a_, b_, bias, scaling=2.0)
+    expected = [y.detach(), *torch.autograd.grad(y, (x_, a_, b_), torch.ones_like(y))]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_dtype_differs_from_input_dtype():
+    x, weight, lora_A, lora_B, bias = _layer_and_input(dtype=torch.float32)
+    kw = dict(scaling=2.0, sigma=0.1, seed=8)
+    pairs = [(torch.bfloat16, torch.float32), (torch.float64, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16)]
+    for w_dtype, x_dtype in pairs:
+        w = weight.to(w_dtype)
+        got = _run("cpp", x.to(x_dtype), w, lora_A, lora_B, bias, **kw)
+        ref = _run("reference", x.to(x_dtype), w, lora_A, lora_B, bias, **kw)
+        assert got[0].dtype == x_dtype and got[1].dtype == x_dtype
+        tol = 1e-5 if x_dtype == torch.float32 else 2e-2
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+def test_non_contiguous_input():
+    x, weight, lora_A, lora_B, bias = _layer_and_input(M=20, K=70)
+    wide = torch.randn(70, 20)  # x as a transposed view: strides (1, 20)
+    x_strided = torch.randn(20, 140)[:, ::2]  # column stride 2
+    kw = dict(scaling=2.0, sigma=0.1, seed=4)
+    for x_nc in (wide.t(), x_strided):
+        assert not x_nc.is_contiguous()
+        got = _run("cpp", x_nc, weight, lora_A, lora_B, bias, **kw)
+        ref = _run("cpp", x_nc.contiguous(), weight, lora_A, lora_B, bias, **kw)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_non_contiguous_weight_and_factors():
+    x, weight, lora_A, lora_B, bias = _layer_and_input()
+    kw = dict(scaling=2.0, sigma=0.1, seed=4)
+    weight_t = weight.t().contiguous().t()  # same values, column-major: rows are not contiguous
+    lora_A_t, lora_B_t = lora_A.t().contiguous().t(), lora_B.t().contiguous().t()
+    assert not weight_t.is_contiguous() and not lora_A_t.is_contiguous()
+    got = _run("cpp", x, weight_t, lora_A_t, lora_B_t, bias, **kw)
+    ref = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(got[1:], ref[1:]):  # BLAS may sum the strided factors in another order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch():
+    x, weight, lora_A, lora_B, bias = _layer_and_input(M=0)
+    y, dx, d_a, d_b = _run("cpp", x, weight, lora_A, lora_B, bias, scaling=2.0, sigma=0.1, seed=1)
+    assert y.shape == (0, 45) and dx.shape == (0, 70)
+    assert torch.equal(d_a, torch.zeros_like(lora_A)) and torch.equal(d_b, torch.zeros_like(lora_B))
+
+
+def test_row_scale_and_compute_dx_false():
+    x, weight, lora_A, lora_B, bias = _layer_and_input()
+    sigma, seed = torch.tensor(0.25), torch.tensor(3)
+    _, row_scale = _C.forward(x, weight, lora_A, lora_B, None, 2.0, sigma, seed)
+    from flatlora_kernels.noise import perturbation_row_scale
+
+    expected = perturbation_row_scale(weight, lora_A, lora_B, scaling=2.0, sigma=0.25)
+    torch.testing.assert_close(row_scale, expected, rtol=1e-5, atol=0)
+    dx, d_a, d_b = _C.backward(torch.ones(50, 45), x, weight, lora_A, lora_B, row_scale, 2.0, seed, False)
+    assert dx.numel() == 0 and d_a.shape == lora_A.shape and d_b.shape == lora_B.shape
+
+
+# ---- bad direct calls fail cleanly --------------------------------------------------------------
+
+
+def test_direct_calls_reject_bad_inputs():
+    x, weight, lora_A, lora_B, bias = _layer_and_input()
+    sigma, seed = torch.tensor(0.1), torch.tensor(1)
+    bad_calls = {
+        "x must be [M": (x[:, :-1], weight, lora_A, lora_B, None, 2.0, sigma, seed),
+        "x must be 2-D": (x[None], weight, lora_A, lora_B, None, 2.0, sigma, seed),
+        "x must be fp32/bf16/fp16/fp64": (x.int(), weight, lora_A, lora_B, None, 2.0, sigma, seed),
+        "lora_B must be": (x, weight, lora_A, lora_B[:, :-1], None, 2.0, sigma, seed),
+        "bias must be": (x, weight, lora_A, lora_B, bias[:-1], 2.0, sigma, seed),
+        "seed must be": (x, weight, lora_A, lora_B, None, 2.0, sigma, seed.int()),
+        "sigma must be": (x, weight, lora_A, lora_B, None, 2.0, torch.tensor([0.1, 0.2]), seed),
+    }
+    for message, args in bad_calls.items():
+        with pytest.raises(RuntimeError, match=message.replace("[", r"\[")):
+            _C.forward(*args)
+
+
+def test_missing_extension_message_says_how_to_build(monkeypatch):
+    import importlib
+    import sys
+
+    import flatlora_kernels
+
+    monkeypatch.setitem(sys.modules, "flatlora_kernels._C", None)  # makes the import fail
+    monkeypatch.delattr(flatlora_kernels, "_C")
+    monkeypatch.delitem(sys.modules, "flatlora_kernels.backends.cpp")
+    with pytest.raises(ImportError, match="pip install --no-build-isolation -e ."):
+        importlib.import_module("flatlora_kernels.backends.cpp")

@@ -1,0 +1,79 @@
+"""from_peft: PEFT LoRA layers become FlatLoraLinear with the same weights and the same outputs at sigma 0."""
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft")
+
+from flatlora_kernels.model import flat_lora_layers  # noqa: E402
+from flatlora_kernels.modules import FlatLoraLinear  # noqa: E402
+from flatlora_kernels.peft_interop import from_peft  # noqa: E402
+from flatlora_kernels.schedule import FlatLoraSchedule  # noqa: E402
+
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(12, 24)
+        self.act = nn.GELU()
+        self.down = nn.Linear(24, 12, bias=False)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.down(self.act(self.up(x))))
+
+
+def peft_mlp(**config):
+    torch.manual_seed(0)
+    settings = dict(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False)
+    settings.update(config)
+    return peft.get_peft_model(Mlp(), peft.LoraConfig(**settings))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("config", [{}, {"use_rslora": True, "r": 8, "lora_alpha": 4}])
+def test_outputs_equal_at_sigma_zero(fused, config):
+    model = peft_mlp(**config)
+    x = torch.randn(5, 12)
+    model.eval()
+    expected = model(x)
+    peft_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    converted = from_peft(model, sigma=0.1, fused=fused)
+    assert isinstance(converted, Mlp)
+    layers = flat_lora_layers(converted)
+    assert [n for n, _ in layers] == ["up", "down"]
+    assert all(layer.fused == fused and layer.sigma == 0.1 for _, layer in layers)
+    # The very same LoRA Parameters (an optimizer built on the PEFT model keeps working).
+    assert {id(p) for p in peft_params.values()} == {id(p) for n, p in converted.named_parameters() if p.requires_grad}
+
+    torch.testing.assert_close(converted.eval()(x), expected, rtol=1e-5, atol=1e-5)
+    converted.train()
+    FlatLoraSchedule(converted, total_steps=10)  # factor 0 at step 0: sigma * 0
+    torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_and_scale_carry_over():
+    model = peft_mlp(lora_dropout=0.2)
+    model.base_model.model.up.set_scale("default", 0.5)  # PEFT's runtime rescaling
+    converted = from_peft(model)
+    up = converted.up
+    assert isinstance(up, FlatLoraLinear) and up.lora_dropout_p == 0.2
+    assert up.scaling == pytest.approx(8 / 4 * 0.5) and converted.down.scaling == pytest.approx(2.0)
+    assert not up.weight.requires_grad and up.lora_A.requires_grad
+
+
+def test_unsupported_layers_raise():
+    with pytest.raises(ValueError, match="DoRA|variant"):
+        from_peft(peft_mlp(use_dora=True))
+    merged = peft_mlp()
+    merged.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        from_peft(merged)
+    two = peft_mlp()
+    two.add_adapter("second", peft.LoraConfig(r=2, target_modules=["up"]))
+    with pytest.raises(ValueError, match="exactly one"):
+        from_peft(two)
+    with pytest.raises(ValueError, match="no peft"):
+        from_peft(Mlp())
