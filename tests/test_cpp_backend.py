@@ -174,8 +174,8 @@ def test_non_contiguous_input():
         assert not x_nc.is_contiguous()
         got = _run("cpp", x_nc, weight, lora_A, lora_B, bias, **kw)
         ref = _run("cpp", x_nc.contiguous(), weight, lora_A, lora_B, bias, **kw)
-        for a, b in zip(got, ref):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        for a, b in zip(got, ref):  # BLAS may pick another kernel for strided x: fp32 rounding only
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
 
 
 def test_non_contiguous_weight_and_factors():
