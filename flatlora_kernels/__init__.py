@@ -1,12 +1,54 @@
 """flatlora_kernels: Flat-LoRA training at the cost of plain LoRA.
 
 Layers, top-down: ``kernels`` (Triton) and ``csrc`` (C++) -> ``backends`` (launchers) -> ``ops``
-(torch.library + autograd) -> ``functional`` -> modules and model helpers.
+(torch.library + autograd) -> ``functional`` -> ``modules`` -> model helpers (``model``,
+``schedule``, ``peft_interop``, ``hf``) and the sharpness-aware methods (``sharpness``).
 The noise stream is defined once, in ``flatlora_kernels.noise``.
 """
 
 from .functional import flat_lora_linear
+from .model import (
+    apply_flat_lora,
+    flat_lora_layers,
+    load_adapter,
+    merge_and_unload,
+    merge_flat_lora,
+    save_adapter,
+    unmerge_flat_lora,
+)
+from .modules import FlatLoraLinear
 from .noise import filter_noise
+from .peft_interop import from_peft
+from .schedule import FlatLoraSchedule, cosine_factor, derive_seed
+from .sharpness import EFMLoRA, FMLoRA, RhoSchedule
 
-__all__ = ["flat_lora_linear", "filter_noise"]
+__all__ = [
+    "flat_lora_linear",
+    "filter_noise",
+    "FlatLoraLinear",
+    "apply_flat_lora",
+    "flat_lora_layers",
+    "merge_flat_lora",
+    "unmerge_flat_lora",
+    "merge_and_unload",
+    "save_adapter",
+    "load_adapter",
+    "from_peft",
+    "FlatLoraSchedule",
+    "cosine_factor",
+    "derive_seed",
+    "FMLoRA",
+    "EFMLoRA",
+    "RhoSchedule",
+    "FlatLoraCallback",
+]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The Trainer callback imports transformers (an optional extra): load it only when asked for.
+    if name == "FlatLoraCallback":
+        from .hf import FlatLoraCallback
+
+        return FlatLoraCallback
+    raise AttributeError(f"module 'flatlora_kernels' has no attribute {name!r}")
