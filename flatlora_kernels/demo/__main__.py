@@ -85,7 +85,8 @@ def summarise(results, methods):
     return rows
 
 
-def print_table(rows, file=sys.stdout):
+def print_table(rows, file=None):
+    file = file or sys.stdout  # looked up at call time, so redirected output (and capsys) sees it
     headers = list(rows[0])
     widths = [max(len(h), *(len(str(row[h])) for row in rows)) for h in headers]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
