@@ -81,8 +81,8 @@ def linear_cases(device: torch.device, full: bool) -> list[LinearCase]:
         fp32 = torch.float32
         sweep = [LinearCase(CPU_TARGET, m, fp32) for m in CPU_TOKEN_SWEEP]
         real = [LinearCase(s, 256, fp32) for s in (T5_VIT_ATTN, T5_VIT_MLP_IN, T5_VIT_MLP_OUT, LLAMA2_7B_ATTN)]
-        # One bf16 case: CPU GEMMs in bf16, and the inplace baseline's bf16 weight drift.
-        return sweep + real + [LinearCase(CPU_TARGET, 512, torch.bfloat16)]
+        # bf16 at two token counts: CPU bf16 GEMMs, and the inplace baseline's bf16 weight drift.
+        return sweep + real + [LinearCase(CPU_TARGET, m, torch.bfloat16) for m in (512, 2048)]
     bf16 = torch.bfloat16
     sweep = [LinearCase(s, m, bf16) for s in (LLAMA2_7B_ATTN, LLAMA2_7B_MLP_UP) for m in GPU_TOKEN_SWEEP]
     real = [LinearCase(s, 8192, bf16) for s in (LLAMA2_7B_MLP_DOWN, T5_VIT_ATTN, T5_VIT_MLP_IN, T5_VIT_MLP_OUT)]
