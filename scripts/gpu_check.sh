@@ -39,7 +39,7 @@ if [ "$MODE" = "--suite" ]; then
   cat "$OUT/report/summary.md" 2>/dev/null | head -n 80
   exit 0
 fi
-stage gpu_tests 180 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_triton_backend.py tests/test_functional.py \
+stage gpu_tests 180 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_triton_backend.py tests/test_ops.py tests/test_functional.py \
   tests/test_modules.py || { echo "GPU correctness failed: see $OUT/gpu_tests.log (no timings taken)"; tail -n 40 "$OUT/gpu_tests.log"; exit 1; }
 stage gpu_kernels 270 "$PY" benchmarks/gpu_kernels.py $MODE --json "$OUT/gpu_kernels.json"
 tail -n 60 "$OUT/gpu_kernels.log"

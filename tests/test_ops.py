@@ -23,21 +23,26 @@ def _cpp_available():
 
 
 CPU_BACKENDS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(not _cpp_available(), reason="C++ extension not built"))]
+# The Triton backend on CPU runs in the interpreter, where ``wrap_triton`` returns the raw kernel (it
+# cannot be traced), so FakeTensor / compile tests of it need CUDA (the GPU tests at the end); eager
+# features (autocast, checkpoint) are tested for it here too.
+EAGER_BACKENDS = [*CPU_BACKENDS, "triton"]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 class FlatLoraStack(nn.Module):
     """Three Flat-LoRA layers whose seed and sigma live in tensors, as the module API keeps them."""
 
-    def __init__(self, width=24, rank=4, backend="reference"):
+    def __init__(self, width=24, rank=4, backend="reference", device="cpu"):
         super().__init__()
         self.backend = backend
-        layers = [make_layer(width, width, rank, seed=i) for i in range(3)]
+        layers = [make_layer(width, width, rank, seed=i, device=device) for i in range(3)]
         self.weights = [w for w, _, _, _ in layers]
         self.biases = [b for _, _, _, b in layers]
         self.lora_A = nn.ParameterList([nn.Parameter(a) for _, a, _, _ in layers])
         self.lora_B = nn.ParameterList([nn.Parameter(b) for _, _, b, _ in layers])
-        self.register_buffer("seeds", torch.tensor([11, 12, 13]))
-        self.register_buffer("sigma", torch.tensor(0.1))
+        self.register_buffer("seeds", torch.tensor([11, 12, 13], device=device))
+        self.register_buffer("sigma", torch.tensor(0.1, device=device))
 
     def forward(self, x):
         for i in range(3):
@@ -110,7 +115,7 @@ def test_compile_with_inductor_on_cpu():
     assert explanation.graph_break_count == 0
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
 def test_autocast_bf16_on_cpu(backend):
     W, A, B, bias = make_layer(16, 20, 4)  # fp32 master weights, as in mixed-precision training
     A.requires_grad_(True)
@@ -124,10 +129,55 @@ def test_autocast_bf16_on_cpu(backend):
     assert grad_A.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
 def test_checkpointed_forward_regenerates_the_same_noise(backend):
     model = FlatLoraStack(backend=backend)
     x = torch.randn(8, 24)
+    plain = _run(model, x)
+    x_ck = x.clone().requires_grad_(True)
+    y = checkpoint(model, x_ck, use_reentrant=False)
+    grads = torch.autograd.grad(y.square().sum(), [x_ck, *model.parameters()])
+    _assert_same_run((y.detach(), grads), plain)
+
+
+# --- the same on the GPU (Triton kernels traced through wrap_triton); skipped without CUDA -------
+
+
+@needs_cuda
+def test_opcheck_triton_ops_on_cuda():
+    W, A, B, bias = make_layer(40, 72, 8, device="cuda")
+    x = torch.randn(33, 72, device="cuda")
+    sigma, seed = torch.tensor(0.1, device="cuda"), torch.tensor(3, device="cuda")
+    ops = torch.ops.flatlora
+    opcheck(ops.forward.default, (x.requires_grad_(True), W, A.requires_grad_(True), B, bias, 2.0, sigma, seed, "triton"))
+    _, row_scale = ops.forward(x.detach(), W, A.detach(), B, bias, 2.0, sigma, seed, "triton")
+    dy = torch.randn(33, 40, device="cuda")
+    for compute_dx in (True, False):
+        opcheck(ops.backward.default, (dy, x.detach(), W, A.detach(), B, row_scale, 2.0, seed, compute_dx, "triton"))
+
+
+@needs_cuda
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_on_cuda(compiler):
+    model = FlatLoraStack(width=96, rank=8, backend="triton", device="cuda")
+    x = torch.randn(2, 40, 96, device="cuda")
+    counter = CompileCounterWithBackend(compiler)
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    _assert_same_run(_run(compiled, x), _run(model, x), rel=1e-3)
+    for step in range(3):
+        model.seeds.add_(100)
+        model.sigma.fill_(0.05 * step)
+        _assert_same_run(_run(compiled, x), _run(model, x), rel=1e-3)
+    assert counter.frame_count == 1, "changing seed or sigma tensors must not recompile"
+
+
+@needs_cuda
+def test_autocast_bf16_and_checkpoint_on_cuda():
+    model = FlatLoraStack(width=96, rank=8, backend="triton", device="cuda")
+    x = torch.randn(50, 96, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
     plain = _run(model, x)
     x_ck = x.clone().requires_grad_(True)
     y = checkpoint(model, x_ck, use_reentrant=False)
