@@ -37,7 +37,6 @@ def row_scale_kernel(
     FACTORS_IN_FP32: tl.constexpr,
     FACTOR_TF32: tl.constexpr,
 ):
-    # Under Inductor, Python floats may arrive as fp64.
     scaling = tl.cast(scaling, tl.float32)  # Inductor may pass Python floats as fp64
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < out_features
