@@ -393,6 +393,36 @@ def test_in_register_split_reductions(monkeypatch, dtype):
         check_backend_against_reference("triton", M=11, N=37, K=70, r=4, dtype=dtype, device=DEVICE)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_every_output_element_is_written(monkeypatch, strategy, chunked):
+    """Every buffer the backend allocates starts as NaN: an element a kernel or a chunk forgets shows up."""
+    real_empty, real_new_empty = torch.empty, torch.Tensor.new_empty
+
+    poisoned_count = []
+
+    def poison(tensor):
+        if tensor.is_floating_point() and tensor.numel():
+            poisoned_count.append(tensor.numel())
+            tensor.fill_(float("nan"))
+        return tensor
+
+    if chunked:  # chunk edges mid-matrix: 7 rows forward, 2 counters backward
+        monkeypatch.setattr(triton_backend, "chunk_bytes", 7 * 51 * 4)
+        monkeypatch.setattr(triton_backend, "chunk_grows_to_output", False)
+    problem = _fixed_problem()
+    with triton_backend.use_strategy(strategy):
+        clean = _run_protocol(*problem)
+        with monkeypatch.context() as poisoned:
+            poisoned.setattr(triton_backend.torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
+            poisoned.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: poison(real_new_empty(self, *a, **kw)))
+            got = _run_protocol(*problem)
+    assert len(poisoned_count) >= 3, "the backend's allocations were not intercepted"
+    for name, a, b in zip(OUTPUTS, got, clean):
+        assert not a.isnan().any(), f"{name}: elements left unwritten"
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 # ---- the dispatcher ---------------------------------------------------------------------------
 
 
