@@ -26,5 +26,12 @@ if [ ! -e .venv/.system-stack ] && ! cmp -s requirements-cpu.txt .venv/.requirem
   cp requirements-cpu.txt .venv/.requirements-installed
 fi
 
-echo "[setup] building flatlora_kernels (C++ extension) into .venv"
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+# Rebuild only when the extension is missing or a build input is newer than it (a build takes ~1 min).
+built=$(ls flatlora_kernels/_C*.so 2>/dev/null | head -n 1 || true)
+if [ -n "$built" ] && [ -z "$(find csrc setup.py pyproject.toml -newer "$built" 2>/dev/null | head -n 1)" ] \
+   && (cd / && "$OLDPWD/.venv/bin/python" -c "import flatlora_kernels._C") >/dev/null 2>&1; then  # installed, not just in cwd
+  echo "[setup] flatlora_kernels C++ extension is up to date"
+else
+  echo "[setup] building flatlora_kernels (C++ extension) into .venv"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+fi
