@@ -48,9 +48,13 @@ at::ScalarType gemm_dtype(const at::Tensor& x) {
   return dtype == at::kDouble || dtype == at::kBFloat16 ? dtype : at::kFloat;
 }
 
-// The fp32 chunk as the GEMM's operand: itself, or a converted copy (one chunk, never the weight).
+// The regenerated chunk's dtype: bf16 for bf16 GEMMs (built in fp32, stored rounded: half the
+// memory), fp32 otherwise.
+at::ScalarType chunk_dtype(at::ScalarType compute) { return compute == at::kBFloat16 ? at::kBFloat16 : at::kFloat; }
+
+// The chunk as the GEMM's operand: itself, or a widened copy for fp64 (one chunk, never the weight).
 at::Tensor as_gemm_operand(const at::Tensor& chunk, at::ScalarType dtype) {
-  return dtype == at::kFloat ? chunk : chunk.to(dtype);
+  return chunk.scalar_type() == dtype ? chunk : chunk.to(dtype);
 }
 
 uint64_t seed_value(const at::Tensor& seed) { return static_cast<uint64_t>(seed.item<int64_t>()); }
@@ -77,8 +81,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Te
   const PerturbedWeight perturbed(weight, lora_A, lora_B, scaling, seed_value(seed), x.scalar_type());
   const float sigma_value = sigma.item<float>();
 
-  const int64_t chunk_rows = std::min(n, rows_per_chunk(k, chunk_bytes));
-  at::Tensor chunk_buffer = at::empty({chunk_rows, k}, x.options().dtype(at::kFloat));
+  const at::ScalarType chunk_type = chunk_dtype(compute);
+  const int64_t chunk_rows = std::min(n, rows_per_chunk(k, c10::elementSize(chunk_type), chunk_bytes));
+  at::Tensor chunk_buffer = at::empty({chunk_rows, k}, x.options().dtype(chunk_type));
   for (int64_t row0 = 0; row0 < n; row0 += chunk_rows) {
     const int64_t rows = std::min(chunk_rows, n - row0);
     at::Tensor chunk = chunk_buffer.narrow(0, 0, rows);
@@ -115,12 +120,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& dy
   if (compute_dx) {
     const at::Tensor saved_scale = row_scale.contiguous();
     const PerturbedWeight perturbed(weight, lora_A, lora_B, scaling, seed_value(seed), x.scalar_type());
-    const int64_t chunk_rows = std::min(n, rows_per_chunk(k, chunk_bytes));
+    const at::ScalarType chunk_type = chunk_dtype(compute);
+    const int64_t chunk_rows = std::min(n, rows_per_chunk(k, c10::elementSize(chunk_type), chunk_bytes));
     // dx sums one product per chunk. bf16 partial sums are added in fp32, so the result is rounded
-    // once per chunk product, not once per running sum.
+    // once per chunk product, not once per running sum; the bf16 product buffer is reused for every
+    // chunk and finally receives the rounded sum (peak: the fp32 sum plus one bf16 dx).
     const bool widen_sum = compute == at::kBFloat16 && chunk_rows < n;
     at::Tensor dx_sum = at::empty({m, k}, x.options().dtype(widen_sum ? at::kFloat : compute));
-    at::Tensor chunk_buffer = at::empty({chunk_rows, k}, x.options().dtype(at::kFloat));
+    at::Tensor product = widen_sum ? at::empty({m, k}, x.options().dtype(compute)) : at::Tensor();
+    at::Tensor chunk_buffer = at::empty({chunk_rows, k}, x.options().dtype(chunk_type));
     for (int64_t row0 = 0; row0 < n; row0 += chunk_rows) {
       const int64_t rows = std::min(chunk_rows, n - row0);
       at::Tensor chunk = chunk_buffer.narrow(0, 0, rows);
@@ -129,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& dy
       const at::Tensor dy_block = dy_gemm.narrow(1, row0, rows);
       const at::Tensor operand = as_gemm_operand(chunk, compute);
       if (widen_sum) {
-        const at::Tensor product = at::mm(dy_block, operand);
+        at::mm_out(product, dy_block, operand);
         row0 == 0 ? dx_sum.copy_(product) : dx_sum.add_(product);
       } else if (row0 == 0) {
         at::mm_out(dx_sum, dy_block, operand);
@@ -137,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& dy
         dx_sum.addmm_(dy_block, operand);
       }
     }
-    dx = dx_sum.to(x.scalar_type());
+    dx = widen_sum ? product.copy_(dx_sum) : dx_sum.to(x.scalar_type());
   }
   // LoRA gradients through small rank-r products only.
   const at::Tensor dy_b = at::mm(dy_gemm, lora_B.to(compute)).mul_(scaling);      // s * dy @ B   [M, r]

@@ -5,18 +5,20 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "normal_stream.h"
 
 namespace flatlora {
 
-int64_t rows_per_chunk(int64_t in_features, int64_t chunk_bytes) {
-  const int64_t row_bytes = in_features * static_cast<int64_t>(sizeof(float));
+int64_t rows_per_chunk(int64_t in_features, int64_t element_bytes, int64_t chunk_bytes) {
+  const int64_t row_bytes = in_features * element_bytes;
   return std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, row_bytes));
 }
 
@@ -100,6 +102,16 @@ void round_row_to_half(float* row, int64_t n) {
   for (int64_t j = 0; j < n; ++j) row[j] = static_cast<float>(static_cast<c10::Half>(row[j]));
 }
 
+// out = row rounded to bf16 (row already rounded by round_row_to_bfloat16: keep the high halves).
+void store_row_as_bfloat16(const float* row, c10::BFloat16* out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, &row[j], sizeof bits);
+    const uint16_t high = static_cast<uint16_t>(bits >> 16);
+    std::memcpy(&out[j], &high, sizeof high);
+  }
+}
+
 }  // namespace
 
 void PerturbedWeight::build_rows(int64_t row0, at::Tensor& chunk, float sigma, const float* saved_scale,
@@ -107,13 +119,21 @@ void PerturbedWeight::build_rows(int64_t row0, at::Tensor& chunk, float sigma, c
   const int64_t rows = chunk.size(0);
   const int64_t in_features = chunk.size(1);
   const int64_t rank = lora_A_f32_.size(0);
-  float* chunk_data = chunk.data_ptr<float>();
+  // A bf16 chunk (bf16 compute) is half the memory of an fp32 one: each row is built in an fp32
+  // scratch row, then stored rounded. Any other chunk is fp32 and rows are built in place.
+  const bool bf16_chunk = chunk.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(chunk.scalar_type() == at::kFloat || (bf16_chunk && round_to_ == at::kBFloat16),
+              "flatlora: a chunk is fp32, or bf16 for bf16 compute");
   const float* lora_A = lora_A_f32_.data_ptr<float>();
   const float* lora_B = lora_B_scaled_.data_ptr<float>() + row0 * rank;
   const float sqrt_k = static_cast<float>(std::sqrt(static_cast<double>(in_features)));
-  // Rows must be contiguous to be read in place; otherwise gather this chunk first (rare).
+  // Rows must be contiguous to be read in place; otherwise gather this chunk's rows first (rare).
   const bool read_in_place = weight_.stride(1) == 1;
-  if (!read_in_place) chunk.copy_(weight_.narrow(0, row0, rows));
+  const at::Tensor gathered =
+      read_in_place ? at::Tensor() : weight_.narrow(0, row0, rows).to(at::kFloat).contiguous();
+  const float* gathered_data = read_in_place ? nullptr : gathered.data_ptr<float>();
+  float* chunk_f32 = bf16_chunk ? nullptr : chunk.data_ptr<float>();
+  c10::BFloat16* chunk_bf16 = bf16_chunk ? chunk.data_ptr<c10::BFloat16>() : nullptr;
   // ~16K elements per task: enough work to amortise a thread hand-off.
   const int64_t grain = std::max<int64_t>(1, 16384 / in_features);
 
@@ -121,9 +141,14 @@ void PerturbedWeight::build_rows(int64_t row0, at::Tensor& chunk, float sigma, c
     const scalar_t* weight = weight_.data_ptr<scalar_t>() + row0 * weight_.stride(0);
     const int64_t weight_row_stride = weight_.stride(0);
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(bf16_chunk ? in_features : 0);
       for (int64_t i = begin; i < end; ++i) {
-        float* row = chunk_data + i * in_features;
-        if (read_in_place) widen_row(weight + i * weight_row_stride, row, in_features);
+        float* row = bf16_chunk ? scratch.data() : chunk_f32 + i * in_features;
+        if (read_in_place) {
+          widen_row(weight + i * weight_row_stride, row, in_features);
+        } else {
+          std::copy_n(gathered_data + i * in_features, in_features, row);
+        }
         const double squared_norm = add_low_rank_row(lora_B + i * rank, lora_A, rank, in_features, row);
         float scale;
         if (saved_scale != nullptr) {
@@ -136,6 +161,7 @@ void PerturbedWeight::build_rows(int64_t row0, at::Tensor& chunk, float sigma, c
         if (scale != 0.0f) add_scaled_normal_row(seed_, row0 + i, in_features, scale, row);
         if (round_to_ == at::kBFloat16) round_row_to_bfloat16(row, in_features);
         if (round_to_ == at::kHalf) round_row_to_half(row, in_features);
+        if (bf16_chunk) store_row_as_bfloat16(row, chunk_bf16 + i * in_features, in_features);
       }
     });
   });

@@ -12,8 +12,8 @@ namespace flatlora {
 // ~5% on the 2-core test machine); 4 MiB holds a whole 1024x1024 layer, 256 rows of a 4096-wide one.
 constexpr int64_t kDefaultChunkBytes = int64_t{4} << 20;
 
-// Rows per chunk under a byte cap (at least one row).
-int64_t rows_per_chunk(int64_t in_features, int64_t chunk_bytes);
+// Rows per chunk of element_bytes-wide elements under a byte cap (at least one row).
+int64_t rows_per_chunk(int64_t in_features, int64_t element_bytes, int64_t chunk_bytes);
 
 class PerturbedWeight {
  public:
@@ -21,7 +21,8 @@ class PerturbedWeight {
   PerturbedWeight(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
                   uint64_t seed, at::ScalarType round_to);
 
-  // chunk[i] = W' row (row0 + i) + eps, W' = W + s*B@A (fp32); chunk: contiguous fp32 [rows, K].
+  // chunk[i] = W' row (row0 + i) + eps, W' = W + s*B@A (built in fp32); chunk: contiguous [rows, K],
+  // fp32, or bf16 when round_to is bf16.
   // Forward: also writes row_scale[i] = sigma * ||W' row|| / sqrt(K), from the same pass.
   void build_with_new_scale(int64_t row0, at::Tensor& chunk, float sigma, float* row_scale) const;
   // Backward: uses the row scales saved by forward, so eps is identical.
