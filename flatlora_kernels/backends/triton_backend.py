@@ -441,7 +441,9 @@ def forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
     n_tokens, out_features = x.shape[0], weight.shape[0]
     if n_tokens == 0:
         return x.new_empty((0, out_features)), scale
-    bias = None if bias is None else bias.to(x.dtype)  # added as F.linear would, in the compute dtype
+    # Added as F.linear would, in the compute dtype; contiguous because the in-register kernel
+    # indexes bias by row with unit stride (a [N] copy at most).
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
     if choose_strategy(n_tokens, x.dtype) == "in_register":
         y = _forward_in_register(x, weight, lora_A, lora_B, bias, scaling, scale, seed)
     else:

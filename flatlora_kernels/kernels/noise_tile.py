@@ -14,20 +14,49 @@ import triton.language as tl
 
 @triton.jit
 def philox_offsets(rows, counters, counters_per_row):
-    """Philox offsets ``row * Kq + c`` of a [rows, counters] tile, in int64 (``N*Kq`` can pass 2**31).
-
-    The int64 type is part of the definition: ``tl.randint4x`` splits it into the counter's two words.
-    """
+    """Philox offsets ``row * Kq + c`` of a [rows, counters] tile, in int64 (``N*Kq`` can pass 2**31)."""
     return rows.to(tl.int64)[:, None] * counters_per_row + counters.to(tl.int64)[None, :]
+
+
+@triton.jit
+def _uniform(bits):
+    """``u(x)`` of ``flatlora_kernels.noise``: a uint32 word as int32, folded to [0, 2**31), times 2**-31."""
+    word = bits.to(tl.int32, bitcast=True)
+    return tl.where(word < 0, -word - 1, word).to(tl.float32) * 4.6566127342e-10
+
+
+@triton.jit
+def _box_muller(u1, u2):
+    radius = tl.sqrt(-2.0 * tl.log(tl.maximum(u1, 1.0e-7)))
+    theta = 6.283185307179586 * u2
+    return radius * tl.cos(theta), radius * tl.sin(theta)
+
+
+@triton.jit
+def philox_words(seed, offsets):
+    """The four Philox4x32-10 words at counter ``(lo32(offset), hi32(offset), 0, 0)``, key = seed's halves.
+
+    The counter words are built here, as uint32, rather than left to ``tl.randint4x``: Triton
+    releases differ in how that splits an int64 offset (some run Philox4x64 instead), and the
+    stream must not depend on the installed version (docs/DESIGN.md, "noise stream").
+    """
+    low = (offsets & 0xFFFFFFFF).to(tl.uint32)
+    high = ((offsets >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    zero = low * 0
+    return tl.philox(seed, low, high, zero, zero, 10)
 
 
 @triton.jit
 def normal_quad_tile(seed, rows, counters, counters_per_row):
     """``(z0, z1, z2, z3)``: fp32 [rows, counters] tiles; ``zt`` holds columns ``counters + t*Kq``.
 
-    ``seed`` is the int64 scalar loaded from the seed tensor (never a Python int: see ANCHORS §4).
+    ``seed`` is the int64 scalar loaded from the seed tensor (never a Python int, which Triton would
+    specialise on and recompile for: docs/DESIGN.md, "seeds as tensors").
     """
-    return tl.randn4x(seed, philox_offsets(rows, counters, counters_per_row))
+    c0, c1, c2, c3 = philox_words(seed, philox_offsets(rows, counters, counters_per_row))
+    z0, z1 = _box_muller(_uniform(c0), _uniform(c1))
+    z2, z3 = _box_muller(_uniform(c2), _uniform(c3))
+    return z0, z1, z2, z3
 
 
 @triton.jit

@@ -1,0 +1,75 @@
+"""GPU-readiness fixes checked in Triton's interpreter: the stream's counter words, strided bias.
+
+Each test here failed before its fix (see the git log) and needs no GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from flatlora_kernels import noise
+from flatlora_kernels.reference import perturbed_weight
+
+from .conftest import HAS_CUDA, make_layer
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+if not (INTERPRETING or HAS_CUDA):
+    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1 (set before triton is imported)", allow_module_level=True)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from flatlora_kernels.backends import triton_backend  # noqa: E402
+from flatlora_kernels.kernels.noise_tile import philox_words  # noqa: E402
+
+DEVICE = "cpu" if INTERPRETING else "cuda"
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+@triton.jit
+def _philox_words_kernel(seed_ptr, offset_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    idx = tl.arange(0, BLOCK)
+    mask = idx < n
+    c0, c1, c2, c3 = philox_words(tl.load(seed_ptr), tl.load(offset_ptr + idx, mask=mask, other=0))
+    for lane, word in enumerate((c0, c1, c2, c3)):
+        tl.store(out_ptr + idx * 4 + lane, word.to(tl.int64), mask=mask)
+
+
+@pytest.mark.parametrize("seed", [0, 123456789, -(2**62) - 7, 2**63 - 1])
+def test_counter_words_match_noise_py_past_2_pow_32(seed):
+    """Offsets whose high word is non-zero (row * Kq >= 2**32) give noise.py's integers, bit for bit."""
+    offsets = torch.tensor(
+        [0, 1, 2**32 - 1, 2**32, 2**32 + 5, 3 * 2**32 + 17, 2**40 + 3, 2**62 + 11], dtype=torch.int64, device=DEVICE
+    )
+    seed_t = torch.tensor(seed, dtype=torch.int64, device=DEVICE)
+    out = torch.empty(offsets.numel() * 4, dtype=torch.int64, device=DEVICE)
+    _philox_words_kernel[(1,)](seed_t, offsets, out, offsets.numel(), BLOCK=8)
+    expected = torch.stack(noise.philox4x32_10(seed_t.cpu(), offsets.cpu()), dim=1).reshape(-1) & 0xFFFFFFFF
+    assert torch.equal(out.cpu(), expected)
+
+
+def test_normals_of_rows_past_2_pow_32_match_reference():
+    """Whole normals from the Triton z tile at rows whose offsets pass 2**32 (K = 9, Kq = 3)."""
+    K, row_start = 9, 2**31 + 3  # row_start * Kq > 2**32
+    seed = torch.tensor(77, dtype=torch.int64, device=DEVICE)
+    got = triton_backend.normal_rows(seed, K, row_start, row_start + 3)
+    expected = noise.normal_rows(77, K, row_start, row_start + 3)
+    torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("strategy", ["streamed", "in_register"])
+def test_strided_bias(strategy):
+    """A non-contiguous bias view (``b[::2]``) adds the right entries on both paths."""
+    weight, lora_A, lora_B, _ = (t.to(DEVICE) for t in make_layer(20, 24, 4))
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    wide = torch.arange(40, dtype=torch.float32, device=DEVICE) * 0.25
+    bias = wide[::2]
+    sigma = torch.tensor(0.0, device=DEVICE)
+    seed = torch.tensor(3, dtype=torch.int64, device=DEVICE)
+    with triton_backend.use_strategy(strategy):
+        y, _ = triton_backend.forward(x, weight, lora_A, lora_B, bias, 2.0, sigma, seed)
+    expected = x @ perturbed_weight(weight, lora_A, lora_B, scaling=2.0, sigma=0.0, seed=3).t() + bias
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
