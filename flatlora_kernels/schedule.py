@@ -41,6 +41,7 @@ from torch import distributed as dist
 from torch import nn
 
 from .modules import FlatLoraLinear
+from .peft_native import PeftNoiseState
 
 __all__ = ["FlatLoraSchedule", "cosine_factor", "derive_seed", "step_seed", "rank_key"]
 
@@ -116,9 +117,13 @@ class FlatLoraSchedule:
         rank: int | None = None,
         per_rank_seeds: bool = True,
     ) -> None:
-        self.layers = [module for module in model.modules() if isinstance(module, FlatLoraLinear)]
+        # FlatLoraLinear layers and PEFT layers patched by enable_flat_lora share the set_noise protocol.
+        self.layers = [module for module in model.modules() if isinstance(module, (FlatLoraLinear, PeftNoiseState))]
         if not self.layers:
-            raise ValueError("FlatLoraSchedule: the model has no FlatLoraLinear layers (call apply_flat_lora first)")
+            raise ValueError(
+                "FlatLoraSchedule: the model has no Flat-LoRA layers "
+                "(call apply_flat_lora, or enable_flat_lora on a PeftModel, first)"
+            )
         self.total_steps = total_steps
         self.seed = _check_non_negative_int("seed", seed)
         self.rank = None if rank is None else _check_non_negative_int("rank", rank)
