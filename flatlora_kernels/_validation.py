@@ -80,6 +80,9 @@ def check_sigma(sigma: float | Tensor) -> None:
 
 
 def check_scaling(scaling: float) -> None:
+    """scaling: a finite real number; a symbolic one (``torch.compile(dynamic=True)``) is checked for type only."""
+    if isinstance(scaling, (torch.SymFloat, torch.SymInt)) or torch.compiler.is_compiling():
+        return  # may be symbolic while tracing, where math.isfinite breaks the graph; eager calls check it
     if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool) or not math.isfinite(scaling):
         raise ValueError(f"scaling must be a finite real number, got {scaling!r}")
 
