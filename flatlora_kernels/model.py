@@ -5,25 +5,33 @@
 * a list of names: a module matches when its qualified name equals an entry or ends with
   ``"." + entry`` (``["q_proj", "v_proj"]`` matches ``model.layers.0.self_attn.q_proj``);
 * a string: a regular expression that must match the whole qualified name;
-* ``"all-linear"``: every ``nn.Linear`` except the output head: the module returned by
-  ``get_output_embeddings()``, anything named ``lm_head``, and a top-level ``classifier`` / ``score``
-  head (with the Linear layers inside it). Linear layers owned by ``nn.MultiheadAttention`` are
-  skipped too, because it reads their weights directly instead of calling them.
+* ``"all-linear"``: every ``nn.Linear`` (and transformers ``Conv1D``, GPT-2's linear layer) except
+  the output head: the module returned by ``get_output_embeddings()``, anything named ``lm_head``,
+  and a top-level ``classifier`` / ``score`` head (with the Linear layers inside it). Linear layers
+  owned by ``nn.MultiheadAttention`` are skipped too, because it reads their weights directly.
 
-Adapter files are safetensors holding only ``<layer name>.lora_A`` / ``.lora_B``, with each layer's
-configuration (and, optionally, the schedule's state) as JSON in the metadata.
+Heads (``modules_to_save``, as PEFT's): a top-level ``classifier`` / ``score`` module is a task head
+that a pretrained checkpoint does not hold, so by default (``modules_to_save="auto"``) it is trained
+in full and stored with the adapter; ``lm_head`` stays frozen. Pass a list of names, or ``[]``, to
+choose yourself. The choice is logged and kept in ``model.flatlora_modules_to_save``.
+
+Adapter files are safetensors holding ``<layer name>.lora_A`` / ``.lora_B`` (and the heads' tensors),
+with each layer's configuration (and, optionally, the schedule's state) as JSON in the metadata.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
+import logging
 import re
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from .modules import FlatLoraLinear
+from .modules import FlatLoraLinear, _is_conv1d
 
 __all__ = [
     "apply_flat_lora",
@@ -33,11 +41,18 @@ __all__ = [
     "merge_and_unload",
     "save_adapter",
     "load_adapter",
+    "modules_to_save_of",
 ]
 
 _HEAD_NAMES = ("classifier", "score")  # top-level classification heads that "all-linear" leaves alone
 _METADATA_LAYERS = "flatlora.layers"
 _METADATA_SCHEDULE = "flatlora.schedule"
+_METADATA_HEADS = "flatlora.modules_to_save"
+_log = logging.getLogger("flatlora_kernels")
+
+
+def _is_linear(module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -105,7 +120,7 @@ def _select_targets(model: nn.Module, target_modules, exclude_modules) -> list[s
     mha_owned = _owned_by_multihead_attention(model)
     if isinstance(target_modules, str) and target_modules == "all-linear":
         skipped = _output_head_names(model) | mha_owned
-        targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skipped]
+        targets = [n for n, m in model.named_modules() if _is_linear(m) and n not in skipped]
     else:
         _check_spec("target_modules", target_modules)
         targets = []
@@ -114,17 +129,19 @@ def _select_targets(model: nn.Module, target_modules, exclude_modules) -> list[s
                 continue
             if isinstance(module, FlatLoraLinear):
                 continue  # already converted
-            if not isinstance(module, nn.Linear) or name in mha_owned:
+            if not _is_linear(module) or name in mha_owned:
                 why = "it belongs to nn.MultiheadAttention, which reads its weight directly" if name in mha_owned else (
                     f"it is a {type(module).__name__}"
                 )
-                raise TypeError(f"target_modules matched {name!r}, but Flat-LoRA wraps nn.Linear layers only and {why}")
+                raise TypeError(
+                    f"target_modules matched {name!r}, but Flat-LoRA wraps nn.Linear / Conv1D layers only and {why}"
+                )
             targets.append(name)
     if exclude_modules is not None:
         _check_spec("exclude_modules", exclude_modules)
         targets = [n for n in targets if not _name_matches(exclude_modules, n)]
     if not targets:
-        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linear_names = [n for n, m in model.named_modules() if _is_linear(m)]
         shown = ", ".join(linear_names[:8]) + (", ..." if len(linear_names) > 8 else "")
         raise ValueError(
             f"apply_flat_lora: target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matched no "
@@ -138,6 +155,36 @@ def _replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child_name, new)
 
 
+_LAYER_KWARGS = ("lora_dropout", "use_rslora", "lora_dtype")
+
+
+def _check_layer_kwargs(function: str, kwargs: dict, public: Iterable[str]) -> None:
+    """A misspelt keyword names the public function and the nearest valid keyword."""
+    for key in kwargs:
+        if key not in _LAYER_KWARGS:
+            valid = list(public) + list(_LAYER_KWARGS)
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keywords: {', '.join(valid)}"
+            raise TypeError(f"{function}() got an unexpected keyword argument {key!r}{hint}")
+
+
+def _resolve_heads(model: nn.Module, modules_to_save, targets: list[str]) -> list[str]:
+    if isinstance(modules_to_save, str) and modules_to_save == "auto":
+        heads = [attr for attr in _HEAD_NAMES if isinstance(getattr(model, attr, None), nn.Module)]
+    elif isinstance(modules_to_save, str) or not all(isinstance(n, str) for n in modules_to_save):
+        raise TypeError(f"modules_to_save must be 'auto' or a list of module names, got {modules_to_save!r}")
+    else:
+        heads = list(modules_to_save)
+    names = dict(model.named_modules())
+    for head in heads:
+        if head not in names:
+            raise ValueError(f"apply_flat_lora: modules_to_save names {head!r}, which is not a module of the model")
+        clash = [t for t in targets if t == head or t.startswith(head + ".")]
+        if clash:
+            raise ValueError(f"apply_flat_lora: {head!r} is in modules_to_save and also targeted ({clash[:3]})")
+    return heads
+
+
 def apply_flat_lora(
     model: nn.Module,
     target_modules: str | list[str] = "all-linear",
@@ -146,28 +193,55 @@ def apply_flat_lora(
     sigma: float = 0.05,
     fused: bool = True,
     exclude_modules: str | list[str] | None = None,
+    modules_to_save: str | list[str] = "auto",
     **layer_kwargs,
 ) -> nn.Module:
-    """Swap the matching ``nn.Linear`` layers of ``model`` for ``FlatLoraLinear`` in place.
+    """Swap the matching ``nn.Linear`` / ``Conv1D`` layers of ``model`` for ``FlatLoraLinear`` in place.
 
-    Every parameter of the model is frozen; only the new ``lora_A`` / ``lora_B`` train (unfreeze a
-    head yourself if it must train, and save it yourself: adapter files hold LoRA tensors only).
-    Base weights are shared with the old layers, not copied. ``layer_kwargs`` go to
-    ``FlatLoraLinear.from_linear`` (``lora_dropout``, ``use_rslora``, ``lora_dtype``). Returns ``model``.
+    Every parameter of the model is frozen except the new ``lora_A`` / ``lora_B`` and the modules in
+    ``modules_to_save`` (by default a top-level ``classifier`` / ``score`` head, trained in full and
+    saved with the adapter; see the module docstring). Base weights are shared, not copied.
+    ``layer_kwargs`` go to ``FlatLoraLinear.from_linear`` (``lora_dropout``, ``use_rslora``,
+    ``lora_dtype``). Returns ``model``. Raises when the model is already converted.
 
     Then create a ``FlatLoraSchedule(model, total_steps)`` and call ``.step()`` after every optimizer
     step: without it the layers train as plain LoRA.
     """
+    public = [p for p in inspect.signature(apply_flat_lora).parameters if p not in ("model", "layer_kwargs")]
+    _check_layer_kwargs("apply_flat_lora", layer_kwargs, public)
     inner = _unwrap(model)
+    if flat_lora_layers(inner):
+        raise ValueError(
+            "apply_flat_lora: the model is already converted (it holds FlatLoraLinear layers); "
+            "apply it once, with every target in one call"
+        )
     targets = _select_targets(inner, target_modules, exclude_modules)
+    heads = _resolve_heads(inner, modules_to_save, targets)
     for parameter in inner.parameters():
         parameter.requires_grad_(False)
+    warn_group = {"warned": False}  # one no-schedule warning per model
     for name in targets:
         linear = inner.get_submodule(name)
         layer = FlatLoraLinear.from_linear(linear, r=r, lora_alpha=lora_alpha, sigma=sigma, fused=fused, **layer_kwargs)
         layer.train(linear.training)
+        layer._warn_group = warn_group
         _replace_submodule(inner, name, layer)
+    for head in heads:
+        inner.get_submodule(head).requires_grad_(True)
+    inner.flatlora_modules_to_save = heads
+    _log.info(
+        "apply_flat_lora: %d layers converted; trained in full and saved with the adapter (modules_to_save): %s; "
+        "frozen output head: %s",
+        len(targets),
+        heads or "none",
+        "lm_head" if hasattr(inner, "lm_head") else "none",
+    )
     return model
+
+
+def modules_to_save_of(model: nn.Module) -> list[str]:
+    """The heads ``apply_flat_lora`` trains in full and saves with the adapter."""
+    return list(getattr(_unwrap(model), "flatlora_modules_to_save", []))
 
 
 def merge_flat_lora(model: nn.Module) -> nn.Module:
@@ -191,10 +265,16 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in flat_lora_layers(inner):
         layer.unmerge()
         weight = layer.weight
-        linear = nn.Linear(
-            layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=weight.dtype
-        )
         delta = layer.scaling * (layer.lora_B.float() @ layer.lora_A.float())
+        if layer.fan_in_fan_out:
+            from transformers.pytorch_utils import Conv1D  # only a Conv1D-based layer gets here
+
+            linear = Conv1D(layer.out_features, layer.in_features).to(device="meta", dtype=weight.dtype)
+            delta = delta.t()
+        else:
+            linear = nn.Linear(
+                layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=weight.dtype
+            )
         linear.weight = nn.Parameter((weight.float() + delta).to(weight.dtype), requires_grad=False)
         linear.bias = layer.bias
         linear.train(layer.training)
@@ -224,7 +304,11 @@ def save_adapter(model: nn.Module, path: str, schedule=None) -> None:
         tensors[f"{name}.lora_A"] = layer.lora_A.detach().cpu().contiguous()
         tensors[f"{name}.lora_B"] = layer.lora_B.detach().cpu().contiguous()
         config[name] = _layer_config(layer)
-    metadata = {_METADATA_LAYERS: json.dumps(config)}
+    heads = modules_to_save_of(model)
+    for head in heads:
+        for key, tensor in _unwrap(model).get_submodule(head).state_dict().items():
+            tensors[f"{head}.{key}"] = tensor.detach().cpu().contiguous()
+    metadata = {_METADATA_LAYERS: json.dumps(config), _METADATA_HEADS: json.dumps(heads)}
     if schedule is not None:
         metadata[_METADATA_SCHEDULE] = json.dumps(schedule.state_dict())
     save_file(tensors, path, metadata=metadata)
@@ -265,6 +349,9 @@ def load_adapter(model: nn.Module, path: str, schedule=None) -> nn.Module:
                         f"{tuple(target.shape)} in the model"
                     )
                 target.copy_(tensor)
+        for head in json.loads(metadata.get(_METADATA_HEADS, "[]")):
+            module = _unwrap(model).get_submodule(head)
+            module.load_state_dict({key: handle.get_tensor(f"{head}.{key}") for key in module.state_dict()})
     if schedule is not None and _METADATA_SCHEDULE in metadata:
         schedule.load_state_dict(json.loads(metadata[_METADATA_SCHEDULE]))
     return model

@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
 
 import torch
@@ -53,6 +55,30 @@ from torch import Tensor, nn
 from .functional import flat_lora_linear
 
 __all__ = ["FlatLoraLinear"]
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _is_library_file(filename: str) -> bool:
+    path = os.path.abspath(filename)
+    return path.startswith((_PACKAGE_DIR, _TORCH_DIR)) or any(
+        part in path for part in ("site-packages", "dist-packages", "<frozen")
+    )
+
+
+def user_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel of the first caller outside installed libraries and this package
+    (the user's ``model(x)`` line rather than torch's or transformers' module plumbing)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and _is_library_file(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _is_conv1d(module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 family): ``y = x @ W + b`` with ``W: [in, out]``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -89,7 +115,9 @@ class FlatLoraLinear(nn.Module):
             ``lora_A`` / ``lora_B``, e.g. fp32 adapters on a bf16 model.
 
     Only ``lora_A`` and ``lora_B`` require grad; ``weight`` and ``bias`` are frozen Parameters, so
-    ``state_dict`` keys match ``nn.Linear``'s plus the two LoRA tensors.
+    ``state_dict`` keys match ``nn.Linear``'s plus the two LoRA tensors. A layer made from GPT-2's
+    ``Conv1D`` (``from_linear``) keeps its ``[in, out]`` weight (``fan_in_fan_out=True``) and hands the op
+    ``weight.t()``, a view: noise rows are still output features.
     """
 
     def __init__(
@@ -132,14 +160,15 @@ class FlatLoraLinear(nn.Module):
         use_rslora: bool = False,
         lora_dtype=None,
     ) -> "FlatLoraLinear":
-        """Wrap an existing ``nn.Linear``: its weight and bias Parameters are shared (not copied) and frozen."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        """Wrap an ``nn.Linear`` (or transformers' ``Conv1D``): weight and bias are shared (not copied), frozen."""
+        conv1d = _is_conv1d(linear)
+        if not (isinstance(linear, nn.Linear) or conv1d):
+            raise TypeError(f"from_linear expects an nn.Linear or transformers Conv1D, got {type(linear).__name__}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._configure(
-            linear.in_features, linear.out_features, r, lora_alpha, sigma, fused, lora_dropout, use_rslora
-        )
+        in_features, out_features = linear.weight.shape if conv1d else (linear.in_features, linear.out_features)
+        layer._configure(in_features, out_features, r, lora_alpha, sigma, fused, lora_dropout, use_rslora)
+        layer.fan_in_fan_out = conv1d
         layer.weight = linear.weight.requires_grad_(False)
         if linear.bias is not None:
             layer.bias = linear.bias.requires_grad_(False)
@@ -161,6 +190,7 @@ class FlatLoraLinear(nn.Module):
         self.sigma = float(sigma)
         self.fused = bool(fused)
         self.lora_dropout_p = float(lora_dropout)
+        self.fan_in_fan_out = False
 
     def _init_base_like_nn_linear(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -179,6 +209,8 @@ class FlatLoraLinear(nn.Module):
         self.register_buffer("_unmerged_weight", None, persistent=False)
         self.noise_rank_key = 0
         self._noise_driven = False
+        # Shared by all layers of one apply_flat_lora call, so the no-schedule warning fires once per model.
+        self._warn_group = {"warned": False}
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -208,6 +240,11 @@ class FlatLoraLinear(nn.Module):
         return self.noise_factor * self.sigma
 
     @property
+    def linear_weight(self) -> Tensor:
+        """The base weight as ``[out, in]`` (a transposed view for a Conv1D base)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    @property
     def backend(self) -> str:
         return "auto" if self.fused else "reference"
 
@@ -218,32 +255,38 @@ class FlatLoraLinear(nn.Module):
         return F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scaling
 
     def _plain_lora(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.linear_weight, self.bias)
         branch_input = x if self.lora_dropout is None else self.lora_dropout(x)
         return y + self._lora_branch(branch_input).to(y.dtype)
 
     def _warn_if_undriven(self) -> None:
-        if self._noise_driven or self.sigma == 0 or torch.compiler.is_compiling():
+        if self._noise_driven or self._warn_group["warned"] or self.sigma == 0 or torch.compiler.is_compiling():
             return
+        self._warn_group["warned"] = True
         warnings.warn(
             "FlatLoraLinear is training with no noise: no FlatLoraSchedule (or set_noise call) drives it, "
             "so its noise factor is 0 and it trains as plain LoRA. Create "
             "flatlora_kernels.FlatLoraSchedule(model, total_steps) and call .step() after each optimizer step.",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
-        self._noise_driven = True  # warn once per layer
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             if self.training:
                 raise RuntimeError("FlatLoraLinear is merged: call unmerge() before training")
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.linear_weight, self.bias)
         if not self.training:
             return self._plain_lora(x)  # evaluation: no noise
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            # What nn.Linear does (and this layer does in eval), rather than training in a silent cast.
+            raise RuntimeError(
+                f"FlatLoraLinear: input dtype {x.dtype} differs from the layer's weight dtype {self.weight.dtype} "
+                "(cast the input, the model, or run under torch.autocast)"
+            )
         self._warn_if_undriven()
         y = flat_lora_linear(
             x,
-            self.weight,
+            self.linear_weight,
             self.lora_A,
             self.lora_B,
             self.bias,
@@ -270,6 +313,8 @@ class FlatLoraLinear(nn.Module):
             return
         original = self.weight.data
         delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        if self.fan_in_fan_out:
+            delta = delta.t()
         self._unmerged_weight = original
         self.weight.data = (original.float() + delta).to(original.dtype)
 
@@ -296,6 +341,8 @@ class FlatLoraLinear(nn.Module):
             parts.append(f"lora_dropout={self.lora_dropout_p}")
         if self.use_rslora:
             parts.append("use_rslora=True")
+        if self.fan_in_fan_out:
+            parts.append("fan_in_fan_out=True")
         if self.merged:
             parts.append("merged=True")
         return ", ".join(parts)

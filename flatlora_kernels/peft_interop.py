@@ -1,13 +1,14 @@
 """``from_peft``: turn a PEFT LoRA model into a Flat-LoRA one with the same weights.
 
-Each ``peft.tuners.lora.Linear`` (one adapter, plain LoRA, unmerged, wrapping an ``nn.Linear``)
+Each ``peft.tuners.lora.Linear`` (one adapter, plain LoRA, unmerged, over ``nn.Linear`` or ``Conv1D``)
 becomes a ``FlatLoraLinear`` that shares its base weight and bias and takes over its ``lora_A`` /
 ``lora_B`` Parameters, rank, scaling (PEFT's own value, so rsLoRA, ``alpha_pattern`` and
 ``set_scale`` carry over) and dropout. At noise factor 0 (the schedule's start) and in eval mode the
 outputs equal PEFT's. Other PEFT modules (e.g. ``modules_to_save`` wrappers) are left as they are.
 
 The result is the underlying model (``peft_model.get_base_model()``); the PEFT wrapper no longer
-describes it, so save with ``flatlora_kernels.save_adapter`` rather than ``save_pretrained``.
+describes it, so save with ``flatlora_kernels.save_peft_adapter`` (a standard PEFT directory) or
+``save_adapter``. To keep the ``PeftModel`` itself, use ``enable_flat_lora`` (``peft_native.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from .model import _replace_submodule
-from .modules import FlatLoraLinear
+from .modules import FlatLoraLinear, _is_conv1d
 
 __all__ = ["from_peft"]
 
@@ -42,11 +43,9 @@ def _convert(name: str, peft_layer, sigma: float, fused: bool) -> FlatLoraLinear
         problems.append(f"it uses a LoRA variant ({type(peft_layer.lora_variant[adapter]).__name__}, e.g. DoRA)")
     if getattr(peft_layer, "lora_bias", {}).get(adapter, False):
         problems.append("it has a LoRA bias (lora_bias=True)")
-    if getattr(peft_layer, "fan_in_fan_out", False):
-        problems.append("it uses fan_in_fan_out (a Conv1D-style base layer)")
     base = peft_layer.get_base_layer()
-    if not isinstance(base, nn.Linear):
-        problems.append(f"its base layer is a {type(base).__name__}, not an nn.Linear")
+    if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
+        problems.append(f"its base layer is a {type(base).__name__}, not an nn.Linear or Conv1D")
     if problems:
         raise ValueError(f"from_peft: cannot convert {name!r}: " + "; ".join(problems))
 

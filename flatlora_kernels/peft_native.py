@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import flat_lora_linear
+from .modules import user_stacklevel
 
 __all__ = ["enable_flat_lora", "disable_flat_lora", "PeftNoiseState", "peft_noise_states"]
 
@@ -116,7 +117,7 @@ def _flat_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
             "enable_flat_lora: a patched PEFT layer is training with no noise (no FlatLoraSchedule drives it). "
             "Create flatlora_kernels.FlatLoraSchedule(peft_model, total_steps) and call .step() after each "
             "optimizer step.",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
         for other in self._flatlora_siblings():
             other._noise_driven = True  # warn once per model
