@@ -40,6 +40,14 @@ The normals of one call are Box-Muller pairs exactly as Triton computes them::
 The Philox integers are bit-exact across backends; the floats agree to ~1e-6 (libm vs libdevice
 log/cos/sin, fused multiply-adds).
 
+This reference evaluates ``BoxMuller`` in float64 from the (exact) fp32 uniforms and rounds once to
+fp32, in row-major slabs small enough that PyTorch runs each elementwise op in the calling thread.
+Its fp32 result is then within one ulp of the exact value and does not depend on the number of
+threads, on which thread ran a slab, on machine load or on where a vector loop's tail falls (fp32
+``torch.log/cos/sin`` on OpenMP worker threads were seen to differ by up to 4.5e-5 between calls
+on a busy machine). The reference stream is bit-reproducible for a given PyTorch build and CPU; see
+``docs/DESIGN.md``.
+
 The seed is a Python int in ``[0, 2**63)`` or a 0-dim int64 tensor (preferred on GPU: no recompiles,
 no host sync). ``sigma = 0`` gives exactly LoRA.
 """
@@ -110,10 +118,29 @@ def _uniform(x: Tensor) -> Tensor:
 
 
 def _box_muller(u1: Tensor, u2: Tensor) -> tuple[Tensor, Tensor]:
-    u1 = torch.clamp_min(u1, 1.0e-7)
-    theta = torch.tensor(_TWO_PI, dtype=torch.float32) * u2
+    """Box-Muller of fp32 uniforms, evaluated in float64 and rounded once to fp32 (see the module doc)."""
+    u1 = torch.clamp_min(u1, 1.0e-7).double()  # the clamp is the fp32 one of the definition
+    theta = (torch.tensor(_TWO_PI, dtype=torch.float32) * u2).double()  # th rounded to fp32, as Triton's
     radius = torch.sqrt(-2.0 * torch.log(u1))
-    return radius * torch.cos(theta), radius * torch.sin(theta)
+    return (radius * torch.cos(theta)).float(), (radius * torch.sin(theta)).float()
+
+
+# Elementwise ops below this many elements run in the calling thread (ATen's GRAIN_SIZE is 32768):
+# slabs of this size keep the transcendental math off the OpenMP workers (issue: load-dependent floats).
+_SERIAL_ELEMENTS = 16384
+
+
+def _normals_from_words(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor) -> list[Tensor]:
+    """The four lanes' normals of Philox outputs ``[rows, Kq]``; on CPU, slab by slab in this thread."""
+    if c0.device.type != "cpu" or c0.numel() <= _SERIAL_ELEMENTS:
+        return [*_box_muller(_uniform(c0), _uniform(c1)), *_box_muller(_uniform(c2), _uniform(c3))]
+    words = [c.reshape(-1) for c in (c0, c1, c2, c3)]
+    lanes = [torch.empty(c0.numel(), dtype=torch.float32) for _ in range(4)]
+    for start in range(0, c0.numel(), _SERIAL_ELEMENTS):
+        part = slice(start, start + _SERIAL_ELEMENTS)
+        for lane, z in zip(lanes, _normals_from_words(*(w[part] for w in words))):
+            lane[part] = z
+    return [lane.view(c0.shape) for lane in lanes]
 
 
 def _seed_tensor(seed: int | Tensor, device: torch.device) -> Tensor:
@@ -135,11 +162,9 @@ def normal_rows(
     kq = counters_per_row(in_features)
     rows = torch.arange(row_start, row_end, device=device, dtype=torch.int64)
     offsets = rows[:, None] * kq + torch.arange(kq, device=device, dtype=torch.int64)[None, :]
-    c0, c1, c2, c3 = philox4x32_10(_seed_tensor(seed, device), offsets)
-    z0, z1 = _box_muller(_uniform(c0), _uniform(c1))
-    z2, z3 = _box_muller(_uniform(c2), _uniform(c3))
+    lanes = _normals_from_words(*philox4x32_10(_seed_tensor(seed, device), offsets))
     # Lane t covers columns [t*Kq, (t+1)*Kq): concatenating the lanes lays the row out in order.
-    return torch.cat([z0, z1, z2, z3], dim=1)[:, :in_features]
+    return torch.cat(lanes, dim=1)[:, :in_features]
 
 
 def perturbation_row_scale(
