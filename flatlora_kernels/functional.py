@@ -2,38 +2,21 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.flatlora.*)
+from . import backends, ops  # noqa: F401  (ops registers torch.ops.flatlora.*)
 from ._validation import check_bias, check_input, check_scaling, check_seed, check_sigma, check_weights
-from .backends import BACKENDS
 
 __all__ = ["flat_lora_linear", "resolve_backend"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``"auto"`` to the fast path for ``device`` and reject combinations that cannot run."""
-    if backend == "auto":
-        if device.type == "cpu":
-            return "cpp"
-        if device.type == "cuda":
-            return "triton"
-        return "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
-    if backend == "cpp" and device.type != "cpu":
-        raise ValueError(f"backend='cpp' runs on CPU tensors only, got tensors on {device}")
-    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            "backend='triton' on CPU tensors runs the kernels in Triton's interpreter: set "
-            "TRITON_INTERPRET=1 in the environment before importing triton (or use backend='cpp')"
-        )
-    if backend == "triton" and device.type not in ("cpu", "cuda"):
-        raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}")
-    return backend
+    """Map ``"auto"`` to the fast path for ``device`` and reject combinations that cannot run.
+
+    The rules come from the backend declarations in ``flatlora_kernels.backends.REGISTRY``.
+    """
+    return backends.resolve(backend, device)
 
 
 def _as_device_tensor(value, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -80,12 +63,13 @@ def flat_lora_linear(
         )
     device = x.device
     backend = resolve_backend(backend, device)
-    if torch.is_autocast_enabled(device.type):
+    # Autocast has no meta device; meta tensors (shape-only tracing) take the ops' fake kernels.
+    if device.type != "meta" and torch.is_autocast_enabled(device.type):
         x = x.to(torch.get_autocast_dtype(device.type))
     sigma_t = _as_device_tensor(sigma, torch.float32, device)
     seed_t = _as_device_tensor(seed, torch.int64, device)
     out_features, in_features = weight.shape
-    with torch.autocast(device.type, enabled=False):
+    with torch.autocast("cpu" if device.type == "meta" else device.type, enabled=False):
         y, _ = torch.ops.flatlora.forward(
             x.reshape(-1, in_features), weight, lora_A, lora_B, bias, float(scaling), sigma_t, seed_t, backend
         )

@@ -133,3 +133,16 @@ def _backward(ctx, dy, _d_row_scale):
 
 
 forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "flat_lora_linear has no double backward: its gradients are computed by flatlora::backward, which "
+        "is not differentiable (create_graph=True, then differentiating the gradients, is not supported)"
+    )
+
+
+backward.register_autograd(_no_double_backward)
+# Meta tensors (shape-only model construction and tracing): the fakes are exact about shapes and dtypes.
+forward.register_kernel("meta")(_forward_fake)
+backward.register_kernel("meta")(_backward_fake)

@@ -15,14 +15,64 @@
 from __future__ import annotations
 
 import importlib
+import os
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Callable, Optional
 
-BACKENDS = ("reference", "cpp", "triton")
+import torch
 
-_MODULES = {"reference": "torch_reference", "cpp": "cpp", "triton": "triton_backend"}
+
+def _triton_on_cpu_needs_interpreter(device: torch.device) -> Optional[str]:
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return (
+            "backend='triton' on CPU tensors runs the kernels in Triton's interpreter: set "
+            "TRITON_INTERPRET=1 in the environment before importing triton (or use backend='cpp')"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend, declared once: every check on backend names and devices derives from this."""
+
+    name: str
+    module: str  #: module under ``flatlora_kernels.backends``
+    devices: Optional[tuple[str, ...]]  #: device types it runs on (None: any)
+    unavailable: Callable[[torch.device], Optional[str]] = lambda device: None  #: why it cannot run, or None
+    auto_for: tuple[str, ...] = ()  #: device types on which ``"auto"`` picks it
+
+
+REGISTRY = {
+    spec.name: spec
+    for spec in (
+        Backend("reference", "torch_reference", devices=None),
+        Backend("cpp", "cpp", devices=("cpu",), auto_for=("cpu",)),
+        Backend("triton", "triton_backend", devices=("cuda", "cpu"), unavailable=_triton_on_cpu_needs_interpreter,
+                auto_for=("cuda",)),
+    )
+}
+BACKENDS = tuple(REGISTRY)
+_DEVICE_WORDS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """Map ``"auto"`` to the fast path for ``device`` (the reference elsewhere); reject what cannot run."""
+    if backend == "auto":
+        return next((spec.name for spec in REGISTRY.values() if device.type in spec.auto_for), "reference")
+    spec = REGISTRY.get(backend) if isinstance(backend, str) else None
+    if spec is None:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+    if spec.devices is not None and device.type not in spec.devices:
+        words = " or ".join(_DEVICE_WORDS.get(d, d) for d in spec.devices if d != "cpu" or len(spec.devices) == 1)
+        raise ValueError(f"backend={backend!r} runs on {words} tensors only, got tensors on {device}")
+    reason = spec.unavailable(device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    return backend
 
 
 def get_backend(name: str) -> ModuleType:
-    if name not in _MODULES:
+    if name not in REGISTRY:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS} or 'auto'")
-    return importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    return importlib.import_module(f"{__name__}.{REGISTRY[name].module}")

@@ -1,0 +1,48 @@
+"""Inputs at the edge of what the ops take: meta tensors (shape-only), double backward, backend declarations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flatlora_kernels import flat_lora_linear
+from flatlora_kernels.backends import BACKENDS, REGISTRY, resolve
+
+from .conftest import make_layer
+
+
+def test_meta_tensors_give_shapes_and_dtypes_forward_and_backward():
+    W, A, B, bias = (t.to("meta") for t in make_layer(8, 6, 2, dtype=torch.bfloat16))
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    x = torch.empty(4, 3, 6, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    y = flat_lora_linear(x, W, A, B, bias, scaling=2.0, sigma=0.1, seed=3)
+    assert y.device.type == "meta" and y.shape == (4, 3, 8) and y.dtype == torch.bfloat16
+    dx, dA, dB = torch.autograd.grad(y.sum(), (x, A, B))
+    assert (dx.shape, dA.shape, dB.shape) == (x.shape, A.shape, B.shape)
+    assert dx.device.type == dA.device.type == "meta"
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_double_backward_raises_a_clear_error(backend):
+    W, A, B, _ = make_layer(8, 6, 2)
+    A.requires_grad_(True)
+    x = torch.randn(3, 6, requires_grad=True)
+    y = flat_lora_linear(x, W, A, B, scaling=1.0, sigma=0.1, seed=1, backend=backend)
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)  # first order still works
+    assert dx.shape == x.shape
+    with pytest.raises(RuntimeError, match="no double backward"):
+        dx.sum().backward()
+
+
+def test_backend_checks_derive_from_the_declarations():
+    assert set(BACKENDS) == set(REGISTRY)
+    for device_type in ("cpu", "cuda", "meta", "xpu"):
+        picked = resolve("auto", torch.device(device_type))
+        assert picked in BACKENDS
+        assert REGISTRY[picked].devices is None or device_type in REGISTRY[picked].devices
+    assert resolve("auto", torch.device("meta")) == "reference"
+    with pytest.raises(ValueError, match="backend='triton' runs on CUDA tensors only"):
+        resolve("triton", torch.device("meta"))
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve(3, torch.device("cpu"))
