@@ -1,6 +1,15 @@
 """Flat-LoRA past one process: distributed checkpoints (``checkpoint``) and tensor parallelism
-(``tensor_parallel``). FSDP2 and DDP need nothing extra; see docs/DISTRIBUTED.md."""
+(``tensor_parallel``). DDP and FSDP2 need nothing extra; see docs/DISTRIBUTED.md."""
 
 from .checkpoint import load_checkpoint, save_checkpoint, schedule_state_tensors
+from .tensor_parallel import ShardedFlatLoraLinear, shard_colwise, shard_noise, shard_rowwise
 
-__all__ = ["save_checkpoint", "load_checkpoint", "schedule_state_tensors"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "schedule_state_tensors",
+    "ShardedFlatLoraLinear",
+    "shard_colwise",
+    "shard_rowwise",
+    "shard_noise",
+]
