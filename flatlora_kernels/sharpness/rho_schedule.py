@@ -6,6 +6,8 @@
   It is offered for fidelity to the analysis, not as the default: the radius is already 10x smaller
   at step 100, so over most of a fine-tuning run the method is close to plain LoRA.
 * ``"linear"`` / ``"cosine"``: from ``rho`` at t = 1 down to 0 at ``t = total_steps`` (0 after).
+  This "cosine" *decays*; Flat-LoRA's noise schedule (``flatlora_kernels/schedule.py``) is the
+  opposite, a cosine that *rises* from 0 to 1 over training.
 * a callable ``factor(t) -> float`` for anything else.
 """
 
