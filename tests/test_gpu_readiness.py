@@ -73,3 +73,20 @@ def test_strided_bias(strategy):
         y, _ = triton_backend.forward(x, weight, lora_A, lora_B, bias, 2.0, sigma, seed)
     expected = x @ perturbed_weight(weight, lora_A, lora_B, scaling=2.0, sigma=0.0, seed=3).t() + bias
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_rule_keeps_each_pass_within_one_token_tile(monkeypatch):
+    """With the GPU tile tables, fp32 (token tile 16) streams from M=17; 16-bit stays fused to M=64."""
+    monkeypatch.delenv(triton_backend.STRATEGY_ENV, raising=False)
+    monkeypatch.setattr(triton_backend, "INTERPRETING", False)
+    for kernel in ("fused_forward", "fused_input_grad"):
+        fp32_cap = triton_backend.GPU_TILES[f"{kernel}_fp32"]["MAX_BLOCK_TOKENS"]
+        assert triton_backend.choose_strategy(fp32_cap, torch.float32, kernel) == "in_register"
+        assert triton_backend.choose_strategy(fp32_cap + 1, torch.float32, kernel) == "streamed"
+        assert triton_backend.choose_strategy(64, torch.bfloat16, kernel) == "in_register"
+        assert triton_backend.choose_strategy(65, torch.bfloat16, kernel) == "streamed"
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            limit = triton_backend.in_register_max_tokens(dtype, kernel)
+            assert limit <= triton_backend.GPU_TILES[kernel if dtype != torch.float32 else f"{kernel}_fp32"][
+                "MAX_BLOCK_TOKENS"
+            ]

@@ -55,7 +55,7 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 #: Cap on one regenerated chunk of ``W'`` (bytes, compute dtype): the only memory this backend adds
 #: to LoRA's. 16 MiB is under 1% of LoRA's 1668 MiB peak for a 16-layer 4096-wide stack at M=8192
-#: (ANCHORS §3).
+#: (docs/DESIGN.md, "memory").
 chunk_bytes: int = 16 * 2**20
 
 #: A chunk may also grow to the size of its pass's output (y forward, dx backward): LoRA's own pass
@@ -64,9 +64,11 @@ chunk_bytes: int = 16 * 2**20
 #: cap, dx of an 11008x4096 layer would come from 32 GEMMs 128 columns wide). To be measured.
 chunk_grows_to_output: bool = True
 
-#: The dispatcher's auto rule: the in-register path for ``M <= IN_REGISTER_MAX_TOKENS``. It pays
-#: while it regenerates the noise about as often as the streamed path (one token tile) and saves
-#: that path's write + read of each chunk; to be measured (M = 16..512 at N = K = 4096).
+#: The dispatcher's auto rule: the in-register path for ``M <= IN_REGISTER_MAX_TOKENS`` and M within
+#: one token tile of that pass's fused kernel for the compute dtype (``MAX_BLOCK_TOKENS``; 16 for
+#: fp32 on the GPU). It pays while it regenerates the noise once per pass, as the streamed path does,
+#: and saves that path's write + read of each chunk; a second token tile would regenerate it again.
+#: To be measured (M = 16..512 at N = K = 4096).
 IN_REGISTER_MAX_TOKENS: int = 64
 
 #: Small M gives the in-register kernels few output tiles; they split their reduction loop until the
@@ -135,18 +137,27 @@ def use_strategy(name: str) -> Iterator[None]:
         _forced_strategy = previous
 
 
-def choose_strategy(n_tokens: int, compute_dtype: torch.dtype) -> str:
+def in_register_max_tokens(compute_dtype: torch.dtype, kernel: str = "fused_forward") -> int:
+    """Largest M the auto rule sends to ``kernel`` (``"fused_forward"`` or ``"fused_input_grad"``)."""
+    tables = INTERPRETER_TILES if INTERPRETING else GPU_TILES
+    tiles = tables.get(f"{kernel}_fp32", tables[kernel]) if compute_dtype == torch.float32 else tables[kernel]
+    return min(IN_REGISTER_MAX_TOKENS, tiles["MAX_BLOCK_TOKENS"])
+
+
+def choose_strategy(n_tokens: int, compute_dtype: torch.dtype, kernel: str = "fused_forward") -> str:
     """``"streamed"`` or ``"in_register"`` for a pass over ``n_tokens`` rows of x (or dy).
 
     Order: ``use_strategy``, then ``$FLATLORA_TRITON_STRATEGY``, then the auto rule
-    (``n_tokens <= IN_REGISTER_MAX_TOKENS``). fp64 always streams (the fused GEMMs are 16/32-bit).
+    (``n_tokens <= in_register_max_tokens(compute_dtype, kernel)``). fp64 always streams (the fused
+    GEMMs are 16/32-bit). Under torch.compile the rule is read when the graph is traced; with a
+    dynamic M it becomes a guard on M.
     """
     requested = _forced_strategy or _check_strategy(os.environ.get(STRATEGY_ENV, "auto"))
     if compute_dtype == torch.float64:
         return "streamed"
     if requested != "auto":
         return requested
-    return "in_register" if n_tokens <= IN_REGISTER_MAX_TOKENS else "streamed"
+    return "in_register" if n_tokens <= in_register_max_tokens(compute_dtype, kernel) else "streamed"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +447,22 @@ def _lora_grads(dy: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: 
 # ---------------------------------------------------------------------------------------------
 
 
+def _on_device(device: torch.device):
+    """Launch under the tensors' device, not the current one (e.g. layers on cuda:1 under ``device_map``)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
+    with _on_device(x.device):
+        return _forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed)
+
+
+def backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx):
+    with _on_device(x.device):
+        return _backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx)
+
+
+def _forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
     scale = row_scale(weight, lora_A, lora_B, scaling, sigma, x.dtype)
     n_tokens, out_features = x.shape[0], weight.shape[0]
     if n_tokens == 0:
@@ -451,7 +477,7 @@ def forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
     return y, scale
 
 
-def backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx):
+def _backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx):
     dy = dy.to(x.dtype)
     row_scale = row_scale.contiguous()
     n_tokens = x.shape[0]
@@ -459,7 +485,7 @@ def backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx
         dx = x.new_empty(0)
     elif n_tokens == 0:
         dx = x.new_empty((0, weight.shape[1]))
-    elif choose_strategy(n_tokens, x.dtype) == "in_register":
+    elif choose_strategy(n_tokens, x.dtype, "fused_input_grad") == "in_register":
         dx = _input_grad_in_register(dy, weight, lora_A, lora_B, row_scale, scaling, seed)
     else:
         dx = _input_grad_streamed(dy, weight, lora_A, lora_B, row_scale, scaling, seed)
