@@ -18,7 +18,7 @@ ptxas) and prints the compiler's resource report: registers, stack (spills), sha
 whether the dots became Hopper ``HGMMA`` or ``HMMA`` instructions. A small stack is expected:
 libdevice's sin/cos keep a scratch array for huge arguments, a path Box-Muller never takes.
 
-Targets (ANCHORS §3; none measured yet): Flat-LoRA fwd+bwd <= 1.00x LoRA fwd+bwd at (M, N, K) =
+Targets (docs/DESIGN.md, "targets"; none measured yet): Flat-LoRA fwd+bwd <= 1.00x LoRA fwd+bwd at (M, N, K) =
 (8192, 4096, 4096), (2048, 4096, 4096), (8192, 11008, 4096), bf16, r=16; noise generation
 >= 300 G normals/s at M=256; stack peak <= LoRA's + 1%. Markdown tables are printed last.
 """
@@ -48,7 +48,7 @@ TARGET_SHAPES = [(8192, 4096, 4096), (2048, 4096, 4096), (8192, 11008, 4096)]
 SMALL_M = [1, 16, 64, 256]
 CROSSOVER_M = [16, 32, 64, 128, 256, 512, 1024]
 CHUNK_CAPS_MIB = [4, 8, 16, 32, 64]
-# Relative-error ceilings against the fp32 reference (METHOD.md: bf16 operands land in 1e-3..1e-2).
+# Relative-error ceilings against the fp32 reference (docs/DESIGN.md, "precision": bf16 operands land in 1e-3..1e-2).
 MAX_RELATIVE_ERROR = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 
 
@@ -118,7 +118,7 @@ def lora(x, weight, lora_A, lora_B, bias, *_):
 
 
 def naive_perturbation(x, weight, lora_A, lora_B, bias, *_):
-    """ANCHORS §3's baseline: eps from torch.randn, ``W + eps`` kept alive by autograd for backward."""
+    """The naive baseline (docs/DESIGN.md, "baselines"): eps from torch.randn, ``W + eps`` kept alive by autograd for backward."""
     with torch.no_grad():
         merged = weight.float() + SCALING * (lora_B.float() @ lora_A.float())
         std = SIGMA * torch.linalg.vector_norm(merged, dim=1, keepdim=True) / math.sqrt(weight.shape[1])

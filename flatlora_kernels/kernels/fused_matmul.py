@@ -2,7 +2,7 @@
 
 Every program regenerates the ``W'`` tiles it needs, so a pass generates each noise element once
 per block of tokens: ``ceil(M / BLOCK_TOKENS)`` times in all. That only pays when M is a few tiles
-(ANCHORS §3, "the trap"); the dispatcher sends larger M to the streamed path.
+(docs/DESIGN.md, "why regeneration inside the GEMM loses"); the dispatcher sends larger M to the streamed path.
 
 Both kernels walk Philox counters ``c`` of the row-quarter layout, so each ``randn4x`` call feeds
 four column strips ``c + t*Kq`` (t = 0..3):

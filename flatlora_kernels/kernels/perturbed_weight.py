@@ -1,7 +1,7 @@
 """Regenerate a block of the perturbed weight ``W' = W + s*B@A + eps`` into a buffer (streamed path).
 
-For large M the noise must cost about one generation per weight element per pass (ANCHORS §3, "the
-trap"), so the launcher regenerates ``W'`` in bounded chunks, in the compute dtype, and hands each
+For large M the noise must cost about one generation per weight element per pass (docs/DESIGN.md, "why
+regeneration inside the GEMM loses"), so the launcher regenerates ``W'`` in bounded chunks, in the compute dtype, and hands each
 chunk to cuBLAS at once. A chunk is a rectangle ``rows [row_start, row_end) x counters
 [counter_start, counter_end)``, i.e. four column strips per row (row-quarter layout). Each program
 makes one ``randn4x`` call per (row, counter) of its block and writes the four strips, each a
