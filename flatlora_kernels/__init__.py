@@ -18,7 +18,9 @@ from .model import (
 )
 from .modules import FlatLoraLinear
 from .noise import filter_noise
+from .peft_export import load_peft_adapter, save_peft_adapter
 from .peft_interop import from_peft
+from .peft_native import disable_flat_lora, enable_flat_lora
 from .schedule import FlatLoraSchedule, cosine_factor, derive_seed
 from .sharpness import EFMLoRA, FMLoRA, RhoSchedule
 
@@ -34,6 +36,10 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "from_peft",
+    "enable_flat_lora",
+    "disable_flat_lora",
+    "save_peft_adapter",
+    "load_peft_adapter",
     "FlatLoraSchedule",
     "cosine_factor",
     "derive_seed",

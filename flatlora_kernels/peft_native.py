@@ -22,6 +22,7 @@ import types
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import flat_lora_linear
@@ -143,7 +144,7 @@ def _flat_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     if isinstance(dropout, nn.Dropout) and dropout.p > 0:
         # y holds s*B@A@x; PEFT's branch is s*B@A@dropout(x): add the difference (exact, same noise).
         xa = x_in.to(lora_A.dtype)
-        y = y + (lora_B(lora_A(dropout(xa) - xa)) * scaling).to(y.dtype)
+        y = y + (F.linear(F.linear(dropout(xa) - xa, lora_A), lora_B) * scaling).to(y.dtype)
     return y
 
 

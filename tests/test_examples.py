@@ -21,3 +21,17 @@ def test_hf_tiny_llama_example(loop):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "frozen base weights bit-identical after training: True" in run.stdout
     assert "outputs equal: True" in run.stdout
+
+
+def test_hf_peft_trainer_example(tmp_path, capsys, monkeypatch):
+    """Trainer + PEFT + enable_flat_lora, save_model, then vanilla PEFT in a fresh process: equal logits."""
+    pytest.importorskip("peft")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    monkeypatch.syspath_prepend(str(EXAMPLE.parent))
+    import hf_peft_trainer  # run in this process: one interpreter start fewer than a subprocess
+
+    assert hf_peft_trainer.main(["--steps", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "step=2, total_steps=2" in out  # FlatLoraCallback drove the patched PEFT layers
+    assert "without flatlora_kernels: True logits equal: True" in out
+    assert "adapter_model.safetensors" in out

@@ -1,9 +1,6 @@
 """enable_flat_lora on real PEFT models built from tiny configs (Llama, GPT-2 Conv1D, BERT classifier)."""
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -34,7 +31,7 @@ def tiny_gpt2(seed=0):
 
 def peft_wrap(model, targets, seed=1, **kw):
     torch.manual_seed(seed)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, **kw)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, **kw)
     model = peft.get_peft_model(model, config)
     # Non-zero B so the adapter changes the output (PEFT initialises B to zero).
     for name, p in model.named_parameters():
@@ -88,6 +85,17 @@ def test_noise_is_the_filter_noise_of_the_transposed_weight(build, targets):
     torch.testing.assert_close(layer(x), x @ (weight + s * B @ A).t() + bias, rtol=1e-5, atol=1e-5)
 
 
+def test_lora_dropout_matches_peft_exactly_at_sigma_zero():
+    """PEFT drops out the branch input only; the patched forward adds the same correction (same mask)."""
+    model = peft_wrap(tiny_llama(), ["q_proj", "o_proj"], lora_dropout=0.5)
+    model.train()
+    torch.manual_seed(5)
+    ref = model(IDS).logits
+    enable_flat_lora(model, sigma=0.0)
+    torch.manual_seed(5)
+    torch.testing.assert_close(model(IDS).logits, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_disabled_merged_and_disable_restore():
     model = peft_wrap(tiny_gpt2(), ["c_attn"])
     model.eval()
@@ -132,35 +140,3 @@ def test_multiple_adapters_only_the_enabled_one_is_patched():
     model.set_adapter("other")
     ref = model(IDS).logits  # PEFT's own forward for the other adapter: deterministic
     torch.testing.assert_close(model(IDS).logits, ref)
-
-
-def test_save_pretrained_reloads_in_fresh_process(tmp_path):
-    model = peft_wrap(tiny_gpt2(), ["c_attn", "c_fc"])
-    enable_flat_lora(model, sigma=0.05)
-    schedule = FlatLoraSchedule(model, total_steps=3)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    model.train()
-    for _ in range(2):
-        model(IDS, labels=IDS).loss.backward()
-        opt.step(), opt.zero_grad(), schedule.step()
-    model.eval()
-    logits = model(IDS).logits
-    model.save_pretrained(tmp_path / "adapter")
-    torch.save({"ids": IDS, "logits": logits}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys, torch, transformers, peft
-        torch.manual_seed(0)
-        cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-        base = transformers.GPT2LMHeadModel(cfg).eval()
-        model = peft.PeftModel.from_pretrained(base, {str(tmp_path / 'adapter')!r}).eval()
-        data = torch.load({str(tmp_path / 'expected.pt')!r})
-        assert "flatlora_kernels" not in sys.modules
-        torch.testing.assert_close(model(data["ids"]).logits, data["logits"], rtol=0, atol=0)
-        print("OK")
-        """
-    )
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
