@@ -1,6 +1,8 @@
 """Builds the C++ CPU extension ``flatlora_kernels._C`` (torch cpp_extension, ninja, -O3, OpenMP).
 
-Set ``FLATLORA_PORTABLE=1`` to build without ``-march=native`` (for a binary that moves to other CPUs).
+One build runs on any CPU of its architecture: no ``-march=native``. The ISA-specific kernels are
+compiled once per ISA (``csrc/isa_*.cpp`` set their own targets) and chosen at load time
+(``csrc/normal_stream.cpp``; ``FLATLORA_CPU_ISA=scalar|avx2|avx512`` forces a lower level).
 """
 
 import glob
@@ -11,10 +13,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 
 def _compile_args():
-    args = ["-O3", "-std=c++17", "-fopenmp"]
-    if os.environ.get("FLATLORA_PORTABLE") != "1":
-        args.append("-march=native")
-    return args
+    return ["-O3", "-std=c++17", "-fopenmp"]
 
 
 setup(

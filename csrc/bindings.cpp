@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "flatlora_cpu.h"
+#include "cpu_kernels.h"
 #include "normal_stream.h"
 #include "perturbed_chunk.h"
 
@@ -39,15 +40,16 @@ at::Tensor normal_rows(int64_t seed, int64_t in_features, int64_t row_start, int
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Flat-LoRA fused CPU kernels (regenerated Philox noise, chunked perturbed weight)";
-  m.attr("DEFAULT_CHUNK_BYTES") = flatlora::kDefaultChunkBytes;
   m.def("forward", &flatlora::forward_cpu, "y, row_scale = forward(x, W, A, B, bias, s, sigma, seed, chunk_bytes)",
         py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("bias"), py::arg("scaling"),
-        py::arg("sigma"), py::arg("seed"), py::arg("chunk_bytes") = flatlora::kDefaultChunkBytes);
+        py::arg("sigma"), py::arg("seed"), py::arg("chunk_bytes"));
   m.def("backward", &flatlora::backward_cpu,
         "dx, dA, dB = backward(dy, x, W, A, B, row_scale, s, seed, compute_dx, chunk_bytes)", py::arg("dy"),
         py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("row_scale"),
         py::arg("scaling"), py::arg("seed"), py::arg("compute_dx"),
-        py::arg("chunk_bytes") = flatlora::kDefaultChunkBytes);
+        py::arg("chunk_bytes"));
+  m.def("cpu_isa", [] { return std::string(flatlora::cpu_kernels().isa); },
+        "the ISA of the noise and row kernels chosen at load time (scalar, avx2, avx512)");
   m.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 outputs for int64 offsets (debug)", py::arg("seed"),
         py::arg("offsets"));
   m.def("normal_rows", &normal_rows, "noise normals z for a row range (debug)", py::arg("seed"),

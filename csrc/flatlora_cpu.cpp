@@ -48,14 +48,9 @@ at::ScalarType gemm_dtype(const at::Tensor& x) {
   return dtype == at::kDouble || dtype == at::kBFloat16 ? dtype : at::kFloat;
 }
 
-// The regenerated chunk's dtype: bf16 for bf16 GEMMs (built in fp32, stored rounded: half the
-// memory), fp32 otherwise.
-at::ScalarType chunk_dtype(at::ScalarType compute) { return compute == at::kBFloat16 ? at::kBFloat16 : at::kFloat; }
-
-// The chunk as the GEMM's operand: itself, or a widened copy for fp64 (one chunk, never the weight).
-at::Tensor as_gemm_operand(const at::Tensor& chunk, at::ScalarType dtype) {
-  return chunk.scalar_type() == dtype ? chunk : chunk.to(dtype);
-}
+// The regenerated chunk's dtype is the GEMM's: bf16 chunks are built in fp32 and stored rounded (half
+// the memory), fp64 chunks are built in fp64 (float64 is exact to float64), fp16 runs fp32.
+at::ScalarType chunk_dtype(at::ScalarType compute) { return compute; }
 
 uint64_t seed_value(const at::Tensor& seed) { return static_cast<uint64_t>(seed.item<int64_t>()); }
 
@@ -90,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Te
     perturbed.build_with_new_scale(row0, chunk, sigma_value, row_scale.data_ptr<float>() + row0);
     // y[:, rows] is a strided column block (row stride N): BLAS writes it in place via ldc.
     at::Tensor y_block = y.narrow(1, row0, rows);
-    at::mm_out(y_block, x_gemm, as_gemm_operand(chunk, compute).t());
+    at::mm_out(y_block, x_gemm, chunk.t());
   }
   if (bias.has_value()) y.add_(bias->to(compute));
   return {y.to(x.scalar_type()), row_scale};
@@ -135,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& dy
       perturbed.build_with_saved_scale(row0, chunk, saved_scale.data_ptr<float>() + row0);
       // dx += dy[:, rows] @ chunk; the first chunk overwrites, so dx needs no zero fill.
       const at::Tensor dy_block = dy_gemm.narrow(1, row0, rows);
-      const at::Tensor operand = as_gemm_operand(chunk, compute);
+      const at::Tensor& operand = chunk;
       if (widen_sum) {
         at::mm_out(product, dy_block, operand);
         row0 == 0 ? dx_sum.copy_(product) : dx_sum.add_(product);

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "normal_stream.h"
 
 namespace flatlora {
@@ -22,12 +23,17 @@ int64_t rows_per_chunk(int64_t in_features, int64_t element_bytes, int64_t chunk
   return std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, row_bytes));
 }
 
+namespace {
+at::ScalarType factor_dtype(at::ScalarType round_to) { return round_to == at::kDouble ? at::kDouble : at::kFloat; }
+}  // namespace
+
 PerturbedWeight::PerturbedWeight(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
                                  double scaling, uint64_t seed, at::ScalarType round_to)
     : weight_(weight),
-      lora_A_f32_(lora_A.to(at::kFloat).contiguous()),
+      // fp64 compute keeps the factors in fp64 (the merged weight is then exact to fp64); otherwise fp32.
+      lora_A_(lora_A.to(factor_dtype(round_to)).contiguous()),
       // s folded into B once: row i's update is then sum_k B_s[i, k] * A[k, :].
-      lora_B_scaled_(lora_B.to(at::kFloat).mul(scaling).contiguous()),
+      lora_B_scaled_(lora_B.to(factor_dtype(round_to)).mul(scaling).contiguous()),
       seed_(seed),
       round_to_(round_to) {}
 
@@ -36,54 +42,6 @@ namespace {
 template <typename T>
 void widen_row(const T* src, float* dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-
-// Eight floats as one GCC vector: one AVX2 register (two SSE registers in a portable build).
-typedef float Float8 __attribute__((vector_size(32)));
-constexpr int kStripVectors = 8;  // a 64-column strip of the row lives in 8 registers
-constexpr int64_t kStrip = 8 * kStripVectors;
-
-inline Float8 load8(const float* p) {
-  Float8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store8(float* p, Float8 v) { std::memcpy(p, &v, sizeof v); }
-
-// row += sum_k coef[k] * A[k, :] (A: [rank, n] contiguous fp32); returns ||row||^2 after the update.
-// Each 64-column strip stays in registers across all k (one load of A per FMA, no stores in
-// between), and its squares are summed in the same visit: ~2x faster than k passes over the row.
-double add_low_rank_row(const float* coef, const float* lora_A, int64_t rank, int64_t n, float* row) {
-  double lane_sums[8] = {};
-  int64_t j0 = 0;
-  for (; j0 + kStrip <= n; j0 += kStrip) {
-    Float8 acc[kStripVectors];
-#pragma GCC unroll 8
-    for (int v = 0; v < kStripVectors; ++v) acc[v] = load8(row + j0 + 8 * v);
-    for (int64_t k = 0; k < rank; ++k) {
-      const float c = coef[k];
-      const float* a = lora_A + k * n + j0;
-#pragma GCC unroll 8
-      for (int v = 0; v < kStripVectors; ++v) acc[v] += c * load8(a + 8 * v);
-    }
-    Float8 strip_squares = {};
-#pragma GCC unroll 8
-    for (int v = 0; v < kStripVectors; ++v) {
-      strip_squares += acc[v] * acc[v];
-      store8(row + j0 + 8 * v, acc[v]);
-    }
-    for (int l = 0; l < 8; ++l) lane_sums[l] += strip_squares[l];  // fp32 within a strip, fp64 across
-  }
-  for (int64_t k = 0; k < rank && j0 < n; ++k) {  // the last, partial strip
-    const float c = coef[k];
-    const float* a = lora_A + k * n;
-    for (int64_t j = j0; j < n; ++j) row[j] += c * a[j];
-  }
-  double total = 0.0;
-  for (int64_t j = j0; j < n; ++j) total += static_cast<double>(row[j]) * row[j];
-  for (int l = 0; l < 8; ++l) total += lane_sums[l];
-  return total;
 }
 
 // Round to nearest even bf16 and back, with integer ops so the loop vectorises; NaN stays NaN.
@@ -116,15 +74,16 @@ void store_row_as_bfloat16(const float* row, c10::BFloat16* out, int64_t n) {
 
 void PerturbedWeight::build_rows(int64_t row0, at::Tensor& chunk, float sigma, const float* saved_scale,
                                  float* new_scale) const {
+  if (round_to_ == at::kDouble) return build_rows_fp64(row0, chunk, sigma, saved_scale, new_scale);
   const int64_t rows = chunk.size(0);
   const int64_t in_features = chunk.size(1);
-  const int64_t rank = lora_A_f32_.size(0);
+  const int64_t rank = lora_A_.size(0);
   // A bf16 chunk (bf16 compute) is half the memory of an fp32 one: each row is built in an fp32
   // scratch row, then stored rounded. Any other chunk is fp32 and rows are built in place.
   const bool bf16_chunk = chunk.scalar_type() == at::kBFloat16;
   TORCH_CHECK(chunk.scalar_type() == at::kFloat || (bf16_chunk && round_to_ == at::kBFloat16),
               "flatlora: a chunk is fp32, or bf16 for bf16 compute");
-  const float* lora_A = lora_A_f32_.data_ptr<float>();
+  const float* lora_A = lora_A_.data_ptr<float>();
   const float* lora_B = lora_B_scaled_.data_ptr<float>() + row0 * rank;
   const float sqrt_k = static_cast<float>(std::sqrt(static_cast<double>(in_features)));
   // Rows must be contiguous to be read in place; otherwise gather this chunk's rows first (rare).
@@ -137,6 +96,7 @@ void PerturbedWeight::build_rows(int64_t row0, at::Tensor& chunk, float sigma, c
   // ~16K elements per task: enough work to amortise a thread hand-off.
   const int64_t grain = std::max<int64_t>(1, 16384 / in_features);
 
+  const CpuKernels& kernels = cpu_kernels();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight_.scalar_type(), "flatlora_build_rows", [&] {
     const scalar_t* weight = weight_.data_ptr<scalar_t>() + row0 * weight_.stride(0);
     const int64_t weight_row_stride = weight_.stride(0);
@@ -149,7 +109,7 @@ void PerturbedWeight::build_rows(int64_t row0, at::Tensor& chunk, float sigma, c
         } else {
           std::copy_n(gathered_data + i * in_features, in_features, row);
         }
-        const double squared_norm = add_low_rank_row(lora_B + i * rank, lora_A, rank, in_features, row);
+        const double squared_norm = kernels.add_low_rank_row(lora_B + i * rank, lora_A, rank, in_features, row);
         float scale;
         if (saved_scale != nullptr) {
           scale = saved_scale[i];
@@ -164,6 +124,38 @@ void PerturbedWeight::build_rows(int64_t row0, at::Tensor& chunk, float sigma, c
         if (bf16_chunk) store_row_as_bfloat16(row, chunk_bf16 + i * in_features, in_features);
       }
     });
+  });
+}
+
+void PerturbedWeight::build_rows_fp64(int64_t row0, at::Tensor& chunk, float sigma, const float* saved_scale,
+                                      float* new_scale) const {
+  TORCH_CHECK(chunk.scalar_type() == at::kDouble, "flatlora: an fp64 build needs an fp64 chunk");
+  const int64_t rows = chunk.size(0);
+  const int64_t in_features = chunk.size(1);
+  // W' = W + (s*B) A in fp64 by BLAS (rank-r update of the chunk), then per row: norm and fp32 noise.
+  chunk.copy_(weight_.narrow(0, row0, rows));
+  chunk.addmm_(lora_B_scaled_.narrow(0, row0, rows), lora_A_);
+  double* data = chunk.data_ptr<double>();
+  const float sqrt_k = static_cast<float>(std::sqrt(static_cast<double>(in_features)));
+  const int64_t grain = std::max<int64_t>(1, 16384 / in_features);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> z(in_features);
+    for (int64_t i = begin; i < end; ++i) {
+      double* row = data + i * in_features;
+      float scale;
+      if (saved_scale != nullptr) {
+        scale = saved_scale[i];
+      } else {
+        double squared_norm = 0.0;
+        for (int64_t j = 0; j < in_features; ++j) squared_norm += row[j] * row[j];
+        scale = sigma * static_cast<float>(std::sqrt(squared_norm)) / sqrt_k;
+        new_scale[i] = scale;
+      }
+      if (scale == 0.0f) continue;
+      normal_row(seed_, row0 + i, in_features, z.data());
+      // eps = scale * z is an fp32 product by definition; it is added to W' in fp64.
+      for (int64_t j = 0; j < in_features; ++j) row[j] += static_cast<double>(scale * z[j]);
+    }
   });
 }
 

@@ -7,10 +7,7 @@
 
 namespace flatlora {
 
-// Default cap on one chunk (fp32 rows): 4 MiB, the only weight-sized temporary of a pass. Fewer,
-// wider chunks keep the GEMMs they feed efficient (splitting a 1024x1024 layer's GEMM in two cost
-// ~5% on the 2-core test machine); 4 MiB holds a whole 1024x1024 layer, 256 rows of a 4096-wide one.
-constexpr int64_t kDefaultChunkBytes = int64_t{4} << 20;
+// The chunk byte cap is tuning: it comes from Python (flatlora_kernels/backends/cpu_tuning.py).
 
 // Rows per chunk of element_bytes-wide elements under a byte cap (at least one row).
 int64_t rows_per_chunk(int64_t in_features, int64_t element_bytes, int64_t chunk_bytes);
@@ -21,8 +18,8 @@ class PerturbedWeight {
   PerturbedWeight(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
                   uint64_t seed, at::ScalarType round_to);
 
-  // chunk[i] = W' row (row0 + i) + eps, W' = W + s*B@A (built in fp32); chunk: contiguous [rows, K],
-  // fp32, or bf16 when round_to is bf16.
+  // chunk[i] = W' row (row0 + i) + eps, W' = W + s*B@A (built in fp32, or fp64 when round_to is
+  // fp64); chunk: contiguous [rows, K], fp32, bf16 when round_to is bf16, fp64 when it is fp64.
   // Forward: also writes row_scale[i] = sigma * ||W' row|| / sqrt(K), from the same pass.
   void build_with_new_scale(int64_t row0, at::Tensor& chunk, float sigma, float* row_scale) const;
   // Backward: uses the row scales saved by forward, so eps is identical.
@@ -31,10 +28,12 @@ class PerturbedWeight {
  private:
   // With saved_scale null, the scales come from the rows' norms and are written to new_scale.
   void build_rows(int64_t row0, at::Tensor& chunk, float sigma, const float* saved_scale, float* new_scale) const;
+  void build_rows_fp64(int64_t row0, at::Tensor& chunk, float sigma, const float* saved_scale,
+                       float* new_scale) const;
 
   at::Tensor weight_;
-  at::Tensor lora_A_f32_;
-  at::Tensor lora_B_scaled_;  // s * B, fp32
+  at::Tensor lora_A_;         // fp32 (fp64 for fp64 compute)
+  at::Tensor lora_B_scaled_;  // s * B, same dtype
   uint64_t seed_;
   at::ScalarType round_to_;
 };

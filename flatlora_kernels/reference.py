@@ -19,9 +19,16 @@ __all__ = ["perturbed_weight", "naive_flat_lora_linear", "lora_linear"]
 def perturbed_weight(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling: float, sigma: float | Tensor, seed: int | Tensor
 ) -> Tensor:
-    """``W + s*B@A + eps`` in fp32, differentiable in A and B (eps is a constant)."""
+    """``W + s*B@A + eps`` in fp32 (fp64 when any of W, A, B is fp64), differentiable in A and B (eps,
+    fp32 by definition, is a constant)."""
     eps = filter_noise(weight, lora_A, lora_B, scaling=scaling, sigma=sigma, seed=seed)
-    return weight.float() + scaling * (lora_B.float() @ lora_A.float()) + eps
+    dtype = merge_dtype(weight, lora_A, lora_B)
+    return weight.to(dtype) + scaling * (lora_B.to(dtype) @ lora_A.to(dtype)) + eps.to(dtype)
+
+
+def merge_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype ``W + s*B@A`` is formed in: fp64 if any input is fp64, else fp32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def naive_flat_lora_linear(
@@ -36,7 +43,8 @@ def naive_flat_lora_linear(
     seed: int | Tensor,
 ) -> Tensor:
     """``y = x @ (W + s*B@A + eps)^T + bias`` with the perturbed weight rounded to x's dtype."""
-    w_eff = perturbed_weight(weight, lora_A, lora_B, scaling=scaling, sigma=sigma, seed=seed).to(x.dtype)
+    w_eff = perturbed_weight(weight.to(merge_dtype(weight, x)), lora_A, lora_B, scaling=scaling, sigma=sigma, seed=seed)
+    w_eff = w_eff.to(x.dtype)
     return F.linear(x, w_eff, None if bias is None else bias.to(x.dtype))
 
 

@@ -67,14 +67,64 @@ def test_batch_dims_and_no_bias(dtype):
 
 
 def test_fp64_input():
-    """fp64 x runs fp64 GEMMs; the perturbed weight itself is fp32 by definition (fp32 rounding only)."""
+    """fp64 is fp64: merged weight and GEMMs in fp64, only the noise (row scales, z) is fp32."""
     x, weight, lora_A, lora_B, bias = _layer_and_input(M=9, N=21, K=17, r=2, dtype=torch.float64)
     kw = dict(scaling=2.0, sigma=0.1, seed=6)
     got = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
     ref = _run(naive_flat_lora_linear, x, weight, lora_A, lora_B, bias, **kw)
     for a, b in zip(got, ref):
         assert a.dtype == torch.float64
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        # Row scales agree to fp32 rounding (~1e-7 of eps, and eps ~ 0.1 * |W|); the rest to fp64.
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
+    kw["sigma"] = 0.0
+    got = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
+    ref = _run(naive_flat_lora_linear, x, weight, lora_A, lora_B, bias, **kw)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_fp64_gradcheck_at_sigma_zero(backend):
+    x, weight, lora_A, lora_B, bias = _layer_and_input(M=4, N=5, K=6, r=2, dtype=torch.float64)
+    inputs = [t.detach().clone().requires_grad_() for t in (x, lora_A, lora_B)]
+
+    def fn(x, lora_A, lora_B):
+        return flat_lora_linear(x, weight, lora_A, lora_B, bias, scaling=2.0, sigma=0.0, seed=1, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_forced_isa_runs_the_same_stream(isa):
+    """A subprocess per ISA (the choice is made once per process): integers bit-exact, floats ~1e-6."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from flatlora_kernels.backends import cpp; from flatlora_kernels import noise\n"
+        "off = torch.cat([torch.arange(100), torch.arange(2**32 - 40, 2**32 + 40)])\n"
+        "assert all(torch.equal(a, b) for a, b in zip(cpp._C.philox4x32_10(7, off), noise.philox4x32_10(torch.tensor(7), off)))\n"
+        "assert (cpp._C.normal_rows(7, 1027, 0, 5) - noise.normal_rows(7, 1027, 0, 5)).abs().max() <= 1e-6\n"
+        "print(cpp.cpu_isa())"
+    )
+    env = dict(os.environ, FLATLORA_CPU_ISA=isa)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if "not supported by this CPU" in run.stderr:
+        pytest.skip(f"{isa} not supported here")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == isa
+
+
+def test_unknown_isa_override_is_a_clear_error():
+    import os
+    import subprocess
+    import sys
+
+    code = "from flatlora_kernels.backends import cpp; cpp.cpu_isa()"
+    env = dict(os.environ, FLATLORA_CPU_ISA="sse9")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "FLATLORA_CPU_ISA must be scalar, avx2 or avx512" in run.stderr
 
 
 @pytest.fixture
@@ -211,12 +261,12 @@ def test_empty_batch():
 def test_row_scale_and_compute_dx_false():
     x, weight, lora_A, lora_B, bias = _layer_and_input()
     sigma, seed = torch.tensor(0.25), torch.tensor(3)
-    _, row_scale = _C.forward(x, weight, lora_A, lora_B, None, 2.0, sigma, seed)
+    _, row_scale = _C.forward(x, weight, lora_A, lora_B, None, 2.0, sigma, seed, cpp.chunk_bytes)
     from flatlora_kernels.noise import perturbation_row_scale
 
     expected = perturbation_row_scale(weight, lora_A, lora_B, scaling=2.0, sigma=0.25)
     torch.testing.assert_close(row_scale, expected, rtol=1e-5, atol=0)
-    dx, d_a, d_b = _C.backward(torch.ones(50, 45), x, weight, lora_A, lora_B, row_scale, 2.0, seed, False)
+    dx, d_a, d_b = _C.backward(torch.ones(50, 45), x, weight, lora_A, lora_B, row_scale, 2.0, seed, False, cpp.chunk_bytes)
     assert dx.numel() == 0 and d_a.shape == lora_A.shape and d_b.shape == lora_B.shape
 
 
@@ -237,7 +287,7 @@ def test_direct_calls_reject_bad_inputs():
     }
     for message, args in bad_calls.items():
         with pytest.raises(RuntimeError, match=message.replace("[", r"\[")):
-            _C.forward(*args)
+            _C.forward(*args, cpp.chunk_bytes)
 
 
 def test_missing_extension_message_says_how_to_build(monkeypatch):

@@ -17,14 +17,17 @@ except ImportError as error:  # no silent fallback: a missing build is an error 
         "(or `python setup.py build_ext --inplace`), or pass backend='reference'."
     ) from error
 
-#: Cap on one regenerated chunk of the perturbed weight, in bytes (at least one row).
-chunk_bytes: int = _C.DEFAULT_CHUNK_BYTES
+from . import cpu_tuning
 
-#: A chunk may also grow to the size of its pass's output (y forward, dx backward): LoRA's own pass
-#: holds a second buffer of that size at the same moment (its branch's output before the sum), so
-#: the peak stays at LoRA's, and large M gets one GEMM instead of several (in bf16 that also avoids
-#: summing per-chunk dx products in an fp32 buffer).
-chunk_grows_to_output: bool = True
+# Module attributes (read at call time) so tests can lower them; values and provenance: cpu_tuning.py.
+chunk_bytes: int = cpu_tuning.CHUNK_BYTES
+chunk_grows_to_output: bool = cpu_tuning.CHUNK_GROWS_TO_OUTPUT
+
+
+def cpu_isa() -> str:
+    """The ISA of the C++ noise/row kernels chosen at load time: ``"avx512"``, ``"avx2"`` or
+    ``"scalar"`` (``FLATLORA_CPU_ISA`` forces a lower level; an unsupported one raises ValueError)."""
+    return _C.cpu_isa()
 
 
 def _cap(output_elements: int, element_size: int) -> int:

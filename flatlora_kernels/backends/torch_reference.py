@@ -11,34 +11,43 @@ import torch
 from torch import Tensor
 
 from ..noise import normal_rows, perturbation_row_scale
+from ..reference import merge_dtype
 
 
 def perturbed_weight(
-    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, scale: Tensor, seed: Tensor
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, scale: Tensor, seed: Tensor, dtype: torch.dtype
 ) -> Tensor:
+    """``W + s*B@A + eps`` in ``dtype`` (fp32, or fp64 for fp64 compute); eps itself is fp32."""
     out_features, in_features = weight.shape
     z = normal_rows(seed, in_features, 0, out_features, device=weight.device)
-    return weight.float() + scaling * (lora_B.float() @ lora_A.float()) + scale[:, None] * z
+    eps = scale[:, None] * z
+    return weight.to(dtype) + scaling * (lora_B.to(dtype) @ lora_A.to(dtype)) + eps.to(dtype)
+
+
+def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    return merge_dtype(x, weight)
 
 
 def forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
     with torch.no_grad():
         scale = perturbation_row_scale(weight, lora_A, lora_B, scaling=scaling, sigma=sigma)
-        w_eff = perturbed_weight(weight, lora_A, lora_B, scaling, scale, seed)
-        y = (x.float() @ w_eff.t())
+        dtype = _compute_dtype(x, weight)
+        w_eff = perturbed_weight(weight, lora_A, lora_B, scaling, scale, seed, dtype)
+        y = x.to(dtype) @ w_eff.t()
         if bias is not None:
-            y = y + bias.float()
+            y = y + bias.to(dtype)
         return y.to(x.dtype), scale
 
 
 def backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx):
     with torch.no_grad():
-        dy32, x32 = dy.float(), x.float()
+        dtype = _compute_dtype(x, weight)
+        dy_c, x_c = dy.to(dtype), x.to(dtype)
         if compute_dx:
-            w_eff = perturbed_weight(weight, lora_A, lora_B, scaling, row_scale, seed)
-            dx = (dy32 @ w_eff).to(x.dtype)
+            w_eff = perturbed_weight(weight, lora_A, lora_B, scaling, row_scale, seed, dtype)
+            dx = (dy_c @ w_eff).to(x.dtype)
         else:
             dx = x.new_empty(0)
-        d_lora_A = (scaling * (dy32 @ lora_B.float()).t() @ x32).to(lora_A.dtype)
-        d_lora_B = (scaling * dy32.t() @ (x32 @ lora_A.float().t())).to(lora_B.dtype)
+        d_lora_A = (scaling * (dy_c @ lora_B.to(dtype)).t() @ x_c).to(lora_A.dtype)
+        d_lora_B = (scaling * dy_c.t() @ (x_c @ lora_A.to(dtype).t())).to(lora_B.dtype)
         return dx, d_lora_A, d_lora_B

@@ -1,0 +1,201 @@
+// Body of the ISA-specific kernels, compiled once per ISA (isa_scalar.cpp, isa_avx2.cpp,
+// isa_avx512.cpp set the target and FLATLORA_ISA_NS / FLATLORA_ISA_TABLE / FLATLORA_ISA_NAME).
+// Everything here has internal linkage, so no AVX-512 code can leak into another ISA's symbols.
+//
+// Noise rows, in the row-quarter layout: counter c of row i feeds columns c, c+Kq, c+2Kq, c+3Kq, so a
+// block of consecutive counters yields four contiguous column strips, with no lane shuffles. Per
+// block: Philox into four uint32 arrays (intrinsics where available), then Box-Muller as a plain
+// element-wise loop that GCC vectorises at the target's width (fast_math.h), then the strips are
+// emitted.
+#include <algorithm>
+#include <cstring>
+
+#include "cpu_kernels.h"
+#include "fast_math.h"
+#include "normal_stream.h"
+#include "philox.h"
+#include "philox_avx2.h"
+#include "philox_avx512.h"
+
+namespace flatlora {
+namespace {
+namespace FLATLORA_ISA_NS {
+
+// Counters per block: four strips of this many floats stay in L1.
+constexpr int64_t kBlock = 256;
+
+constexpr float kUniformScale = 4.6566127342e-10f;
+constexpr float kTwoPi = 6.283185307179586f;
+
+// Triton's uint_to_uniform_float: fold negative int32 to -x - 1, then scale into [0, 1).
+inline float uniform_from_bits(uint32_t bits) {
+  const int32_t signed_bits = static_cast<int32_t>(bits);
+  const int32_t folded = signed_bits < 0 ? ~signed_bits : signed_bits;  // ~x == -x - 1
+  return static_cast<float>(folded) * kUniformScale;
+}
+
+inline void box_muller(uint32_t bits1, uint32_t bits2, float* z_cos, float* z_sin) {
+  const float u1 = std::max(1.0e-7f, uniform_from_bits(bits1));
+  const float radius = sqrt_nonnegative(-2.0f * log_positive(u1));
+  float c, s;
+  sincos_small(kTwoPi * uniform_from_bits(bits2), &c, &s);
+  *z_cos = radius * c;
+  *z_sin = radius * s;
+}
+
+// bits[lane][t] = Philox output `lane` for counter (ctr_lo + t, ctr_hi); ctr_lo + count must not wrap.
+void philox_block(uint32_t key_lo, uint32_t key_hi, uint32_t ctr_lo, uint32_t ctr_hi, int64_t count,
+                  uint32_t (*bits)[kBlock]) {
+  int64_t t = 0;
+#if defined(__AVX512F__)
+  for (; t + 32 <= count; t += 32) {  // two groups of sixteen, interleaved to hide multiply latency
+    __m512i groups[2][4];
+    philox4x32_10_avx512<2>(ctr_lo + static_cast<uint32_t>(t), ctr_hi, key_lo, key_hi, groups);
+    for (int v = 0; v < 2; ++v)
+      for (int lane = 0; lane < 4; ++lane) _mm512_storeu_si512(bits[lane] + t + 16 * v, groups[v][lane]);
+  }
+#endif
+#if defined(__AVX2__)
+  for (; t + 16 <= count; t += 16) {  // two groups of eight, interleaved
+    __m256i groups[2][4];
+    philox4x32_10_avx2<2>(ctr_lo + static_cast<uint32_t>(t), ctr_hi, key_lo, key_hi, groups);
+    for (int v = 0; v < 2; ++v)
+      for (int lane = 0; lane < 4; ++lane)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(bits[lane] + t + 8 * v), groups[v][lane]);
+  }
+#endif
+  for (; t < count; ++t) {
+    const PhiloxOut r = philox4x32_10(ctr_lo + static_cast<uint32_t>(t), ctr_hi, key_lo, key_hi);
+    bits[0][t] = r.c0;
+    bits[1][t] = r.c1;
+    bits[2][t] = r.c2;
+    bits[3][t] = r.c3;
+  }
+}
+
+// z[lane][t] for counters (ctr_lo + t, ctr_hi), t < count; ctr_lo + count must not wrap.
+void normal_block(uint32_t key_lo, uint32_t key_hi, uint32_t ctr_lo, uint32_t ctr_hi, int64_t count,
+                  float (*z)[kBlock]) {
+  alignas(64) uint32_t bits[4][kBlock];
+  philox_block(key_lo, key_hi, ctr_lo, ctr_hi, count, bits);
+  for (int64_t t = 0; t < count; ++t) {
+    box_muller(bits[0][t], bits[1][t], &z[0][t], &z[1][t]);
+    box_muller(bits[2][t], bits[3][t], &z[2][t], &z[3][t]);
+  }
+}
+
+// Calls emit(column, z values, count) for every strip of the row, block by block.
+template <typename Emit>
+void for_each_row_strip(uint64_t seed, int64_t row, int64_t in_features, Emit emit) {
+  const int64_t kq = counters_per_row(in_features);
+  const uint32_t key_lo = static_cast<uint32_t>(seed);
+  const uint32_t key_hi = static_cast<uint32_t>(seed >> 32);
+  alignas(64) float z[4][kBlock];
+  for (int64_t c = 0; c < kq;) {
+    const uint64_t offset = static_cast<uint64_t>(row) * static_cast<uint64_t>(kq) + static_cast<uint64_t>(c);
+    const uint32_t ctr_lo = static_cast<uint32_t>(offset);
+    // A block never crosses a multiple of 2^32, so the counter's high word is constant in it.
+    const int64_t until_wrap = static_cast<int64_t>((uint64_t{1} << 32) - ctr_lo);
+    const int64_t count = std::min({kBlock, kq - c, until_wrap});
+    normal_block(key_lo, key_hi, ctr_lo, static_cast<uint32_t>(offset >> 32), count, z);
+    for (int lane = 0; lane < 4; ++lane) {
+      const int64_t column = lane * kq + c;
+      const int64_t width = std::min(count, in_features - column);  // the last lane may run past K
+      if (width > 0) emit(column, z[lane], width);
+    }
+    c += count;
+  }
+}
+
+void normal_row(uint64_t seed, int64_t row, int64_t in_features, float* out) {
+  for_each_row_strip(seed, row, in_features, [out](int64_t column, const float* z, int64_t width) {
+    std::copy(z, z + width, out + column);
+  });
+}
+
+void add_scaled_normal_row(uint64_t seed, int64_t row, int64_t in_features, float scale, float* out) {
+  for_each_row_strip(seed, row, in_features, [out, scale](int64_t column, const float* z, int64_t width) {
+    float* __restrict dst = out + column;
+    for (int64_t t = 0; t < width; ++t) dst[t] += scale * z[t];
+  });
+}
+
+void philox_at(uint64_t seed, const int64_t* offsets, int64_t count, uint32_t* out) {
+  const uint32_t key_lo = static_cast<uint32_t>(seed);
+  const uint32_t key_hi = static_cast<uint32_t>(seed >> 32);
+  alignas(64) uint32_t bits[4][kBlock];
+  // Runs of consecutive offsets go through philox_block, the generator's own path.
+  for (int64_t n = 0; n < count;) {
+    const uint64_t first = static_cast<uint64_t>(offsets[n]);
+    int64_t run = 1;
+    while (n + run < count && run < kBlock && static_cast<uint64_t>(offsets[n + run]) == first + run &&
+           static_cast<uint32_t>(first + run) != 0)
+      ++run;
+    philox_block(key_lo, key_hi, static_cast<uint32_t>(first), static_cast<uint32_t>(first >> 32), run, bits);
+    for (int64_t t = 0; t < run; ++t)
+      for (int lane = 0; lane < 4; ++lane) out[4 * (n + t) + lane] = bits[lane][t];
+    n += run;
+  }
+}
+
+// One register of floats as a GCC vector: 16 lanes for AVX-512, 8 otherwise (two SSE registers in
+// the scalar build).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float FloatVec __attribute__((vector_size(4 * kLanes)));
+constexpr int kStripVectors = 8;  // a strip of 8 vectors of the row lives in registers
+constexpr int64_t kStrip = kLanes * kStripVectors;
+
+inline FloatVec load_vec(const float* p) {
+  FloatVec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store_vec(float* p, FloatVec v) { std::memcpy(p, &v, sizeof v); }
+
+// Each strip stays in registers across all k (one load of A per FMA, no stores in between), and its
+// squares are summed in the same visit: ~2x faster than k passes over the row.
+double add_low_rank_row(const float* coef, const float* lora_A, int64_t rank, int64_t n, float* row) {
+  double lane_sums[kLanes] = {};
+  int64_t j0 = 0;
+  for (; j0 + kStrip <= n; j0 += kStrip) {
+    FloatVec acc[kStripVectors];
+#pragma GCC unroll 8
+    for (int v = 0; v < kStripVectors; ++v) acc[v] = load_vec(row + j0 + kLanes * v);
+    for (int64_t k = 0; k < rank; ++k) {
+      const float c = coef[k];
+      const float* a = lora_A + k * n + j0;
+#pragma GCC unroll 8
+      for (int v = 0; v < kStripVectors; ++v) acc[v] += c * load_vec(a + kLanes * v);
+    }
+    FloatVec strip_squares = {};
+#pragma GCC unroll 8
+    for (int v = 0; v < kStripVectors; ++v) {
+      strip_squares += acc[v] * acc[v];
+      store_vec(row + j0 + kLanes * v, acc[v]);
+    }
+    for (int l = 0; l < kLanes; ++l) lane_sums[l] += strip_squares[l];  // fp32 within a strip, fp64 across
+  }
+  for (int64_t k = 0; k < rank && j0 < n; ++k) {  // the last, partial strip
+    const float c = coef[k];
+    const float* a = lora_A + k * n;
+    for (int64_t j = j0; j < n; ++j) row[j] += c * a[j];
+  }
+  double total = 0.0;
+  for (int64_t j = j0; j < n; ++j) total += static_cast<double>(row[j]) * row[j];
+  for (int l = 0; l < kLanes; ++l) total += lane_sums[l];
+  return total;
+}
+
+const CpuKernels kTable = {FLATLORA_ISA_NAME, normal_row, add_scaled_normal_row, philox_at, add_low_rank_row};
+
+}  // namespace FLATLORA_ISA_NS
+}  // namespace
+
+const CpuKernels* FLATLORA_ISA_TABLE() { return &FLATLORA_ISA_NS::kTable; }
+
+}  // namespace flatlora

@@ -1,0 +1,24 @@
+// The AVX2 + FMA kernels. The target is set by pragma after the system headers, so only this file's
+// own (internal-linkage) code uses AVX2: no inline library function is emitted with it.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu_kernels.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#pragma GCC target("avx2,fma")
+#if !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+#define FLATLORA_ISA_NS avx2_isa
+#define FLATLORA_ISA_TABLE avx2_kernels
+#define FLATLORA_ISA_NAME "avx2"
+#include "cpu_kernels_impl.h"
+#else
+namespace flatlora {
+const CpuKernels* avx2_kernels() { return nullptr; }
+}  // namespace flatlora
+#endif

@@ -1,0 +1,25 @@
+// The AVX-512 (F, DQ, BW, VL) kernels, 512-bit vectors. The target is set by pragma after the system
+// headers, so only this file's own (internal-linkage) code uses AVX-512: no inline library function
+// is emitted with it.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu_kernels.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#pragma GCC target("avx2,fma,avx512f,avx512dq,avx512bw,avx512vl,prefer-vector-width=512")
+#if !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+#define FLATLORA_ISA_NS avx512_isa
+#define FLATLORA_ISA_TABLE avx512_kernels
+#define FLATLORA_ISA_NAME "avx512"
+#include "cpu_kernels_impl.h"
+#else
+namespace flatlora {
+const CpuKernels* avx512_kernels() { return nullptr; }
+}  // namespace flatlora
+#endif
