@@ -408,16 +408,64 @@ def markdown_table(title, rows, columns):
     return "\n".join(lines) + "\n"
 
 
+def stream_self_check(device="cuda"):
+    """A few Philox integers (offsets past 2**32 included) and normals from the GPU vs noise.py."""
+    from flatlora_kernels import noise
+
+    tb = triton_backend_module()
+    offsets = torch.tensor([0, 1, 2**31, 2**32 - 1, 2**32, 2**32 + 7, 2**40 + 3, 2**62 + 11], device=device)
+    results = []
+    for seed in (0, 123456789, 2**63 - 1):
+        seed_t = torch.tensor(seed, dtype=torch.int64, device=device)
+        expected = torch.stack(noise.philox4x32_10(seed_t.cpu(), offsets.cpu()), dim=1) & 0xFFFFFFFF
+        ok = torch.equal(tb.philox_words(seed_t, offsets).cpu(), expected)
+        results.append(dict(check=f"Philox words, seed {seed}", ok=bool(ok)))
+    z = tb.normal_rows(torch.tensor(77, device=device), 1030, 2**31 + 3, 2**31 + 7)
+    err = (z.cpu() - noise.normal_rows(77, 1030, 2**31 + 3, 2**31 + 7)).abs().max().item()
+    results.append(dict(check="normals, rows past 2**32 offsets", ok=err <= 1e-5, max_abs_err=err))
+    return results
+
+
+def regen_rate(shapes=((4096, 4096), (11008, 4096), (4096, 11008))):
+    """Normals/s of the regeneration kernel alone (W' rows in bf16), and of the z tile alone."""
+    tb = triton_backend_module()
+    seed, sigma = seed_and_sigma()
+    rows = {}
+    for N, K in shapes:
+        weight, lora_A, lora_B, _ = make_layer(N, K)
+        scale = tb.row_scale(weight, lora_A, lora_B, SCALING, sigma, DTYPE)
+        key = f"regenerate W' {N}x{K}"
+        rows[key] = bench(lambda: tb.perturbed_weight_rows(weight, lora_A, lora_B, scale, SCALING, seed, 0, N, DTYPE))
+        rows[key]["G normals/s"] = N * K / (rows[key]["ms"] * 1e-3) / 1e9
+        key = f"z tile only {N}x{K}"
+        rows[key] = bench(lambda: tb.normal_rows(seed, K, 0, N, DTYPE))
+        rows[key]["G normals/s"] = N * K / (rows[key]["ms"] * 1e-3) / 1e9
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="first target shape only, no sweeps")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     parser.add_argument("--resources", action="store_true", help="compiler resource report only (no GPU needed)")
+    parser.add_argument("--selfcheck", action="store_true", help="noise stream on the GPU vs noise.py only")
+    parser.add_argument("--regen", action="store_true", help="normals/s of the regeneration kernel only")
+    parser.add_argument("--memory", action="store_true", help="stack peak memory only")
     args = parser.parse_args(argv)
     if args.resources:
         return resource_report()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/gpu_kernels.py needs a CUDA device")
+    if args.selfcheck:
+        checks = stream_self_check()
+        print(markdown_table("Noise stream self-check (GPU vs noise.py)", {c["check"]: c for c in checks}, ["ok", "max_abs_err"]))
+        sys.exit(0 if all(c["ok"] for c in checks) else "noise stream differs from noise.py: stop here")
+    if args.regen:
+        print(markdown_table("Regeneration rate, bf16 out", regen_rate(), ["ms", "G normals/s"]))
+        return None
+    if args.memory:
+        print(markdown_table("Peak memory, 16 x 4096-wide layers, M=8192, fwd+bwd", stack_peak_memory(), ["peak_MiB", "x LoRA"]))
+        return None
     import triton
 
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -43,6 +43,7 @@ from ..kernels import (
     fused_input_grad_kernel,
     normal_rows_kernel,
     perturbed_weight_kernel,
+    philox_words_kernel,
     row_scale_kernel,
 )
 from ..noise import counters_per_row
@@ -313,6 +314,13 @@ def normal_rows(seed: Tensor, in_features: int, row_start: int, row_end: int, dt
     tiles = _tiles("normal_rows")
     grid = (triton.cdiv(row_end - row_start, tiles["BLOCK_ROWS"]), triton.cdiv(kq, tiles["BLOCK_COUNTERS"]))
     wrap_triton(normal_rows_kernel)[grid](seed, out, row_start, row_end - row_start, in_features, kq, in_features, **tiles)
+    return out
+
+
+def philox_words(seed: Tensor, offsets: Tensor) -> Tensor:
+    """``[n, 4]`` int64: the Philox words the kernels draw at int64 ``offsets`` (self-checks vs noise.py)."""
+    out = torch.empty((offsets.numel(), 4), dtype=torch.int64, device=offsets.device)
+    philox_words_kernel[(triton.cdiv(offsets.numel(), 64),)](seed, offsets.contiguous(), out, offsets.numel(), BLOCK=64)
     return out
 
 

@@ -100,3 +100,15 @@ def normal_rows_kernel(
     for strip in tl.static_range(4):
         z = pick_strip(z0, z1, z2, z3, strip).to(out_ptr.dtype.element_ty)
         _store_normal_strip(z, strip, out_rows_ptr, counters, counters_per_row, in_features, in_block)
+
+
+@triton.jit
+def philox_words_kernel(seed_ptr, offset_ptr, out_ptr, n_offsets, BLOCK: tl.constexpr):
+    """``out[4*i + t]`` = word t of the Philox call at ``offset[i]`` (int64 holding the uint32; self-checks)."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n_offsets
+    c0, c1, c2, c3 = philox_words(tl.load(seed_ptr), tl.load(offset_ptr + idx, mask=mask, other=0))
+    tl.store(out_ptr + idx * 4, c0.to(tl.int64), mask=mask)
+    tl.store(out_ptr + idx * 4 + 1, c1.to(tl.int64), mask=mask)
+    tl.store(out_ptr + idx * 4 + 2, c2.to(tl.int64), mask=mask)
+    tl.store(out_ptr + idx * 4 + 3, c3.to(tl.int64), mask=mask)
