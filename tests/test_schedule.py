@@ -195,7 +195,7 @@ def test_new_seeds_do_not_recompile():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="no FlatLoraLinear"):
+    with pytest.raises(ValueError, match="no Flat-LoRA layers.*enable_flat_lora"):
         FlatLoraSchedule(nn.Linear(3, 3), total_steps=5)
     model = make_model()
     for kwargs, match in [(dict(total_steps=0), "total_steps"), (dict(total_steps=5, seed=-1), "seed"),
