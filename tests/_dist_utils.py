@@ -1,8 +1,17 @@
-"""Spawn a small gloo process group on loopback for a test, with a deadline and cleanup on failure."""
+"""Run test functions on a small gloo process group on loopback, with deadlines and cleanup on failure.
 
+Starting a process that imports torch costs several seconds on a loaded 2-core machine, so the
+ranks are started once per test session (per world size) and reused: each ``spawn`` call sends
+one function to every rank and waits for all of them. Any failure or timeout tears the group down
+(a rank may be stuck in a collective), and the next call starts a fresh one.
+"""
+
+import atexit
 import os
+import queue
 import socket
 import time
+import traceback
 from datetime import timedelta
 
 import pytest
@@ -11,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 COLLECTIVE_TIMEOUT_S = 30  # a hung collective fails instead of blocking the suite
+START_TIMEOUT_S = 60
 
 
 def free_port() -> int:
@@ -19,36 +29,100 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
+def _serve(rank: int, world_size: int, port: int, tasks, results) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
     )
+    results.put((rank, "ready", None))
     try:
-        fn(rank, world_size, *args)
+        while (task := tasks.get()) is not None:
+            fn, args = task
+            try:
+                fn(rank, world_size, *args)
+                results.put((rank, "ok", None))
+            except BaseException:  # noqa: BLE001 - reported to the test, which fails
+                results.put((rank, "error", traceback.format_exc()))
     finally:
         dist.destroy_process_group()
+
+
+class _Group:
+    def __init__(self, world_size: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        self.results = ctx.Queue()
+        self.tasks = [ctx.Queue() for _ in range(world_size)]
+        port = free_port()
+        self.processes = [
+            ctx.Process(target=_serve, args=(rank, world_size, port, self.tasks[rank], self.results), daemon=True)
+            for rank in range(world_size)
+        ]
+        for process in self.processes:
+            process.start()
+        self._collect("start-up", START_TIMEOUT_S, expected="ready")
+
+    def _collect(self, what: str, timeout_s: float, expected: str = "ok") -> None:
+        deadline = time.monotonic() + timeout_s
+        errors, done = [], 0
+        while done < self.world_size:
+            try:
+                rank, status, detail = self.results.get(timeout=max(deadline - time.monotonic(), 0.1))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(self.processes) if not p.is_alive()]
+                raise TimeoutError(f"{what}: ranks did not finish within {timeout_s} s (dead ranks: {dead})")
+            done += 1
+            if status != expected:
+                errors.append(f"-- rank {rank}:\n{detail}")
+        if errors:
+            raise RuntimeError(f"{what} failed:\n" + "\n".join(errors))
+
+    def run(self, fn, args, deadline_s: float) -> None:
+        for task_queue in self.tasks:
+            task_queue.put((fn, args))
+        self._collect(getattr(fn, "__qualname__", repr(fn)), deadline_s)
+
+    def close(self) -> None:
+        for task_queue in self.tasks:
+            try:
+                task_queue.put(None)
+            except (OSError, ValueError):
+                pass
+        for process in self.processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
+
+
+_groups: dict[int, _Group] = {}
+
+
+@atexit.register
+def _close_all() -> None:
+    while _groups:
+        _groups.popitem()[1].close()
 
 
 def spawn(fn, world_size: int = 2, args: tuple = (), deadline_s: float = 60) -> None:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; fail (never hang) past the deadline.
 
-    ``fn`` must be a module-level function (spawned processes import it by name); an exception in
-    any rank fails the test with that rank's traceback.
+    ``fn`` must be a module-level function (the ranks import it by name); an exception in any rank
+    fails the test with that rank's traceback. The default process group stays initialised between
+    calls, so ``fn`` must not destroy it.
     """
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available")
-    context = mp.start_processes(
-        _entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + deadline_s
+    message = None
     try:
-        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world_size} workers did not finish within {deadline_s} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+        group = _groups.get(world_size) or _groups.setdefault(world_size, _Group(world_size))
+        group.run(fn, args, deadline_s)
+    except (RuntimeError, TimeoutError) as error:
+        message = str(error)
+        broken = _groups.pop(world_size, None)
+        if broken is not None:
+            broken.close()
+    if message is not None:  # outside the except block: the ranks' tracebacks are shown once
+        pytest.fail(message, pytrace=False)

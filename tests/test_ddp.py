@@ -7,29 +7,17 @@ gives the same noise on both.
 """
 
 import copy
-import os
-import socket
-import time
-from datetime import timedelta
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from flatlora_kernels.model import apply_flat_lora, flat_lora_layers
 from flatlora_kernels.schedule import FlatLoraSchedule
 
+from ._dist_utils import spawn
+
 WORLD_SIZE = 2
-COLLECTIVE_TIMEOUT_S = 30  # a hung collective fails instead of blocking the suite
-DEADLINE_S = 60  # whole test, including two interpreter start-ups (~9 s on an idle 2-core machine)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _build_model() -> nn.Module:
@@ -81,27 +69,10 @@ def _check_mode(rank: int, per_rank_seeds: bool) -> None:
         assert torch.equal(outputs[0], outputs[1]), "shared seeds gave different noise"
 
 
-def _worker(rank: int, port: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    try:
-        for per_rank_seeds in (True, False):
-            _check_mode(rank, per_rank_seeds)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world_size: int) -> None:
+    for per_rank_seeds in (True, False):
+        _check_mode(rank, per_rank_seeds)
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_two_cpu_processes():
-    context = mp.start_processes(_worker, args=(_free_port(),), nprocs=WORLD_SIZE, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() > deadline:
-                pytest.fail(f"DDP workers did not finish within {DEADLINE_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+    spawn(_worker, world_size=WORLD_SIZE, deadline_s=60)
