@@ -127,8 +127,13 @@ def _flat_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     weight = base.weight.t() if self.fan_in_fan_out else base.weight  # Conv1D: [in, out] -> view [out, in]
     lora_A, lora_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
     scaling = self.scaling[adapter]
-    result_dtype = x.dtype if not torch.is_autocast_enabled(x.device.type) else None
-    x_in = x.to(weight.dtype) if result_dtype is not None and x.dtype != weight.dtype else x
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        # PEFT's forward fails here too (in its base layer): the same error in train and eval.
+        raise RuntimeError(
+            f"enable_flat_lora: input dtype {x.dtype} differs from the base weight dtype {weight.dtype} "
+            "(cast the input or the model, or run under torch.autocast)"
+        )
+    x_in = x
     y = flat_lora_linear(
         x_in,
         weight,

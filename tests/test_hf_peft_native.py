@@ -140,3 +140,23 @@ def test_multiple_adapters_only_the_enabled_one_is_patched():
     model.set_adapter("other")
     ref = model(IDS).logits  # PEFT's own forward for the other adapter: deterministic
     torch.testing.assert_close(model(IDS).logits, ref)
+
+
+def test_state_dict_unchanged_autocast_dtype_errors_and_merge_and_unload():
+    model = peft_wrap(tiny_llama(), ["q_proj", "up_proj"])
+    keys = list(model.state_dict())
+    model.eval()
+    ref = model(IDS).logits
+    enable_flat_lora(model, sigma=0.1)
+    assert list(model.state_dict()) == keys  # the noise state is non-persistent
+    FlatLoraSchedule(model, total_steps=1).step()
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(IDS).logits
+    assert torch.isfinite(out).all()
+    layer = next(m for _, m in model.named_modules() if hasattr(m, "flatlora_noise"))
+    with pytest.raises(RuntimeError, match="dtype"):
+        layer(torch.randn(2, 32, dtype=torch.bfloat16))
+    merged = model.merge_and_unload()
+    assert not peft_noise_states(merged)
+    torch.testing.assert_close(merged.eval()(IDS).logits, ref, rtol=1e-5, atol=1e-5)
