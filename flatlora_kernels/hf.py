@@ -5,6 +5,9 @@ Importing this module needs transformers; the rest of the package does not. Usag
     apply_flat_lora(model, "all-linear", r=8, sigma=0.05)
     schedule = FlatLoraSchedule(model, total_steps=None, seed=args.seed)  # T taken from the Trainer
     trainer = Trainer(model=model, args=args, ..., callbacks=[FlatLoraCallback(schedule)])
+
+The same works for a ``PeftModel`` patched by ``enable_flat_lora`` (the schedule finds its layers);
+``examples/hf_peft_trainer.py`` is the tested end-to-end example.
 """
 
 from __future__ import annotations

@@ -77,3 +77,19 @@ def test_unsupported_layers_raise():
         from_peft(two)
     with pytest.raises(ValueError, match="no peft"):
         from_peft(Mlp())
+
+
+def test_gpt2_conv1d_layers_convert_with_equal_outputs():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16, bos_token_id=0,
+                                  eos_token_id=0)
+    model = peft.get_peft_model(
+        transformers.GPT2LMHeadModel(cfg), peft.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False)
+    ).eval()
+    ids = torch.randint(0, 64, (2, 6))
+    expected = model(ids).logits
+    converted = from_peft(model, sigma=0.1).eval()
+    (name, layer), = flat_lora_layers(converted)
+    assert name.endswith("attn.c_attn") and layer.fan_in_fan_out
+    torch.testing.assert_close(converted(ids).logits, expected, rtol=1e-5, atol=1e-5)
