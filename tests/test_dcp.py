@@ -2,7 +2,7 @@
 
 Checks: in one process, stopping after STOP steps and resuming from the checkpoint (adapter +
 optimizer + schedule; full and adapter-only) continues bit-identically to an uninterrupted run;
-under FSDP2 on 2 gloo ranks the same holds for the sharded checkpoint; that 2-rank checkpoint
+under FSDP2 on 2 gloo ranks the same holds for the sharded checkpoint (per-rank and shared noise); that 2-rank checkpoint
 resumed in one process (a different world size, shared noise) continues the run to float tolerance
 (the gradient reductions differ in order, so bits may not). Bad arguments raise clear errors.
 """
@@ -114,24 +114,31 @@ def _sharded():
     return fully_shard(model)
 
 
-def _fsdp_worker(rank, world_size, root):
-    # Uninterrupted, shared noise (so a one-process resume can continue it).
+def _fsdp_resume(rank, world_size, path, per_rank_seeds):
+    """Uninterrupted vs stopped-and-resumed FSDP run: bit-identical. Returns the final adapters."""
     model = _sharded()
-    optimizer, schedule = _setup(model, per_rank_seeds=False)
+    optimizer, schedule = _setup(model, per_rank_seeds=per_rank_seeds)
     full_losses = _run(model, optimizer, schedule, TOTAL, rank, world_size)
     full_adapters = _adapters(model)
 
     model = _sharded()
-    optimizer, schedule = _setup(model, per_rank_seeds=False)
+    optimizer, schedule = _setup(model, per_rank_seeds=per_rank_seeds)
     first = _run(model, optimizer, schedule, STOP, rank, world_size)
-    save_checkpoint(f"{root}/ckpt", model, optimizer, schedule)
+    save_checkpoint(path, model, optimizer, schedule)
 
     resumed = _sharded()
-    optimizer2, schedule2 = _setup(resumed, seed=0)
-    load_checkpoint(f"{root}/ckpt", resumed, optimizer2, schedule2)
+    optimizer2, schedule2 = _setup(resumed, per_rank_seeds=not per_rank_seeds, seed=0)
+    load_checkpoint(path, resumed, optimizer2, schedule2)
     rest = _run(resumed, optimizer2, schedule2, TOTAL, rank, world_size)
     assert torch.equal(torch.cat([first, rest]), full_losses), f"rank {rank}: FSDP resume not bit-identical"
     _assert_same(_adapters(resumed), full_adapters)
+    return full_adapters
+
+
+def _fsdp_worker(rank, world_size, root):
+    _fsdp_resume(rank, world_size, f"{root}/ckpt_per_rank", per_rank_seeds=True)
+    # Shared noise, so that a one-process resume can continue the run.
+    full_adapters = _fsdp_resume(rank, world_size, f"{root}/ckpt", per_rank_seeds=False)
     if rank == 0:
         torch.save(full_adapters, f"{root}/reference.pt")
     dist.barrier()
