@@ -152,13 +152,13 @@ TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
 WEIGHT_ARGS = ("stride_wn", "stride_wk", "stride_ar", "stride_ak", "stride_bn", "stride_br")
 
 
-def kernel_launches(compute_dtype, weight_dtype, factor_dtype):
+def kernel_launches(compute_dtype, weight_dtype, factor_dtype, rank=RANK):
     """(label, kernel, argument types, constexprs, launch options) as the launchers would use them."""
     tb = triton_backend_module()
     from flatlora_kernels import kernels as K
 
     c, w, f = (TRITON_TYPES[d] for d in (compute_dtype, weight_dtype, factor_dtype))
-    probe = torch.empty(RANK, 8, dtype=factor_dtype)
+    probe = torch.empty(rank, 8, dtype=factor_dtype)
     factor = tb._factor_constexprs(probe, probe, compute_dtype)
     common = dict(w_ptr=f"*{w}", a_ptr=f"*{f}", b_ptr=f"*{f}", rank="i32", scaling="fp32", in_features="i32",
                   **{name: "i32" for name in WEIGHT_ARGS})  # fmt: skip
@@ -195,7 +195,7 @@ def kernel_launches(compute_dtype, weight_dtype, factor_dtype):
     return launches
 
 
-def resource_report(arch=90):
+def resource_report(arch=90, ranks=(RANK,)):
     import os
     import re
     import subprocess
@@ -211,9 +211,9 @@ def resource_report(arch=90):
     rows = {}
     cases = [(torch.bfloat16, torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16, torch.bfloat16),
              (torch.float16, torch.float16, torch.float16), (torch.float32, torch.float32, torch.float32)]  # fmt: skip
-    for compute_dtype, weight_dtype, factor_dtype in cases:
-        case = f"x {TRITON_TYPES[compute_dtype]}, W {TRITON_TYPES[weight_dtype]}, A/B {TRITON_TYPES[factor_dtype]}"
-        for label, kernel, types, constexprs, options in kernel_launches(compute_dtype, weight_dtype, factor_dtype):
+    for rank, (compute_dtype, weight_dtype, factor_dtype) in ((r, c) for r in ranks for c in cases):
+        case = f"x {TRITON_TYPES[compute_dtype]}, W {TRITON_TYPES[weight_dtype]}, A/B {TRITON_TYPES[factor_dtype]}, r={rank}"
+        for label, kernel, types, constexprs, options in kernel_launches(compute_dtype, weight_dtype, factor_dtype, rank):
             signature = {name: ("constexpr" if name in constexprs else types[name]) for name in kernel.arg_names}
             compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
                                       options=options)  # fmt: skip
@@ -448,12 +448,13 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="first target shape only, no sweeps")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     parser.add_argument("--resources", action="store_true", help="compiler resource report only (no GPU needed)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[RANK], help="LoRA ranks of --resources")
     parser.add_argument("--selfcheck", action="store_true", help="noise stream on the GPU vs noise.py only")
     parser.add_argument("--regen", action="store_true", help="normals/s of the regeneration kernel only")
     parser.add_argument("--memory", action="store_true", help="stack peak memory only")
     args = parser.parse_args(argv)
     if args.resources:
-        return resource_report()
+        return resource_report(ranks=tuple(args.ranks))
     if not torch.cuda.is_available():
         sys.exit("benchmarks/gpu_kernels.py needs a CUDA device")
     if args.selfcheck:

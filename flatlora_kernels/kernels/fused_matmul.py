@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .dot_precision import dot_accumulate
-from .noise_tile import normal_quad_tile, pick_strip
+from .noise_tile import normal_quad_tile, pick_strip, replace_strip
 from .weight_tile import perturbed_weight_strip
 
 
@@ -214,30 +214,15 @@ def fused_input_grad_kernel(
         )
         row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
         z0, z1, z2, z3 = normal_quad_tile(seed, rows, counters, counters_per_row)
-        acc0 = _accumulate_input_grad_strip(
-            acc0, z0, 0, dy, w_ptr, a_ptr, b_ptr, row_scale, rows, counters, row_mask, counter_mask,
-            in_features, counters_per_row, rank, scaling,
-            stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-            RANK_BLOCK, RANK_BLOCKS, FACTORS_IN_FP32, FACTOR_TF32, DOT_TF32, DOTS_IN_FP32,
-        )  # fmt: skip
-        acc1 = _accumulate_input_grad_strip(
-            acc1, z1, 1, dy, w_ptr, a_ptr, b_ptr, row_scale, rows, counters, row_mask, counter_mask,
-            in_features, counters_per_row, rank, scaling,
-            stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-            RANK_BLOCK, RANK_BLOCKS, FACTORS_IN_FP32, FACTOR_TF32, DOT_TF32, DOTS_IN_FP32,
-        )  # fmt: skip
-        acc2 = _accumulate_input_grad_strip(
-            acc2, z2, 2, dy, w_ptr, a_ptr, b_ptr, row_scale, rows, counters, row_mask, counter_mask,
-            in_features, counters_per_row, rank, scaling,
-            stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-            RANK_BLOCK, RANK_BLOCKS, FACTORS_IN_FP32, FACTOR_TF32, DOT_TF32, DOTS_IN_FP32,
-        )  # fmt: skip
-        acc3 = _accumulate_input_grad_strip(
-            acc3, z3, 3, dy, w_ptr, a_ptr, b_ptr, row_scale, rows, counters, row_mask, counter_mask,
-            in_features, counters_per_row, rank, scaling,
-            stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-            RANK_BLOCK, RANK_BLOCKS, FACTORS_IN_FP32, FACTOR_TF32, DOT_TF32, DOTS_IN_FP32,
-        )  # fmt: skip
+        for strip in tl.static_range(4):  # unrolled: each strip's accumulator stays in registers
+            acc = _accumulate_input_grad_strip(
+                pick_strip(acc0, acc1, acc2, acc3, strip), pick_strip(z0, z1, z2, z3, strip), strip, dy,
+                w_ptr, a_ptr, b_ptr, row_scale, rows, counters, row_mask, counter_mask,
+                in_features, counters_per_row, rank, scaling,
+                stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+                RANK_BLOCK, RANK_BLOCKS, FACTORS_IN_FP32, FACTOR_TF32, DOT_TF32, DOTS_IN_FP32,
+            )  # fmt: skip
+            acc0, acc1, acc2, acc3 = replace_strip(acc0, acc1, acc2, acc3, acc, strip)
     dx_rows_ptr = dx_ptr + tl.program_id(2).to(tl.int64) * stride_dxs + tokens.to(tl.int64)[:, None] * stride_dxm
     for strip in tl.static_range(4):
         columns = strip * counters_per_row + counters

@@ -74,6 +74,20 @@ def pick_strip(tile0, tile1, tile2, tile3, strip: tl.constexpr):
 
 
 @triton.jit
+def replace_strip(tile0, tile1, tile2, tile3, new, strip: tl.constexpr):
+    """The four tiles with the strip-th replaced by ``new`` (the inverse of ``pick_strip``)."""
+    if strip == 0:
+        tile0 = new
+    elif strip == 1:
+        tile1 = new
+    elif strip == 2:
+        tile2 = new
+    else:
+        tile3 = new
+    return tile0, tile1, tile2, tile3
+
+
+@triton.jit
 def _store_normal_strip(z, strip: tl.constexpr, out_rows_ptr, counters, counters_per_row, in_features, in_block):
     columns = strip * counters_per_row + counters
     tl.store(out_rows_ptr + columns[None, :], z, mask=in_block & (columns < in_features)[None, :])
