@@ -1,43 +1,82 @@
-"""A tiny run of the README's main job (``python -m flatlora_kernels.demo``), end to end."""
+"""The README's main job (``python -m flatlora_kernels.demo``) in tiny mode, and its measures."""
 
 import json
 import re
 
 import pytest
+import torch
 
 pytest.importorskip("sklearn", reason="the demo's data set ships with scikit-learn")
-pytest.importorskip("matplotlib", reason="the demo saves a matplotlib plot")
+pytest.importorskip("matplotlib", reason="the demo saves matplotlib plots")
+pytest.importorskip("scipy", reason="the demo's paired t-intervals use scipy")
 
+from flatlora_kernels import apply_flat_lora  # noqa: E402
 from flatlora_kernels.demo.__main__ import main  # noqa: E402
+from flatlora_kernels.demo.data import make_digits_task  # noqa: E402
 from flatlora_kernels.demo.finetune import METHODS  # noqa: E402
+from flatlora_kernels.demo.flatness import loss_under_noise, mean_nll  # noqa: E402
+from flatlora_kernels.demo.model import DigitsMLP  # noqa: E402
+from flatlora_kernels.demo.stats import paired_difference  # noqa: E402
+
+TINY = ["--steps", "4", "--seeds", "2", "--select-seeds", "1", "--sigma-grid", "0.1,0.3", "--pretrain-steps", "10",
+        "--noise-draws", "1", "--workers", "2", "--cost-tokens", "16", "--cost-width", "32", "--no-progress"]
+TIMING = {"step_ms", "peak_memory_mib"}
 
 
-def test_tiny_demo_runs_every_method_and_saves_its_results(tmp_path, capsys):
-    assert main(["--steps", "4", "--seeds", "2", "--pretrain-steps", "30", "--no-progress", "--out", str(tmp_path)]) == 0
+def _runs(path):
+    return [{k: v for k, v in run.items() if k not in TIMING} for run in json.loads((path / "results.json").read_text())["runs"]]
 
+
+def test_tiny_demo_prints_every_measure_and_reproduces(tmp_path, capsys):
+    assert main([*TINY, "--out", str(tmp_path / "a")]) == 0
     printed = capsys.readouterr().out
     for method in METHODS:
         assert re.search(rf"^\| {method} +\|", printed, re.MULTILINE), f"the table has no row for {method}"
-    assert (tmp_path / "curves.png").stat().st_size > 1000
-
-    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    for column in ("accuracy %", "corrupted acc %", "test NLL", "loss under noise", "naive perturbation", "p="):
+        assert column in printed
+    for plot in ("loss_under_noise.png", "training_loss.png", "accuracy.png"):
+        assert (tmp_path / "a" / plot).stat().st_size > 1000
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert saved["machine"]["torch"] == torch.__version__ and saved["settings"]["seeds"] == 2
+    assert saved["settings"]["config"]["sigma"] in (0.1, 0.3)  # chosen from the grid
+    runs = saved["runs"]
     assert sorted((r["method"], r["seed"]) for r in runs) == sorted((m, s) for m in METHODS for s in range(2))
     for run in runs:
-        assert 0.0 <= run["accuracy"] <= 1.0
-        assert len(run["losses"]) == 4 and all(loss == loss for loss in run["losses"])  # finite, not NaN
-        assert len(run["corrupted_accuracy"]) == 12
-        assert run["step_ms"] > 0 and run["peak_memory_mib"] > 0
+        assert 0.0 <= run["accuracy"] <= 1.0 and run["test_nll"] > 0 and len(run["corrupted_accuracy"]) == 12
+        assert len(run["losses"]) == 4 and all(loss == loss for loss in run["losses"])
+        assert set(run["loss_under_noise"]) >= {"0.05", "0.1", "0.2", "0.3"}
+
+    main([*TINY, "--out", str(tmp_path / "b")])  # same seeds and threads: the same numbers, bit for bit
+    assert _runs(tmp_path / "a") == _runs(tmp_path / "b")
 
 
-def test_flat_lora_changes_training_but_sigma_zero_is_lora(tmp_path):
-    """The Flat-LoRA run must actually perturb (different losses from LoRA), and sigma=0 must not."""
+def test_loss_under_noise_grows_with_sigma_and_restores_the_weights():
+    task = make_digits_task(target_train_size=50)
+    torch.manual_seed(0)
+    model = apply_flat_lora(DigitsMLP(hidden=64), target_modules=["fc1", "fc2", "fc3", "head"], r=4, sigma=0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    clean = mean_nll(model, task.target_test)
+    curve = loss_under_noise(model, task.target_test, [0.0, 0.5, 3.0], draws=2)
+    assert curve[0.0] == pytest.approx(0.0, abs=1e-6)
+    assert curve[3.0] > curve[0.5] > 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert mean_nll(model, task.target_test) == clean
+    assert loss_under_noise(model, task.target_test, [0.5], draws=2) == {0.5: curve[0.5]}  # fixed draws
+    with pytest.raises(ValueError, match="draws"):
+        loss_under_noise(model, task.target_test, [0.5], draws=0)
 
-    def losses(sigma, method):
-        out = tmp_path / f"{method}-{sigma}"
-        args = ["--steps", "3", "--seeds", "1", "--pretrain-steps", "20", "--no-progress", "--out", str(out)]
-        main([*args, "--sigma", str(sigma), "--methods", method])
-        return json.loads((out / "results.json").read_text())["runs"][0]["losses"]
 
-    lora = losses(0.1, "lora")
-    assert losses(0.0, "flat-lora") == pytest.approx(lora, rel=1e-5)
-    assert losses(0.5, "flat-lora") != pytest.approx(lora, rel=1e-5)
+def test_paired_difference_matches_a_hand_computed_t_interval():
+    diff = paired_difference([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 1.0, 1.0])  # diffs 1, 2, 2, 3
+    half = 3.182446305284263 * (2 / 3) ** 0.5 / 2  # t_{0.975, 3} * sd / sqrt(n)
+    assert diff.mean == pytest.approx(2.0) and diff.high - diff.mean == pytest.approx(half)
+    assert 0 < diff.p_value < 0.05
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_difference([1.0], [1.0, 2.0])
+
+
+def test_demo_rejects_bad_arguments():
+    with pytest.raises(SystemExit):
+        main(["--seeds", "1"])
+    with pytest.raises(SystemExit):
+        main(["--sigma-grid", "0,-1"])

@@ -37,6 +37,7 @@ class DigitsTask:
     source_train: Split
     source_test: Split
     target_train: Split
+    target_val: Split  # for choosing sigma and the regime; never the test set
     target_test: Split
     target_test_corrupted: dict[str, Split]  # "noise-1", ..., "dropout-3"
 
@@ -93,8 +94,12 @@ def _corrupt(images: Tensor, kind: str, severity: int, generator: torch.Generato
 CORRUPTIONS = ("noise", "blur", "contrast", "dropout")
 
 
-def make_digits_task(*, target_train_size: int = 300, seed: int = 0) -> DigitsTask:
-    """Split the digits into disjoint source / target images and build every evaluation set."""
+def make_digits_task(*, target_train_size: int = 300, target_val_size: int = 200, seed: int = 0) -> DigitsTask:
+    """Split the digits into disjoint source / target images and build every evaluation set.
+
+    The validation images are the same for every ``target_train_size``, so regimes compare fairly."""
+    if target_train_size < 10 or target_val_size < 10:
+        raise ValueError(f"target_train_size ({target_train_size}) and target_val_size ({target_val_size}) must be >= 10")
     images, labels = _load_digits()
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(images.shape[0], generator=generator)
@@ -108,9 +113,13 @@ def make_digits_task(*, target_train_size: int = 300, seed: int = 0) -> DigitsTa
         return Split(img.flatten(1).contiguous(), lab)
 
     n_source_test = 200
-    target_test_images = target_images[target_train_size:]
+    max_train = 300  # the test set starts after the largest training set, so it never changes with the regime
+    if target_train_size > max_train:
+        raise ValueError(f"target_train_size must be <= {max_train}, got {target_train_size}")
+    test_start = max_train + target_val_size
+    target_test_images = target_images[test_start:]
     corrupted = {
-        f"{kind}-{severity}": split(_corrupt(target_test_images, kind, severity, generator), target_labels[target_train_size:])
+        f"{kind}-{severity}": split(_corrupt(target_test_images, kind, severity, generator), target_labels[test_start:])
         for kind in CORRUPTIONS
         for severity in (1, 2, 3)
     }
@@ -118,6 +127,7 @@ def make_digits_task(*, target_train_size: int = 300, seed: int = 0) -> DigitsTa
         source_train=split(source_images[n_source_test:], source_labels[n_source_test:]),
         source_test=split(source_images[:n_source_test], source_labels[:n_source_test]),
         target_train=split(target_images[:target_train_size], target_labels[:target_train_size]),
-        target_test=split(target_test_images, target_labels[target_train_size:]),
+        target_val=split(target_images[max_train:test_start], target_labels[max_train:test_start]),
+        target_test=split(target_test_images, target_labels[test_start:]),
         target_test_corrupted=corrupted,
     )

@@ -1,0 +1,61 @@
+"""The demo's figures (matplotlib, Agg): loss under noise vs sigma', training loss (log scale),
+accuracy and corrupted accuracy, each with 95% intervals over seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .stats import mean_interval
+
+
+def save_plots(results, methods, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_method = {m: [r for r in results if r.method == m] for m in methods}
+    paths = []
+
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    for method, runs in by_method.items():
+        sigmas = sorted(runs[0].loss_under_noise, key=float)
+        stats = [mean_interval([r.loss_under_noise[s] for r in runs]) for s in sigmas]
+        axis.errorbar([float(s) for s in sigmas], [m for m, _ in stats], yerr=[h for _, h in stats], label=method, capsize=3, marker="o")
+    axis.set(title="loss under noise (test, 95% CI)", xlabel="sigma' (filter-wise)", ylabel="test NLL increase (nats)")
+    paths.append(_finish(plt, figure, axis, out / "loss_under_noise.png"))
+
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    for method, runs in by_method.items():
+        losses = torch.tensor([r.losses for r in runs]).mean(0)
+        window = max(1, len(losses) // 40)
+        smoothed = torch.nn.functional.avg_pool1d(losses[None, None], window, stride=1).flatten()
+        axis.plot(range(window, len(losses) + 1), smoothed, label=method)
+    axis.set_yscale("log")
+    axis.set(title="training loss (mean over seeds)", xlabel="optimizer step", ylabel="cross-entropy (log)")
+    paths.append(_finish(plt, figure, axis, out / "training_loss.png"))
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for index, (name, metric) in enumerate([("test accuracy", lambda r: r.accuracy), ("corrupted accuracy", lambda r: r.mean_corrupted_accuracy)]):
+        stats = [mean_interval([100 * metric(r) for r in by_method[m]]) for m in methods]
+        axes[index].bar(methods, [m for m, _ in stats], yerr=[h for _, h in stats], capsize=5, color="C0")
+        low = min(m - h for m, h in stats)
+        axes[index].set_ylim(max(0, low - 5), max(m + h for m, h in stats) + 2)
+        axes[index].set(title=f"{name} (95% CI)", ylabel="%")
+        axes[index].grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    figure.savefig(out / "accuracy.png", dpi=110)
+    plt.close(figure)
+    paths.append(out / "accuracy.png")
+    return paths
+
+
+def _finish(plt, figure, axis, path: Path) -> Path:
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
