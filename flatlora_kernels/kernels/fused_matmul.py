@@ -31,28 +31,33 @@ from .weight_tile import perturbed_weight_strip
 
 
 @triton.jit
-def _accumulate_output_strip(
-    acc, z, strip: tl.constexpr, x_ptr, tokens, token_mask, stride_xm, stride_xk,
+def _accumulate_strip(
+    acc, z, strip: tl.constexpr, dy, x_ptr, tokens, token_mask, stride_xm, stride_xk,
     w_ptr, a_ptr, b_ptr, row_scale, rows, counters, row_mask, counter_mask,
     in_features, counters_per_row, rank, scaling,
     stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     RANK_BLOCK: tl.constexpr, RANK_BLOCKS: tl.constexpr,
     FACTORS_IN_FP32: tl.constexpr, FACTOR_TF32: tl.constexpr,
-    DOT_TF32: tl.constexpr, DOTS_IN_FP32: tl.constexpr,
+    DOT_TF32: tl.constexpr, DOTS_IN_FP32: tl.constexpr, FORWARD: tl.constexpr,
 ):  # fmt: skip
-    """``acc += x[tokens, strip columns] @ W'[rows, strip columns]^T``."""
+    """Forward: ``acc += x[tokens, strip columns] @ W'[rows, strip columns]^T`` (x loaded here; ``dy``
+    unused). Input grad: ``acc += dy[tokens, rows] @ W'[rows, strip columns]`` (``x_ptr`` unused)."""
     weight, columns, column_mask = perturbed_weight_strip(
         z, strip, w_ptr, a_ptr, b_ptr, row_scale, rows, counters, row_mask, counter_mask,
         in_features, counters_per_row, rank, scaling,
         stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
         RANK_BLOCK, RANK_BLOCKS, FACTORS_IN_FP32, FACTOR_TF32,
     )  # fmt: skip
-    x = tl.load(
-        x_ptr + tokens.to(tl.int64)[:, None] * stride_xm + columns.to(tl.int64)[None, :] * stride_xk,
-        mask=token_mask[:, None] & column_mask[None, :],
-        other=0.0,
-    )
-    return dot_accumulate(x, tl.trans(weight.to(x.dtype)), acc, DOTS_IN_FP32, DOT_TF32)
+    if FORWARD:
+        x = tl.load(
+            x_ptr + tokens.to(tl.int64)[:, None] * stride_xm + columns.to(tl.int64)[None, :] * stride_xk,
+            mask=token_mask[:, None] & column_mask[None, :],
+            other=0.0,
+        )
+        acc = dot_accumulate(x, tl.trans(weight.to(x.dtype)), acc, DOTS_IN_FP32, DOT_TF32)
+    else:
+        acc = dot_accumulate(dy, weight.to(dy.dtype), acc, DOTS_IN_FP32, DOT_TF32)
+    return acc
 
 
 @triton.jit(do_not_specialize=["n_tokens"])
@@ -113,12 +118,12 @@ def fused_forward_kernel(
         counter_mask = counters < counters_per_row
         z0, z1, z2, z3 = normal_quad_tile(seed, rows, counters, counters_per_row)
         for strip in tl.static_range(4):
-            acc = _accumulate_output_strip(
-                acc, pick_strip(z0, z1, z2, z3, strip), strip, x_ptr, tokens, token_mask, stride_xm, stride_xk,
+            acc = _accumulate_strip(
+                acc, pick_strip(z0, z1, z2, z3, strip), strip, acc, x_ptr, tokens, token_mask, stride_xm, stride_xk,
                 w_ptr, a_ptr, b_ptr, row_scale, rows, counters, row_mask, counter_mask,
                 in_features, counters_per_row, rank, scaling,
                 stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-                RANK_BLOCK, RANK_BLOCKS, FACTORS_IN_FP32, FACTOR_TF32, DOT_TF32, DOTS_IN_FP32,
+                RANK_BLOCK, RANK_BLOCKS, FACTORS_IN_FP32, FACTOR_TF32, DOT_TF32, DOTS_IN_FP32, True,
             )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
@@ -129,26 +134,6 @@ def fused_forward_kernel(
         + rows.to(tl.int64)[None, :] * stride_yn
     )
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=token_mask[:, None] & row_mask[None, :])
-
-
-@triton.jit
-def _accumulate_input_grad_strip(
-    acc, z, strip: tl.constexpr, dy,
-    w_ptr, a_ptr, b_ptr, row_scale, rows, counters, row_mask, counter_mask,
-    in_features, counters_per_row, rank, scaling,
-    stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-    RANK_BLOCK: tl.constexpr, RANK_BLOCKS: tl.constexpr,
-    FACTORS_IN_FP32: tl.constexpr, FACTOR_TF32: tl.constexpr,
-    DOT_TF32: tl.constexpr, DOTS_IN_FP32: tl.constexpr,
-):  # fmt: skip
-    """``acc += dy[tokens, rows] @ W'[rows, strip columns]``."""
-    weight, _, _ = perturbed_weight_strip(
-        z, strip, w_ptr, a_ptr, b_ptr, row_scale, rows, counters, row_mask, counter_mask,
-        in_features, counters_per_row, rank, scaling,
-        stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-        RANK_BLOCK, RANK_BLOCKS, FACTORS_IN_FP32, FACTOR_TF32,
-    )  # fmt: skip
-    return dot_accumulate(dy, weight.to(dy.dtype), acc, DOTS_IN_FP32, DOT_TF32)
 
 
 @triton.jit(do_not_specialize=["n_tokens"])
@@ -215,12 +200,13 @@ def fused_input_grad_kernel(
         row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
         z0, z1, z2, z3 = normal_quad_tile(seed, rows, counters, counters_per_row)
         for strip in tl.static_range(4):  # unrolled: each strip's accumulator stays in registers
-            acc = _accumulate_input_grad_strip(
+            acc = _accumulate_strip(
                 pick_strip(acc0, acc1, acc2, acc3, strip), pick_strip(z0, z1, z2, z3, strip), strip, dy,
+                dy_ptr, tokens, token_mask, stride_dym, stride_dyn,
                 w_ptr, a_ptr, b_ptr, row_scale, rows, counters, row_mask, counter_mask,
                 in_features, counters_per_row, rank, scaling,
                 stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-                RANK_BLOCK, RANK_BLOCKS, FACTORS_IN_FP32, FACTOR_TF32, DOT_TF32, DOTS_IN_FP32,
+                RANK_BLOCK, RANK_BLOCKS, FACTORS_IN_FP32, FACTOR_TF32, DOT_TF32, DOTS_IN_FP32, False,
             )  # fmt: skip
             acc0, acc1, acc2, acc3 = replace_strip(acc0, acc1, acc2, acc3, acc, strip)
     dx_rows_ptr = dx_ptr + tl.program_id(2).to(tl.int64) * stride_dxs + tokens.to(tl.int64)[:, None] * stride_dxm
