@@ -64,6 +64,7 @@ __all__ = [
     "counters_per_row",
     "philox4x32_10",
     "normal_rows",
+    "normal_block",
     "perturbation_row_scale",
     "filter_noise",
 ]
@@ -165,6 +166,26 @@ def normal_rows(
     lanes = _normals_from_words(*philox4x32_10(_seed_tensor(seed, device), offsets))
     # Lane t covers columns [t*Kq, (t+1)*Kq): concatenating the lanes lays the row out in order.
     return torch.cat(lanes, dim=1)[:, :in_features]
+
+
+def normal_block(
+    seed: int | Tensor,
+    in_features: int,
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    *,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """``z(seed, i, j)`` for global rows ``[i0, i1)`` and columns ``[j0, j1)`` of a ``K = in_features``
+    layer (fp32): a shard's piece of the stream, equal to ``normal_rows(...)[:, j0:j1]``."""
+    device = torch.device(device)
+    kq = counters_per_row(in_features)
+    i = torch.arange(*rows, device=device, dtype=torch.int64)
+    j = torch.arange(*cols, device=device, dtype=torch.int64)
+    lane = j // kq  # which of a call's four normals holds column j
+    offsets = i[:, None] * kq + (j - lane * kq)[None, :]
+    lanes = torch.stack(_normals_from_words(*philox4x32_10(_seed_tensor(seed, device), offsets)))
+    return lanes.gather(0, lane.expand(len(i), len(j))[None]).squeeze(0)
 
 
 def perturbation_row_scale(

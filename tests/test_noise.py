@@ -112,3 +112,12 @@ def test_row_norms_are_fp32_for_low_precision_weights(dtype):
     assert eps.dtype == torch.float32
     expected = filter_noise(W.float(), A.float(), B.float(), scaling=2.0, sigma=0.1, seed=0)
     assert torch.equal(eps, expected)
+
+
+@pytest.mark.parametrize("K", [5, 13, 100])
+def test_normal_block_is_a_slice_of_the_rows(K):
+    from flatlora_kernels.noise import normal_block
+
+    whole = normal_rows(11, K, 0, 9)
+    for cols in [(0, K), (1, K - 1), (K // 4, K // 2 + 1)]:
+        assert torch.equal(normal_block(11, K, (2, 7), cols), whole[2:7, cols[0] : cols[1]])

@@ -28,20 +28,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..modules import FlatLoraLinear
-from ..noise import _normals_from_words, counters_per_row, philox4x32_10
+from ..noise import normal_block
 
 __all__ = ["shard_colwise", "shard_rowwise", "ShardedFlatLoraLinear", "shard_noise"]
 
 
 def shard_noise(seed: Tensor, in_features: int, rows: tuple[int, int], cols: tuple[int, int]) -> Tensor:
     """``z(seed, i, j)`` for global rows ``[i0, i1)`` and columns ``[j0, j1)`` of a ``K = in_features`` layer."""
-    kq = counters_per_row(in_features)
-    i = torch.arange(*rows, dtype=torch.int64)
-    j = torch.arange(*cols, dtype=torch.int64)
-    lane = j // kq  # which of a Philox call's four normals holds column j (noise.py's counter layout)
-    offsets = i[:, None] * kq + (j - lane * kq)[None, :]
-    lanes = torch.stack(_normals_from_words(*philox4x32_10(seed.reshape(()), offsets)))
-    return lanes.gather(0, lane.expand(len(i), len(j))[None]).squeeze(0)
+    return normal_block(seed, in_features, rows, cols)
 
 
 class _SumGradAcrossShards(torch.autograd.Function):
