@@ -160,3 +160,17 @@ def test_state_dict_unchanged_autocast_dtype_errors_and_merge_and_unload():
     merged = model.merge_and_unload()
     assert not peft_noise_states(merged)
     torch.testing.assert_close(merged.eval()(IDS).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_undriven_warning_once_per_model_at_the_user_line():
+    import warnings
+
+    model = peft_wrap(tiny_llama(), ["q_proj", "v_proj"])
+    enable_flat_lora(model, sigma=0.1)
+    model.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(IDS)
+        model(IDS)
+    ours = [w for w in caught if "no FlatLoraSchedule" in str(w.message)]
+    assert len(ours) == 1 and ours[0].filename == __file__
