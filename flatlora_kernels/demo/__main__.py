@@ -11,6 +11,7 @@ vs LoRA with a paired t-test's p-value; then the cost of one step at a real laye
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -87,9 +88,16 @@ def _run_all(jobs, args, state_dict, label):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc=label, unit="run", file=sys.stdout)
-    context = multiprocessing.get_context("spawn")  # fork after torch's thread pools can hang
-    with context.Pool(min(args.workers, len(jobs)), init_worker, (state_dict, args.train_images, args.threads)) as pool:
-        for done, (index, result) in enumerate(pool.imap_unordered(run_indexed, list(enumerate(jobs))), 1):
+    items = list(enumerate(jobs))
+    with contextlib.ExitStack() as stack:
+        if args.workers == 1:  # in this process: no worker start-up (tests, debugging)
+            init_worker(state_dict, args.train_images, args.threads)
+            finished = map(run_indexed, items)
+        else:
+            context = multiprocessing.get_context("spawn")  # fork after torch's thread pools can hang
+            pool = stack.enter_context(context.Pool(min(args.workers, len(jobs)), init_worker, (state_dict, args.train_images, args.threads)))
+            finished = pool.imap_unordered(run_indexed, items)
+        for done, (index, result) in enumerate(finished, 1):
             results[index] = result
             if bar is not None:
                 bar.update(1)
