@@ -1,5 +1,10 @@
 // The AVX2 + FMA kernels. The target is set by pragma after the system headers, so only this file's
 // own (internal-linkage) code uses AVX2: no inline library function is emitted with it.
+// Before any include: functions with differing optimize options cannot be inlined into each other,
+// so the generator's helpers (std::max, ...) must share it (it lets GCC if-convert float selects).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -10,9 +15,6 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #pragma GCC target("avx2,fma")
-#if !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
 #define FLATLORA_ISA_NS avx2_isa
 #define FLATLORA_ISA_TABLE avx2_kernels
 #define FLATLORA_ISA_NAME "avx2"

@@ -1,6 +1,11 @@
 // The AVX-512 (F, DQ, BW, VL) kernels, 512-bit vectors. The target is set by pragma after the system
 // headers, so only this file's own (internal-linkage) code uses AVX-512: no inline library function
 // is emitted with it.
+// Before any include: functions with differing optimize options cannot be inlined into each other,
+// so the generator's helpers (std::max, ...) must share it (it lets GCC if-convert float selects).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -11,9 +16,6 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #pragma GCC target("avx2,fma,avx512f,avx512dq,avx512bw,avx512vl,prefer-vector-width=512")
-#if !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
 #define FLATLORA_ISA_NS avx512_isa
 #define FLATLORA_ISA_TABLE avx512_kernels
 #define FLATLORA_ISA_NAME "avx512"
