@@ -13,7 +13,7 @@ after it, as the official Flat-LoRA code does.
                 (the Philox stream in int64 tensor ops; weight-sized temporaries per pass).
 ``naive``       autograd through the materialised ``W + s*B@A + eps``: keeps a weight-sized tensor
                 per layer alive until backward.
-``inplace``     the official code's approach (ANCHORS §1): before the step, add ``torch.normal``
+``inplace``     the official code's approach (docs/DESIGN.md, section 1): before the step, add ``torch.normal``
                 noise to each frozen weight in place; after backward, regenerate it and subtract.
 ``lora``        plain LoRA, no noise (the cost to match).
 =============== ==================================================================================

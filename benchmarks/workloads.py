@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 RANK = 16
-LORA_ALPHA = 32  # scaling s = alpha / r = 2, as in the reference measurements (ANCHORS §3)
+LORA_ALPHA = 32  # scaling s = alpha / r = 2, as in the reference measurements (docs/DESIGN.md, "Measured anchors")
 SIGMA = 0.05  # the paper's default noise level for T5-base and Llama-2
 NOISE_SEED = 20250117  # the Philox seed of the timed step; any fixed value does
 
