@@ -118,7 +118,9 @@ def _backward(ctx, dy, _d_row_scale):
     dx, d_lora_A, d_lora_B = torch.ops.flatlora.backward(
         dy, x, weight, lora_A, lora_B, row_scale, ctx.scaling, seed, need_x, ctx.backend
     )
-    d_bias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if need_bias else None
+    # fp32 accumulation for 16-bit dy, the compute dtype's own for fp32/fp64.
+    acc_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    d_bias = dy.sum(0, dtype=acc_dtype).to(ctx.bias_dtype) if need_bias else None
     return (
         dx if need_x else None,
         None,
