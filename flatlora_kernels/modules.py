@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import flat_lora_linear
+from .step_noise import StepNoise
 
 __all__ = ["FlatLoraLinear"]
 
@@ -99,7 +100,7 @@ def _check_config(r, lora_alpha, sigma, lora_dropout) -> None:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
 
 
-class FlatLoraLinear(nn.Module):
+class FlatLoraLinear(StepNoise):
     """A frozen linear layer with a trainable LoRA adapter and Flat-LoRA weight noise.
 
     Args:
@@ -203,12 +204,9 @@ class FlatLoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, device=device, dtype=dtype))
         self.lora_dropout = nn.Dropout(self.lora_dropout_p) if self.lora_dropout_p > 0 else None
-        self.register_buffer("noise_seed", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer("noise_factor", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
+        self._init_step_noise(device)
         # The original base weight while merged (a buffer so that .to() moves it along).
         self.register_buffer("_unmerged_weight", None, persistent=False)
-        self.noise_rank_key = 0
-        self._noise_driven = False
         # Shared by all layers of one apply_flat_lora call, so the no-schedule warning fires once per model.
         self._warn_group = {"warned": False}
         self.reset_lora_parameters()
@@ -220,24 +218,7 @@ class FlatLoraLinear(nn.Module):
 
     # --- noise state --------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def set_noise(self, seed: int, factor: float, rank_key: int | None = None) -> None:
-        """Set this step's draw: written in place, so the buffers keep their identity (and graphs stay valid)."""
-        self.noise_seed.fill_(int(seed))
-        self.noise_factor.fill_(float(factor))
-        if rank_key is not None:
-            self.noise_rank_key = int(rank_key)
-        self._noise_driven = True
-
-    def effective_seed(self) -> Tensor:
-        """The seed the op uses: the step's seed, mixed with this rank's key (see the module docstring)."""
-        if self.noise_rank_key == 0:
-            return self.noise_seed
-        return torch.bitwise_xor(self.noise_seed, self.noise_rank_key)
-
-    def effective_sigma(self) -> Tensor:
-        """``sigma * factor`` as a 0-dim fp32 tensor (no host sync, no recompile when the factor moves)."""
-        return self.noise_factor * self.sigma
+    # set_noise, effective_seed, effective_sigma: see step_noise.StepNoise.
 
     @property
     def linear_weight(self) -> Tensor:

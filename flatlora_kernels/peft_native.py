@@ -27,13 +27,14 @@ from torch import Tensor, nn
 
 from .functional import flat_lora_linear
 from .modules import user_stacklevel
+from .step_noise import StepNoise
 
 __all__ = ["enable_flat_lora", "disable_flat_lora", "PeftNoiseState", "peft_noise_states"]
 
 _STATE = "flatlora_noise"
 
 
-class PeftNoiseState(nn.Module):
+class PeftNoiseState(StepNoise):
     """The noise state of one patched PEFT layer: ``noise_seed``/``noise_factor`` as in ``FlatLoraLinear``."""
 
     def __init__(self, adapter: str, sigma: float, fused: bool, device) -> None:
@@ -41,23 +42,7 @@ class PeftNoiseState(nn.Module):
         self.adapter = adapter
         self.sigma = float(sigma)
         self.fused = bool(fused)
-        self.register_buffer("noise_seed", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer("noise_factor", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
-        self.noise_rank_key = 0
-        self._noise_driven = False
-
-    @torch.no_grad()
-    def set_noise(self, seed: int, factor: float, rank_key: int | None = None) -> None:
-        self.noise_seed.fill_(int(seed))
-        self.noise_factor.fill_(float(factor))
-        if rank_key is not None:
-            self.noise_rank_key = int(rank_key)
-        self._noise_driven = True
-
-    def effective_seed(self) -> Tensor:
-        if self.noise_rank_key == 0:
-            return self.noise_seed
-        return torch.bitwise_xor(self.noise_seed, self.noise_rank_key)
+        self._init_step_noise(device)
 
     def extra_repr(self) -> str:
         return f"adapter={self.adapter!r}, sigma={self.sigma}, fused={self.fused}"
@@ -141,7 +126,7 @@ def _flat_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         lora_B.to(weight.dtype) if lora_B.dtype != weight.dtype else lora_B,
         base.bias,
         scaling=scaling,
-        sigma=state.noise_factor * state.sigma,
+        sigma=state.effective_sigma(),
         seed=state.effective_seed(),
         backend="auto" if state.fused else "reference",
     )
