@@ -100,6 +100,13 @@ def _check_config(r, lora_alpha, sigma, lora_dropout) -> None:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
 
 
+def dropout_correction(x: Tensor, dropout: nn.Module, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """``s*B@A@(dropout(x) - x)``: added to the fused output (which holds ``s*B@A@x``) it gives PEFT's
+    branch ``s*B@A@dropout(x)`` exactly, with the same noise (see the module docstring)."""
+    xa = x.to(lora_A.dtype)
+    return F.linear(F.linear(dropout(xa) - xa, lora_A), lora_B) * scaling
+
+
 class FlatLoraLinear(StepNoise):
     """A frozen linear layer with a trainable LoRA adapter and Flat-LoRA weight noise.
 
@@ -277,8 +284,7 @@ class FlatLoraLinear(StepNoise):
             backend=self.backend,
         )
         if self.lora_dropout is not None:
-            # y holds s*B@A@x; replace it by s*B@A@dropout(x), as PEFT computes the branch.
-            y = y + self._lora_branch(self.lora_dropout(x) - x).to(y.dtype)
+            y = y + dropout_correction(x, self.lora_dropout, self.lora_A, self.lora_B, self.scaling).to(y.dtype)
         return y
 
     # --- merging ------------------------------------------------------------------------------

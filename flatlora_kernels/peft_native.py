@@ -22,11 +22,10 @@ import types
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import flat_lora_linear
-from .modules import user_stacklevel
+from .modules import dropout_correction, user_stacklevel
 from .step_noise import StepNoise
 
 __all__ = ["enable_flat_lora", "disable_flat_lora", "PeftNoiseState", "peft_noise_states"]
@@ -132,9 +131,7 @@ def _flat_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     )
     dropout = self.lora_dropout[adapter]
     if isinstance(dropout, nn.Dropout) and dropout.p > 0:
-        # y holds s*B@A@x; PEFT's branch is s*B@A@dropout(x): add the difference (exact, same noise).
-        xa = x_in.to(lora_A.dtype)
-        y = y + (F.linear(F.linear(dropout(xa) - xa, lora_A), lora_B) * scaling).to(y.dtype)
+        y = y + dropout_correction(x_in, dropout, lora_A, lora_B, scaling).to(y.dtype)
     return y
 
 
