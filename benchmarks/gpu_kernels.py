@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flatlora_kernels import flat_lora_linear  # noqa: E402
 from flatlora_kernels.backends import torch_reference  # noqa: E402
-from flatlora_kernels.reference import lora_linear  # noqa: E402
+from flatlora_kernels.baselines import lora_linear  # noqa: E402
 
 DEVICE = "cuda"
 DTYPE = torch.bfloat16

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from flatlora_kernels import flat_lora_linear
-from flatlora_kernels.reference import lora_linear, naive_flat_lora_linear
+from flatlora_kernels.baselines import lora_linear, naive_flat_lora_linear
 
 from workloads import AdaptedLayer
 

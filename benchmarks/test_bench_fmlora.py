@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from flatlora_kernels.modules import FlatLoraLinear
-from flatlora_kernels.reference import lora_linear
+from flatlora_kernels.baselines import lora_linear
 from flatlora_kernels.schedule import FlatLoraSchedule
 from flatlora_kernels.sharpness import EFMLoRA, FMLoRA
 

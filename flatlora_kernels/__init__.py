@@ -7,7 +7,7 @@ The noise stream is defined once, in ``flatlora_kernels.noise``.
 """
 
 from .functional import flat_lora_linear
-from .model import (
+from .model_helpers import (
     apply_flat_lora,
     flat_lora_layers,
     load_adapter,

@@ -37,7 +37,7 @@ Merging
 ``merge()`` replaces the base weight's data by the noise-free ``W + s*B@A`` (rounded once to W's
 dtype) and keeps the original tensor aside; ``unmerge()`` puts that tensor back. Nothing is
 subtracted, so unmerge is bit-exact in bf16, at the cost of a second weight copy while merged
-(``flatlora_kernels.model.merge_and_unload`` keeps no copy).
+(``flatlora_kernels.model_helpers.merge_and_unload`` keeps no copy).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from .model import _unwrap, flat_lora_layers, modules_to_save_of
+from .model_helpers import _unwrap, flat_lora_layers, modules_to_save_of
 
 __all__ = ["save_peft_adapter", "load_peft_adapter"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .model import _replace_submodule
+from .model_helpers import _replace_submodule
 from .modules import FlatLoraLinear, _is_conv1d
 
 __all__ = ["from_peft"]

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from flatlora_kernels import flat_lora_linear  # noqa: E402
-from flatlora_kernels.reference import naive_flat_lora_linear  # noqa: E402
+from flatlora_kernels.baselines import naive_flat_lora_linear  # noqa: E402
 
 # Relative floor (fraction of the truth's largest magnitude) added to the 2x rule.
 RELATIVE_FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-9}

@@ -6,7 +6,7 @@ import torch
 from flatlora_kernels import flat_lora_linear
 from flatlora_kernels.backends import cpp
 from flatlora_kernels.noise import counters_per_row, normal_rows, philox4x32_10
-from flatlora_kernels.reference import lora_linear, naive_flat_lora_linear
+from flatlora_kernels.baselines import lora_linear, naive_flat_lora_linear
 
 from .conftest import check_backend_against_reference, make_layer
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flatlora_kernels import noise
-from flatlora_kernels.reference import perturbed_weight
+from flatlora_kernels.baselines import dense_perturbed_weight
 
 from .conftest import HAS_CUDA, make_layer
 
@@ -56,7 +56,7 @@ def test_strided_bias(strategy):
     seed = torch.tensor(3, dtype=torch.int64, device=DEVICE)
     with triton_backend.use_strategy(strategy):
         y, _ = triton_backend.forward(x, weight, lora_A, lora_B, bias, 2.0, sigma, seed)
-    expected = x @ perturbed_weight(weight, lora_A, lora_B, scaling=2.0, sigma=0.0, seed=3).t() + bias
+    expected = x @ dense_perturbed_weight(weight, lora_A, lora_B, scaling=2.0, sigma=0.0, seed=3).t() + bias
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from flatlora_kernels.model import (
+from flatlora_kernels.model_helpers import (
     apply_flat_lora,
     flat_lora_layers,
     load_adapter,

@@ -9,7 +9,7 @@ from torch import nn
 
 from flatlora_kernels import filter_noise, flat_lora_linear
 from flatlora_kernels.modules import FlatLoraLinear
-from flatlora_kernels.reference import lora_linear
+from flatlora_kernels.baselines import lora_linear
 from flatlora_kernels.schedule import FlatLoraSchedule
 
 BACKEND_OF = {True: "auto", False: "reference"}

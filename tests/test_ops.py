@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 import flatlora_kernels  # noqa: F401  (registers the ops)
 from flatlora_kernels import flat_lora_linear
-from flatlora_kernels.reference import naive_flat_lora_linear
+from flatlora_kernels.baselines import naive_flat_lora_linear
 
 from .conftest import make_layer
 

@@ -6,7 +6,7 @@ from torch import nn
 
 peft = pytest.importorskip("peft")
 
-from flatlora_kernels.model import flat_lora_layers  # noqa: E402
+from flatlora_kernels.model_helpers import flat_lora_layers  # noqa: E402
 from flatlora_kernels.modules import FlatLoraLinear  # noqa: E402
 from flatlora_kernels.peft_interop import from_peft  # noqa: E402
 from flatlora_kernels.schedule import FlatLoraSchedule  # noqa: E402

@@ -19,7 +19,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from flatlora_kernels import flat_lora_linear  # noqa: E402
 from flatlora_kernels.backends import cpp  # noqa: E402
-from flatlora_kernels.reference import naive_flat_lora_linear, perturbed_weight  # noqa: E402
+from flatlora_kernels.baselines import dense_perturbed_weight, naive_flat_lora_linear  # noqa: E402
 
 from .conftest import _forward_backward, assert_close_to_truth, make_layer  # noqa: E402
 
@@ -122,7 +122,7 @@ def test_perturbed_weight_bit_identical_across_chunks_and_threads(K, N, r, seed,
         with cpu_setting(rows, threads, K, 4), torch.no_grad():
             outputs.append(flat_lora_linear(eye, weight, lora_A, lora_B, None, **kw).t())
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
-    expected = perturbed_weight(weight, lora_A, lora_B, scaling=2.0, sigma=sigma, seed=seed).to(dtype)
+    expected = dense_perturbed_weight(weight, lora_A, lora_B, scaling=2.0, sigma=sigma, seed=seed).to(dtype)
     # Row scales agree to fp32 rounding only (the reference takes them from an fp32 merge).
     tolerance = 2e-5 * max(sigma, 1.0)
     torch.testing.assert_close(outputs[0], expected, rtol=tolerance, atol=tolerance)

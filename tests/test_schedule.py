@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flatlora_kernels import filter_noise
-from flatlora_kernels.model import apply_flat_lora, flat_lora_layers
+from flatlora_kernels.model_helpers import apply_flat_lora, flat_lora_layers
 from flatlora_kernels.noise import normal_rows
 from flatlora_kernels.schedule import FlatLoraSchedule, cosine_factor, derive_seed
 

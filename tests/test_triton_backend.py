@@ -18,7 +18,7 @@ import torch
 
 from flatlora_kernels import filter_noise, flat_lora_linear
 from flatlora_kernels.noise import counters_per_row, normal_rows, perturbation_row_scale, philox4x32_10
-from flatlora_kernels.reference import lora_linear, perturbed_weight
+from flatlora_kernels.baselines import dense_perturbed_weight, lora_linear
 
 from .conftest import HAS_CUDA, check_backend_against_reference, make_layer
 
@@ -98,7 +98,7 @@ def _fixed_problem(M=23, N=45, K=51, r=3, dtype=torch.float32):
 
 
 def _reference_perturbed_weight(weight, lora_A, lora_B, scaling, sigma, seed):
-    return perturbed_weight(weight, lora_A, lora_B, scaling=scaling, sigma=sigma, seed=seed)
+    return dense_perturbed_weight(weight, lora_A, lora_B, scaling=scaling, sigma=sigma, seed=seed)
 
 
 # ---- the z tile -------------------------------------------------------------------------------

@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 
 from ..noise import normal_rows, perturbation_row_scale
-from ..reference import merge_dtype
+from ..baselines import merge_dtype
 
 
-def perturbed_weight(
+def perturbed_weight_from_scales(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, scale: Tensor, seed: Tensor, dtype: torch.dtype
 ) -> Tensor:
     """``W + s*B@A + eps`` in ``dtype`` (fp32, or fp64 for fp64 compute); eps itself is fp32."""
@@ -32,7 +32,7 @@ def forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
     with torch.no_grad():
         scale = perturbation_row_scale(weight, lora_A, lora_B, scaling=scaling, sigma=sigma)
         dtype = _compute_dtype(x, weight)
-        w_eff = perturbed_weight(weight, lora_A, lora_B, scaling, scale, seed, dtype)
+        w_eff = perturbed_weight_from_scales(weight, lora_A, lora_B, scaling, scale, seed, dtype)
         y = x.to(dtype) @ w_eff.t()
         if bias is not None:
             y = y + bias.to(dtype)
@@ -44,7 +44,7 @@ def backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx
         dtype = _compute_dtype(x, weight)
         dy_c, x_c = dy.to(dtype), x.to(dtype)
         if compute_dx:
-            w_eff = perturbed_weight(weight, lora_A, lora_B, scaling, row_scale, seed, dtype)
+            w_eff = perturbed_weight_from_scales(weight, lora_A, lora_B, scaling, row_scale, seed, dtype)
             dx = (dy_c @ w_eff).to(x.dtype)
         else:
             dx = x.new_empty(0)

@@ -26,7 +26,7 @@ import torch
 
 from .data import make_digits_task
 from .finetune import METHODS, FinetuneConfig
-from .model import accuracy, pretrain
+from .digits_mlp import accuracy, pretrain
 from .runner import init_worker, run_indexed
 from .stats import paired_difference
 

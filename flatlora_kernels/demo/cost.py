@@ -11,7 +11,7 @@ import torch
 
 from ..functional import flat_lora_linear
 from ..memory import PeakMemory
-from ..reference import lora_linear, naive_flat_lora_linear
+from ..baselines import lora_linear, naive_flat_lora_linear
 
 COST_METHODS = ("lora", "flat-lora (fused)", "naive perturbation")
 

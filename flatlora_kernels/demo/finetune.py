@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..memory import PeakMemory
-from ..model import apply_flat_lora
+from ..model_helpers import apply_flat_lora
 from ..schedule import FlatLoraSchedule
 from .data import DigitsTask
 from .flatness import loss_under_noise, mean_nll
-from .model import accuracy
+from .digits_mlp import accuracy
 
 METHODS = ("lora", "flat-lora", "efmlora")
 TARGET_MODULES = ["fc1", "fc2", "fc3", "head"]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import flat_lora_layers
+from ..model_helpers import flat_lora_layers
 from ..noise import filter_noise
 from .data import Split
 

@@ -7,7 +7,7 @@ import torch
 
 from .data import make_digits_task
 from .finetune import finetune
-from .model import DigitsMLP
+from .digits_mlp import DigitsMLP
 
 _WORKER = {}
 

@@ -1,4 +1,7 @@
-"""Plain-PyTorch references shared by tests and benchmarks.
+"""Dense baselines shared by tests and benchmarks (not a backend: the plain-PyTorch *backend* is
+``backends/torch_reference.py``, which regenerates the weight in backward instead of keeping it).
+
+* ``dense_perturbed_weight``: the whole ``W + s*B@A + eps`` as one tensor, the truth tests compare against.
 
 * ``naive_flat_lora_linear``: autograd through the materialised ``W + s*B@A + eps`` (the "naive
   perturbation" baseline: it keeps a weight-sized tensor alive for backward).
@@ -13,10 +16,10 @@ from torch import Tensor
 
 from .noise import filter_noise
 
-__all__ = ["perturbed_weight", "naive_flat_lora_linear", "lora_linear"]
+__all__ = ["dense_perturbed_weight", "naive_flat_lora_linear", "lora_linear"]
 
 
-def perturbed_weight(
+def dense_perturbed_weight(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling: float, sigma: float | Tensor, seed: int | Tensor
 ) -> Tensor:
     """``W + s*B@A + eps`` in fp32 (fp64 when any of W, A, B is fp64), differentiable in A and B (eps,
@@ -43,7 +46,7 @@ def naive_flat_lora_linear(
     seed: int | Tensor,
 ) -> Tensor:
     """``y = x @ (W + s*B@A + eps)^T + bias`` with the perturbed weight rounded to x's dtype."""
-    w_eff = perturbed_weight(weight.to(merge_dtype(weight, x)), lora_A, lora_B, scaling=scaling, sigma=sigma, seed=seed)
+    w_eff = dense_perturbed_weight(weight.to(merge_dtype(weight, x)), lora_A, lora_B, scaling=scaling, sigma=sigma, seed=seed)
     w_eff = w_eff.to(x.dtype)
     return F.linear(x, w_eff, None if bias is None else bias.to(x.dtype))
 
