@@ -15,7 +15,7 @@ from flatlora_kernels.demo.__main__ import main  # noqa: E402
 from flatlora_kernels.demo.data import make_digits_task  # noqa: E402
 from flatlora_kernels.demo.finetune import METHODS  # noqa: E402
 from flatlora_kernels.demo.flatness import loss_under_noise, mean_nll  # noqa: E402
-from flatlora_kernels.demo.model import DigitsMLP  # noqa: E402
+from flatlora_kernels.demo.digits_mlp import DigitsMLP  # noqa: E402
 from flatlora_kernels.demo.stats import paired_difference  # noqa: E402
 
 TINY = ["--steps", "4", "--seeds", "2", "--select-seeds", "1", "--sigma-grid", "0.1,0.3", "--pretrain-steps", "10",
