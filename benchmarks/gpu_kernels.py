@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flatlora_kernels import flat_lora_linear  # noqa: E402
 from flatlora_kernels.backends import torch_reference  # noqa: E402
+from flatlora_kernels.backends import triton_tuning  # noqa: E402
 from flatlora_kernels.baselines import lora_linear  # noqa: E402
 
 DEVICE = "cuda"
@@ -171,10 +172,10 @@ def kernel_launches(compute_dtype, weight_dtype, factor_dtype, rank=RANK):
         return tiles, options
 
     launches = []
-    tiles, options = split(tb.GPU_TILES["row_scale"])
+    tiles, options = split(triton_tuning.GPU_TILES["row_scale"])
     launches.append(("row_scale", K.row_scale_kernel, dict(common, sigma_ptr="*fp32", out_ptr="*fp32",
                      out_features="i32", sqrt_in_features="fp32"), dict(tiles, **factor), options))  # fmt: skip
-    tiles, options = split(tb.GPU_TILES["perturbed_weight"])
+    tiles, options = split(triton_tuning.GPU_TILES["perturbed_weight"])
     launches.append(("perturbed_weight", K.perturbed_weight_kernel, dict(common, **noise, out_ptr=f"*{c}",
                      row_start="i32", row_end="i32", counter_start="i32", counter_end="i32",
                      stride_out_row="i32", stride_out_strip="i32"), dict(tiles, **factor), options))  # fmt: skip
@@ -189,7 +190,7 @@ def kernel_launches(compute_dtype, weight_dtype, factor_dtype, rank=RANK):
                          dx_ptr=f"*{c}", n_tokens="i32", out_features="i32", rows_per_split="i32", stride_dym="i32",
                          stride_dyn="i32", stride_dxs="i32", stride_dxm="i32", stride_dxk="i32"),
                          dict(tiles, **factor, **main_dot), options))  # fmt: skip
-    tiles, options = split(tb.GPU_TILES["normal_rows"])
+    tiles, options = split(triton_tuning.GPU_TILES["normal_rows"])
     launches.append(("normal_rows", K.normal_rows_kernel, dict(seed_ptr="*i64", out_ptr=f"*{c}", row_start="i32",
                      n_rows="i32", in_features="i32", counters_per_row="i32", stride_out_row="i32"), tiles, options))  # fmt: skip
     return launches
@@ -331,7 +332,7 @@ def time_kernels(N, K, M_in_register=256):
 
 
 def crossover_sweep(N=4096, K=4096):
-    """fwd+bwd per strategy over M: where the in-register path stops paying (sets IN_REGISTER_MAX_TOKENS)."""
+    """fwd+bwd per strategy over M: where the in-register path stops paying (sets triton_tuning.IN_REGISTER_MAX_TOKENS)."""
     weight, lora_A, lora_B, bias = make_layer(N, K)
     seed, sigma = seed_and_sigma()
     rows = {}
@@ -477,7 +478,7 @@ def main(argv=None):
         dtype=str(DTYPE),
         rank=RANK,
         chunk_bytes=triton_backend_module().chunk_bytes,
-        in_register_max_tokens=triton_backend_module().IN_REGISTER_MAX_TOKENS,
+        in_register_max_tokens=triton_tuning.IN_REGISTER_MAX_TOKENS,
     )
     shapes = TARGET_SHAPES[:1] if args.quick else TARGET_SHAPES
     report = dict(facts=facts)

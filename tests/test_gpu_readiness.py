@@ -19,7 +19,7 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 if not (INTERPRETING or HAS_CUDA):
     pytest.skip("needs a CUDA device or TRITON_INTERPRET=1 (set before triton is imported)", allow_module_level=True)
 
-from flatlora_kernels.backends import triton_backend  # noqa: E402
+from flatlora_kernels.backends import triton_backend, triton_tuning  # noqa: E402
 
 DEVICE = "cpu" if INTERPRETING else "cuda"
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -65,14 +65,14 @@ def test_auto_rule_keeps_each_pass_within_one_token_tile(monkeypatch):
     monkeypatch.delenv(triton_backend.STRATEGY_ENV, raising=False)
     monkeypatch.setattr(triton_backend, "INTERPRETING", False)
     for kernel in ("fused_forward", "fused_input_grad"):
-        fp32_cap = triton_backend.GPU_TILES[f"{kernel}_fp32"]["MAX_BLOCK_TOKENS"]
+        fp32_cap = triton_tuning.GPU_TILES[f"{kernel}_fp32"]["MAX_BLOCK_TOKENS"]
         assert triton_backend.choose_strategy(fp32_cap, torch.float32, kernel) == "in_register"
         assert triton_backend.choose_strategy(fp32_cap + 1, torch.float32, kernel) == "streamed"
         assert triton_backend.choose_strategy(64, torch.bfloat16, kernel) == "in_register"
         assert triton_backend.choose_strategy(65, torch.bfloat16, kernel) == "streamed"
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             limit = triton_backend.in_register_max_tokens(dtype, kernel)
-            assert limit <= triton_backend.GPU_TILES[kernel if dtype != torch.float32 else f"{kernel}_fp32"][
+            assert limit <= triton_tuning.GPU_TILES[kernel if dtype != torch.float32 else f"{kernel}_fp32"][
                 "MAX_BLOCK_TOKENS"
             ]
 

@@ -29,7 +29,7 @@ if not (INTERPRETING or HAS_CUDA):
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from flatlora_kernels.backends import torch_reference, triton_backend  # noqa: E402
+from flatlora_kernels.backends import torch_reference, triton_backend, triton_tuning  # noqa: E402
 from flatlora_kernels.kernels import philox_offsets, pick_strip  # noqa: E402
 
 DEVICE = "cpu" if INTERPRETING else "cuda"
@@ -373,7 +373,7 @@ def test_small_tiles_many_programs_and_rank_blocks(monkeypatch):
         "fused_input_grad": dict(MAX_BLOCK_TOKENS=16, BLOCK_OUT=16, BLOCK_COUNTERS=16),
         "normal_rows": dict(BLOCK_ROWS=16, BLOCK_COUNTERS=16),
     }
-    monkeypatch.setattr(triton_backend, "INTERPRETER_TILES" if INTERPRETING else "GPU_TILES", small)
+    monkeypatch.setattr(triton_tuning, "INTERPRETER_TILES" if INTERPRETING else "GPU_TILES", small)
     for name in STRATEGIES:
         with triton_backend.use_strategy(name):
             check_backend_against_reference("triton", M=20, N=37, K=70, r=70, dtype=torch.float32, device=DEVICE)
@@ -384,7 +384,7 @@ def test_in_register_split_reductions(monkeypatch, dtype):
     """Reduction loops split over programs (2 counter splits forward, 3 row splits backward), bias after the sum."""
     forward_tiles = dict(MAX_BLOCK_TOKENS=16, BLOCK_OUT=64, BLOCK_COUNTERS=16)
     input_grad_tiles = dict(MAX_BLOCK_TOKENS=16, BLOCK_OUT=16, BLOCK_COUNTERS=64)
-    for table in (triton_backend.INTERPRETER_TILES, triton_backend.GPU_TILES):
+    for table in (triton_tuning.INTERPRETER_TILES, triton_tuning.GPU_TILES):
         for suffix in ("", "_fp32"):
             monkeypatch.setitem(table, f"fused_forward{suffix}", forward_tiles)
             monkeypatch.setitem(table, f"fused_input_grad{suffix}", input_grad_tiles)
@@ -428,7 +428,7 @@ def test_every_output_element_is_written(monkeypatch, strategy, chunked):
 
 def test_strategy_choice(monkeypatch):
     monkeypatch.delenv(triton_backend.STRATEGY_ENV, raising=False)
-    limit = triton_backend.IN_REGISTER_MAX_TOKENS
+    limit = triton_tuning.IN_REGISTER_MAX_TOKENS
     assert triton_backend.choose_strategy(limit, torch.bfloat16) == "in_register"
     assert triton_backend.choose_strategy(limit + 1, torch.bfloat16) == "streamed"
     assert triton_backend.choose_strategy(1, torch.float64) == "streamed"

@@ -47,68 +47,24 @@ from ..kernels import (
     row_scale_kernel,
 )
 from ..noise import counters_per_row
+from . import triton_tuning
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
-# ---------------------------------------------------------------------------------------------
-# Tunables. Every number here is a first guess, to be measured on the GPU (benchmarks/gpu_kernels.py).
-# ---------------------------------------------------------------------------------------------
+# Runtime settings (module attributes, read at call time, so tests and benchmarks can change them);
+# every tunable and its provenance lives in triton_tuning.py.
+chunk_bytes: int = triton_tuning.CHUNK_BYTES
+chunk_grows_to_output: bool = triton_tuning.CHUNK_GROWS_TO_OUTPUT
 
-#: Cap on one regenerated chunk of ``W'`` (bytes, compute dtype): the only memory this backend adds
-#: to LoRA's. 16 MiB is under 1% of LoRA's 1668 MiB peak for a 16-layer 4096-wide stack at M=8192
-#: (docs/DESIGN.md, "memory").
-chunk_bytes: int = 16 * 2**20
-
-#: A chunk may also grow to the size of its pass's output (y forward, dx backward): LoRA's own pass
-#: holds a second buffer of that size at the same moment (its LoRA-branch GEMM output, before the
-#: sum), so the peak stays at or under LoRA's, and large M gets fewer, wider GEMMs (with a 16 MiB
-#: cap, dx of an 11008x4096 layer would come from 32 GEMMs 128 columns wide). To be measured.
-chunk_grows_to_output: bool = True
-
-#: The dispatcher's auto rule: the in-register path for ``M <= IN_REGISTER_MAX_TOKENS`` and M within
-#: one token tile of that pass's fused kernel for the compute dtype (``MAX_BLOCK_TOKENS``; 16 for
-#: fp32 on the GPU). It pays while it regenerates the noise once per pass, as the streamed path does,
-#: and saves that path's write + read of each chunk; a second token tile would regenerate it again.
-#: To be measured (M = 16..512 at N = K = 4096).
-IN_REGISTER_MAX_TOKENS: int = 64
-
-#: Small M gives the in-register kernels few output tiles; they split their reduction loop until the
-#: grid has about this many programs per SM (partials in fp32, summed after). To be measured.
-IN_REGISTER_PROGRAMS_PER_SM: int = 2
-
-#: Force the in-register split count (tests); None lets the rule above decide (1 off CUDA).
+#: Force the in-register split count (tests); None lets ``triton_tuning.IN_REGISTER_PROGRAMS_PER_SM`` decide (1 off CUDA).
 in_register_splits: int | None = None
 
 STRATEGY_ENV = "FLATLORA_TRITON_STRATEGY"
 STRATEGIES = ("auto", "streamed", "in_register")
 
-# Chunk lengths are rounded down to this many rows/counters (when the cap allows) so that chunk
-# views passed to cuBLAS stay 16-byte aligned and GEMM-tile friendly.
-_CHUNK_ALIGN = 64
 
-# GPU tiles: first guesses, checked only against the compiler's resource report for sm_90 (registers
-# per thread, no spills beyond libdevice's sin/cos scratch; `python benchmarks/gpu_kernels.py
-# --resources`), never timed. ``MAX_BLOCK_TOKENS`` caps the in-register kernels' token tile, which
-# the launcher sizes to M. fp32 compute takes smaller fused tiles: its exact ("ieee") dots run on
-# FMA units and hold their operands in registers.
-GPU_TILES = {
-    "row_scale": dict(BLOCK_ROWS=16, BLOCK_COLUMNS=128, num_warps=4),
-    "perturbed_weight": dict(BLOCK_ROWS=32, BLOCK_COUNTERS=32, num_warps=8),
-    "fused_forward": dict(MAX_BLOCK_TOKENS=64, BLOCK_OUT=64, BLOCK_COUNTERS=16, num_warps=8, num_stages=2),
-    "fused_input_grad": dict(MAX_BLOCK_TOKENS=64, BLOCK_OUT=64, BLOCK_COUNTERS=16, num_warps=8, num_stages=2),
-    "fused_forward_fp32": dict(MAX_BLOCK_TOKENS=16, BLOCK_OUT=32, BLOCK_COUNTERS=16, num_warps=8, num_stages=2),
-    "fused_input_grad_fp32": dict(MAX_BLOCK_TOKENS=16, BLOCK_OUT=32, BLOCK_COUNTERS=16, num_warps=8, num_stages=2),
-    "normal_rows": dict(BLOCK_ROWS=32, BLOCK_COUNTERS=64, num_warps=8),
-}
-# The interpreter runs programs one by one at ~1.7 ms per loop iteration: few, large tiles.
-INTERPRETER_TILES = {
-    "row_scale": dict(BLOCK_ROWS=64, BLOCK_COLUMNS=128),
-    "perturbed_weight": dict(BLOCK_ROWS=64, BLOCK_COUNTERS=64),
-    "fused_forward": dict(MAX_BLOCK_TOKENS=64, BLOCK_OUT=64, BLOCK_COUNTERS=64),
-    "fused_input_grad": dict(MAX_BLOCK_TOKENS=64, BLOCK_OUT=64, BLOCK_COUNTERS=64),
-    "normal_rows": dict(BLOCK_ROWS=64, BLOCK_COUNTERS=64),
-}
-_MAX_RANK_BLOCK = 64
+def _tile_table() -> dict:
+    return triton_tuning.INTERPRETER_TILES if INTERPRETING else triton_tuning.GPU_TILES
 
 # ---------------------------------------------------------------------------------------------
 # Strategy choice
@@ -140,9 +96,7 @@ def use_strategy(name: str) -> Iterator[None]:
 
 def in_register_max_tokens(compute_dtype: torch.dtype, kernel: str = "fused_forward") -> int:
     """Largest M the auto rule sends to ``kernel`` (``"fused_forward"`` or ``"fused_input_grad"``)."""
-    tables = INTERPRETER_TILES if INTERPRETING else GPU_TILES
-    tiles = tables.get(f"{kernel}_fp32", tables[kernel]) if compute_dtype == torch.float32 else tables[kernel]
-    return min(IN_REGISTER_MAX_TOKENS, tiles["MAX_BLOCK_TOKENS"])
+    return min(triton_tuning.IN_REGISTER_MAX_TOKENS, _fused_table_entry(kernel, compute_dtype)["MAX_BLOCK_TOKENS"])
 
 
 def choose_strategy(n_tokens: int, compute_dtype: torch.dtype, kernel: str = "fused_forward") -> str:
@@ -167,13 +121,18 @@ def choose_strategy(n_tokens: int, compute_dtype: torch.dtype, kernel: str = "fu
 
 
 def _tiles(kernel: str) -> dict:
-    return dict((INTERPRETER_TILES if INTERPRETING else GPU_TILES)[kernel])
+    return dict(_tile_table()[kernel])
+
+
+def _fused_table_entry(kernel: str, compute_dtype: torch.dtype) -> dict:
+    """An in-register kernel's tile entry: its ``_fp32`` variant for fp32 compute, where the table has one."""
+    table = _tile_table()
+    return table.get(f"{kernel}_fp32", table[kernel]) if compute_dtype == torch.float32 else table[kernel]
 
 
 def _fused_tiles(kernel: str, n_tokens: int, compute_dtype: torch.dtype) -> dict:
     """Tiles of an in-register kernel, with ``BLOCK_TOKENS`` sized to M (16 at least, for ``tl.dot``)."""
-    tables = INTERPRETER_TILES if INTERPRETING else GPU_TILES
-    tiles = dict(tables.get(f"{kernel}_fp32", tables[kernel]) if compute_dtype == torch.float32 else tables[kernel])
+    tiles = dict(_fused_table_entry(kernel, compute_dtype))
     cap = tiles.pop("MAX_BLOCK_TOKENS")
     # Plain comparisons: under torch.compile with a dynamic M they become simple guards.
     tiles["BLOCK_TOKENS"] = next((size for size in (16, 32, 64, 128) if n_tokens <= size or size >= cap), cap)
@@ -192,7 +151,7 @@ def _main_dot_tf32(compute_dtype: torch.dtype) -> bool:
 def _factor_constexprs(lora_A: Tensor, lora_B: Tensor, compute_dtype: torch.dtype) -> dict:
     """Compile-time settings of the ``B@A`` tiles (see ``kernels/weight_tile.py``)."""
     rank = lora_A.shape[0]
-    rank_block = min(_MAX_RANK_BLOCK, max(16, triton.next_power_of_2(rank)))
+    rank_block = min(triton_tuning.MAX_RANK_BLOCK, max(16, triton.next_power_of_2(rank)))
     native = (
         lora_A.dtype == lora_B.dtype
         and lora_A.dtype in (torch.float16, torch.bfloat16)
@@ -218,7 +177,7 @@ def _split_reduction(base_programs: int, loop_blocks: int, device: torch.device)
         wanted = in_register_splits
     elif device.type == "cuda":
         sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-        wanted = triton.cdiv(IN_REGISTER_PROGRAMS_PER_SM * sm_count, base_programs)
+        wanted = triton.cdiv(triton_tuning.IN_REGISTER_PROGRAMS_PER_SM * sm_count, base_programs)
     else:
         wanted = 1
     blocks_per_split = triton.cdiv(loop_blocks, max(1, min(wanted, loop_blocks)))
@@ -242,7 +201,8 @@ def _chunk_length(total: int, bytes_per_unit: int, output_bytes: int) -> int:
     fit = max(1, cap // bytes_per_unit)
     if fit >= total:
         return total
-    return fit // _CHUNK_ALIGN * _CHUNK_ALIGN if fit >= _CHUNK_ALIGN else fit
+    align = triton_tuning.CHUNK_ALIGN
+    return fit // align * align if fit >= align else fit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +230,7 @@ def regenerate_perturbed_weight(
     weight: Tensor,
     lora_A: Tensor,
     lora_B: Tensor,
-    row_scale: Tensor,
+    row_scales: Tensor,
     scaling: float,
     seed: Tensor,
     rows: tuple[int, int],
@@ -287,7 +247,7 @@ def regenerate_perturbed_weight(
         triton.cdiv(counter_end - counter_start, tiles["BLOCK_COUNTERS"]),
     )
     wrap_triton(perturbed_weight_kernel)[grid](
-        weight, lora_A, lora_B, row_scale, seed, out,
+        weight, lora_A, lora_B, row_scales, seed, out,
         row_start, row_end, counter_start, counter_end,
         in_features, counters_per_row(in_features), lora_A.shape[0], float(scaling),
         *_weight_strides(weight, lora_A, lora_B), stride_out_row, stride_out_strip,
@@ -295,12 +255,12 @@ def regenerate_perturbed_weight(
     )  # fmt: skip
 
 
-def perturbed_weight_rows(weight, lora_A, lora_B, row_scale, scaling, seed, row_start, row_end, dtype) -> Tensor:
+def perturbed_weight_rows(weight, lora_A, lora_B, row_scales, scaling, seed, row_start, row_end, dtype) -> Tensor:
     """``W'[row_start:row_end]`` as a new ``[rows, K]`` tensor of ``dtype``."""
     in_features = weight.shape[1]
     out = torch.empty((row_end - row_start, in_features), dtype=dtype, device=weight.device)
     regenerate_perturbed_weight(
-        out, weight, lora_A, lora_B, row_scale, scaling, seed,
+        out, weight, lora_A, lora_B, row_scales, scaling, seed,
         rows=(row_start, row_end), counters=(0, counters_per_row(in_features)),
         stride_out_row=in_features, stride_out_strip=counters_per_row(in_features),
     )  # fmt: skip
@@ -327,14 +287,14 @@ def philox_words(seed: Tensor, offsets: Tensor) -> Tensor:
 # --- streamed path ---------------------------------------------------------------------------
 
 
-def _forward_streamed(x, weight, lora_A, lora_B, bias, scaling, row_scale, seed) -> Tensor:
+def _forward_streamed(x, weight, lora_A, lora_B, bias, scaling, row_scales, seed) -> Tensor:
     n_tokens, in_features = x.shape
     out_features = weight.shape[0]
     rows_per_chunk = _chunk_length(
         out_features, in_features * x.element_size(), output_bytes=n_tokens * out_features * x.element_size()
     )
     regenerate = lambda start, end: perturbed_weight_rows(  # noqa: E731
-        weight, lora_A, lora_B, row_scale, scaling, seed, start, end, x.dtype
+        weight, lora_A, lora_B, row_scales, scaling, seed, start, end, x.dtype
     )
     if rows_per_chunk == out_features:
         w_perturbed = regenerate(0, out_features)
@@ -352,7 +312,7 @@ def _forward_streamed(x, weight, lora_A, lora_B, bias, scaling, row_scale, seed)
     return y
 
 
-def _input_grad_streamed(dy, weight, lora_A, lora_B, row_scale, scaling, seed) -> Tensor:
+def _input_grad_streamed(dy, weight, lora_A, lora_B, row_scales, scaling, seed) -> Tensor:
     n_tokens = dy.shape[0]
     out_features, in_features = weight.shape
     kq = counters_per_row(in_features)
@@ -361,14 +321,14 @@ def _input_grad_streamed(dy, weight, lora_A, lora_B, row_scale, scaling, seed) -
         kq, 4 * out_features * dy.element_size(), output_bytes=n_tokens * in_features * dy.element_size()
     )
     if counters_per_chunk == kq:
-        w_perturbed = perturbed_weight_rows(weight, lora_A, lora_B, row_scale, scaling, seed, 0, out_features, dy.dtype)
+        w_perturbed = perturbed_weight_rows(weight, lora_A, lora_B, row_scales, scaling, seed, 0, out_features, dy.dtype)
         return torch.mm(dy, w_perturbed)
     dx = dy.new_empty((n_tokens, in_features))
     for counter_start in range(0, kq, counters_per_chunk):
         width = min(kq, counter_start + counters_per_chunk) - counter_start
         chunk = dy.new_empty((out_features, 4, width))
         regenerate_perturbed_weight(
-            chunk, weight, lora_A, lora_B, row_scale, scaling, seed,
+            chunk, weight, lora_A, lora_B, row_scales, scaling, seed,
             rows=(0, out_features), counters=(counter_start, counter_start + width),
             stride_out_row=4 * width, stride_out_strip=width,
         )  # fmt: skip
@@ -385,7 +345,7 @@ def _input_grad_streamed(dy, weight, lora_A, lora_B, row_scale, scaling, seed) -
 # --- in-register path ------------------------------------------------------------------------
 
 
-def _forward_in_register(x, weight, lora_A, lora_B, bias, scaling, row_scale, seed) -> Tensor:
+def _forward_in_register(x, weight, lora_A, lora_B, bias, scaling, row_scales, seed) -> Tensor:
     n_tokens, in_features = x.shape
     out_features = weight.shape[0]
     kq = counters_per_row(in_features)
@@ -396,7 +356,7 @@ def _forward_in_register(x, weight, lora_A, lora_B, bias, scaling, row_scale, se
     )
     out, out_strides = _split_outputs(splits, (n_tokens, out_features), x.dtype, x.device)
     wrap_triton(fused_forward_kernel)[(*output_tiles, splits)](
-        x, weight, lora_A, lora_B, row_scale, seed, row_scale if bias is None else bias, out,
+        x, weight, lora_A, lora_B, row_scales, seed, row_scales if bias is None else bias, out,
         n_tokens, out_features, in_features, kq, blocks_per_split * tiles["BLOCK_COUNTERS"],
         lora_A.shape[0], float(scaling),
         *x.stride(), *_weight_strides(weight, lora_A, lora_B), *out_strides,
@@ -413,7 +373,7 @@ def _forward_in_register(x, weight, lora_A, lora_B, bias, scaling, row_scale, se
     return y.to(x.dtype)
 
 
-def _input_grad_in_register(dy, weight, lora_A, lora_B, row_scale, scaling, seed) -> Tensor:
+def _input_grad_in_register(dy, weight, lora_A, lora_B, row_scales, scaling, seed) -> Tensor:
     n_tokens = dy.shape[0]
     out_features, in_features = weight.shape
     kq = counters_per_row(in_features)
@@ -424,7 +384,7 @@ def _input_grad_in_register(dy, weight, lora_A, lora_B, row_scale, scaling, seed
     )
     out, out_strides = _split_outputs(splits, (n_tokens, in_features), dy.dtype, dy.device)
     wrap_triton(fused_input_grad_kernel)[(*output_tiles, splits)](
-        dy, weight, lora_A, lora_B, row_scale, seed, out,
+        dy, weight, lora_A, lora_B, row_scales, seed, out,
         n_tokens, out_features, in_features, kq, blocks_per_split * tiles["BLOCK_OUT"],
         lora_A.shape[0], float(scaling),
         *dy.stride(), *_weight_strides(weight, lora_A, lora_B), *out_strides,
@@ -465,9 +425,9 @@ def forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
         return _forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed)
 
 
-def backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx):
+def backward(dy, x, weight, lora_A, lora_B, row_scales, scaling, seed, compute_dx):
     with _on_device(x.device):
-        return _backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx)
+        return _backward(dy, x, weight, lora_A, lora_B, row_scales, scaling, seed, compute_dx)
 
 
 def _forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
@@ -485,17 +445,17 @@ def _forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
     return y, scale
 
 
-def _backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx):
+def _backward(dy, x, weight, lora_A, lora_B, row_scales, scaling, seed, compute_dx):
     dy = dy.to(x.dtype)
-    row_scale = row_scale.contiguous()
+    row_scales = row_scales.contiguous()
     n_tokens = x.shape[0]
     if not compute_dx:
         dx = x.new_empty(0)
     elif n_tokens == 0:
         dx = x.new_empty((0, weight.shape[1]))
     elif choose_strategy(n_tokens, x.dtype, "fused_input_grad") == "in_register":
-        dx = _input_grad_in_register(dy, weight, lora_A, lora_B, row_scale, scaling, seed)
+        dx = _input_grad_in_register(dy, weight, lora_A, lora_B, row_scales, scaling, seed)
     else:
-        dx = _input_grad_streamed(dy, weight, lora_A, lora_B, row_scale, scaling, seed)
+        dx = _input_grad_streamed(dy, weight, lora_A, lora_B, row_scales, scaling, seed)
     d_lora_A, d_lora_B = _lora_grads(dy, x, lora_A, lora_B, scaling)
     return dx, d_lora_A, d_lora_B

@@ -1,0 +1,61 @@
+"""The Triton backend's tuning, in one place: read by ``backends/triton_backend.py`` at call time and
+by ``benchmarks/gpu_kernels.py``. Each value says where it comes from. Nothing here has been timed on
+a GPU yet; "compiled" means checked against the sm_90 resource report
+(``benchmarks/results/sm90_resources.md``: registers, no stack beyond libdevice's 32-byte sin/cos
+scratch), which says nothing about speed.
+"""
+
+from __future__ import annotations
+
+#: Cap on one regenerated chunk of ``W'`` (bytes, compute dtype): the only memory the backend adds
+#: to LoRA's. Guess, sized to the memory target: 16 MiB is under 1% of LoRA's 1668 MiB peak for a
+#: 16-layer 4096-wide stack at M=8192 (docs/DESIGN.md, "memory"). Not swept.
+CHUNK_BYTES: int = 16 * 2**20
+
+#: A chunk may also grow to the size of its pass's output (y forward, dx backward): LoRA's own pass
+#: holds a second buffer of that size at the same moment (its branch's GEMM output, before the sum),
+#: so the peak stays at LoRA's and large M gets fewer, wider GEMMs. Reasoned from the memory
+#: argument (the CPU backend measured it, backends/cpu_tuning.py); its GPU speed is a guess.
+CHUNK_GROWS_TO_OUTPUT: bool = True
+
+#: Chunk lengths are rounded down to this many rows/counters (when the cap allows), so chunk views
+#: handed to cuBLAS start 16-byte aligned and the regeneration kernel's counter offsets are multiples
+#: of 16 (vectorised loads of W, docs/DESIGN.md "GPU code generation"). Guess.
+CHUNK_ALIGN: int = 64
+
+#: The dispatcher's auto rule: the in-register path for ``M <= IN_REGISTER_MAX_TOKENS`` and M within
+#: one token tile of that pass's fused kernel (``MAX_BLOCK_TOKENS`` below). Guess: to be measured
+#: (M = 16..512 at N = K = 4096, ``benchmarks/gpu_kernels.py`` crossover sweep).
+IN_REGISTER_MAX_TOKENS: int = 64
+
+#: Small M gives the in-register kernels few output tiles; they split their reduction loop until the
+#: grid has about this many programs per SM (fp32 partials, summed after). Guess.
+IN_REGISTER_PROGRAMS_PER_SM: int = 2
+
+#: Largest rank block of the ``B@A`` tiles (``kernels/weight_tile.py``): larger ranks run in blocks.
+#: Compiled (sm_90 report): fits registers for 16-bit factors at r <= 64. Guess beyond that.
+MAX_RANK_BLOCK: int = 64
+
+#: GPU tiles. Compiled (sm_90 report), not timed. ``MAX_BLOCK_TOKENS`` caps the in-register kernels'
+#: token tile, which the launcher sizes to M. fp32 compute takes smaller fused tiles: its exact
+#: ("ieee") dots run on FMA units and hold their operands in registers.
+GPU_TILES: dict[str, dict] = {
+    "row_scale": dict(BLOCK_ROWS=16, BLOCK_COLUMNS=128, num_warps=4),
+    "perturbed_weight": dict(BLOCK_ROWS=32, BLOCK_COUNTERS=32, num_warps=8),
+    "fused_forward": dict(MAX_BLOCK_TOKENS=64, BLOCK_OUT=64, BLOCK_COUNTERS=16, num_warps=8, num_stages=2),
+    "fused_input_grad": dict(MAX_BLOCK_TOKENS=64, BLOCK_OUT=64, BLOCK_COUNTERS=16, num_warps=8, num_stages=2),
+    "fused_forward_fp32": dict(MAX_BLOCK_TOKENS=16, BLOCK_OUT=32, BLOCK_COUNTERS=16, num_warps=8, num_stages=2),
+    "fused_input_grad_fp32": dict(MAX_BLOCK_TOKENS=16, BLOCK_OUT=32, BLOCK_COUNTERS=16, num_warps=8, num_stages=2),
+    "normal_rows": dict(BLOCK_ROWS=32, BLOCK_COUNTERS=64, num_warps=8),
+}
+
+#: Interpreter tiles (``TRITON_INTERPRET=1``, CPU tensors, tests): it runs programs one by one and
+#: pays per loop iteration (~1.7 ms each on the development machine, not re-measured), so few,
+#: large tiles. Guess.
+INTERPRETER_TILES: dict[str, dict] = {
+    "row_scale": dict(BLOCK_ROWS=64, BLOCK_COLUMNS=128),
+    "perturbed_weight": dict(BLOCK_ROWS=64, BLOCK_COUNTERS=64),
+    "fused_forward": dict(MAX_BLOCK_TOKENS=64, BLOCK_OUT=64, BLOCK_COUNTERS=64),
+    "fused_input_grad": dict(MAX_BLOCK_TOKENS=64, BLOCK_OUT=64, BLOCK_COUNTERS=64),
+    "normal_rows": dict(BLOCK_ROWS=64, BLOCK_COUNTERS=64),
+}
