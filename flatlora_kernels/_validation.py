@@ -1,4 +1,9 @@
-"""Argument checks shared by every entry point: bad input fails here, in Python, with a clear message."""
+"""Argument checks shared by every entry point: bad input fails here, in Python, with a clear message.
+
+The number checks (``check_integer``, ``check_real``) are the one place that decides what counts as
+a number: ``bool`` is an ``int`` subclass, but ``True`` passed as a rank, a radius or a noise level
+is a bug, so bools are rejected everywhere; NaN and infinities are rejected for every real.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,56 @@ import torch
 from torch import Tensor
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def is_integer(value) -> bool:
+    """An integral number that is not a bool (numpy integers count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A real number that is not a bool (ints and numpy floats count; NaN too: see ``check_real``)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_integer(name: str, value, *, minimum: int, optional: bool = False) -> int | None:
+    """``int(value)`` if ``value`` is an integer >= ``minimum`` (or None when ``optional``), else ValueError."""
+    if optional and value is None:
+        return None
+    if not is_integer(value) or value < minimum:
+        what = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ValueError(f"{name} must be {what}{' (or None)' if optional else ''}, got {value!r}")
+    return int(value)
+
+
+def check_real(
+    name: str,
+    value,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> float | None:
+    """``float(value)`` if ``value`` is a finite real number within the bounds (each closed unless
+    ``*_open``; None: unbounded), or None when ``optional``; else ValueError naming the range."""
+    if optional and value is None:
+        return None
+    inside = is_real(value) and math.isfinite(value)
+    inside = inside and (low is None or (value > low if low_open else value >= low))
+    inside = inside and (high is None or (value < high if high_open else value <= high))
+    if not inside:
+        if low is not None and high is not None:
+            bounds = f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        elif low is not None:
+            bounds = f" {'>' if low_open else '>='} {low}"
+        elif high is not None:
+            bounds = f" {'<' if high_open else '<='} {high}"
+        else:
+            bounds = ""
+        raise ValueError(f"{name} must be a finite number{bounds}{' (or None)' if optional else ''}, got {value!r}")
+    return float(value)
 
 
 def _check_float_tensor(name: str, t: Tensor) -> None:
@@ -71,7 +126,7 @@ def check_sigma(sigma: float | Tensor) -> None:
         if sigma.device.type != "cpu" or torch.compiler.is_compiling():
             return  # reading it would sync the device (or break the graph); the schedule keeps it valid
         value = float(sigma)
-    elif isinstance(sigma, numbers.Real) and not isinstance(sigma, bool):
+    elif is_real(sigma):
         value = float(sigma)
     else:
         raise TypeError(f"sigma must be a float or a 1-element tensor, got {type(sigma).__name__}")
@@ -83,8 +138,7 @@ def check_scaling(scaling: float) -> None:
     """scaling: a finite real number; a symbolic one (``torch.compile(dynamic=True)``) is checked for type only."""
     if isinstance(scaling, (torch.SymFloat, torch.SymInt)) or torch.compiler.is_compiling():
         return  # may be symbolic while tracing, where math.isfinite breaks the graph; eager calls check it
-    if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool) or not math.isfinite(scaling):
-        raise ValueError(f"scaling must be a finite real number, got {scaling!r}")
+    check_real("scaling", scaling)
 
 
 def check_seed(seed: int | Tensor) -> None:
@@ -93,7 +147,7 @@ def check_seed(seed: int | Tensor) -> None:
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise TypeError(f"seed tensor must be one int64 value, got {seed.numel()} x {seed.dtype}")
         return
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    if not is_integer(seed):
         raise TypeError(f"seed must be an int or a 0-dim int64 tensor, got {type(seed).__name__}")
     if not 0 <= int(seed) < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")

@@ -43,7 +43,6 @@ subtracted, so unmerge is bit-exact in bf16, at the cost of a second weight copy
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import sys
 import warnings
@@ -52,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._validation import check_integer, check_real
 from .functional import flat_lora_linear
 from .step_noise import StepNoise
 
@@ -82,22 +82,11 @@ def _is_conv1d(module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _check_config(r, lora_alpha, sigma, lora_dropout) -> None:
-    _check_positive_int("r", r)
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not (
-        math.isfinite(lora_alpha) and lora_alpha > 0
-    ):
-        raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (math.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    check_integer("r", r, minimum=1)
+    check_real("lora_alpha", lora_alpha, low=0, low_open=True)
+    check_real("sigma", sigma, low=0)
+    check_real("lora_dropout", lora_dropout, low=0, high=1, high_open=True)
 
 
 def dropout_correction(x: Tensor, dropout: nn.Module, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
@@ -144,8 +133,8 @@ class FlatLoraLinear(StepNoise):
         lora_dtype=None,
     ) -> None:
         super().__init__()
-        in_features = _check_positive_int("in_features", in_features)
-        out_features = _check_positive_int("out_features", out_features)
+        in_features = check_integer("in_features", in_features, minimum=1)
+        out_features = check_integer("out_features", out_features, minimum=1)
         self._configure(in_features, out_features, r, lora_alpha, sigma, fused, lora_dropout, use_rslora)
         factory = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)

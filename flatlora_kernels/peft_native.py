@@ -24,6 +24,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from ._validation import check_real
 from .functional import flat_lora_linear
 from .modules import dropout_correction, user_stacklevel
 from .step_noise import StepNoise
@@ -152,10 +153,8 @@ def enable_flat_lora(peft_model: nn.Module, *, sigma: float = 0.05, fused: bool 
     the model is already patched ("already converted"). Drive it with
     ``FlatLoraSchedule(peft_model, total_steps)`` (or ``FlatLoraCallback``); undo with ``disable_flat_lora``.
     """
-    from .modules import _check_config
-
     LoraLayer, peft_linear = _peft_lora_classes()
-    _check_config(1, 1, sigma, 0.0)
+    check_real("sigma", sigma, low=0)
     if _patched_layers(peft_model):
         raise ValueError("enable_flat_lora: the model is already converted (call disable_flat_lora first)")
     if adapter is None:

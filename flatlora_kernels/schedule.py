@@ -7,7 +7,9 @@ forwards recomputed by ``torch.utils.checkpoint``, see the same eps.
 Factor: ``factor(t) = 0.5 * (1 - cos(pi * min(t, T) / T))``, t = optimizer steps done, T =
 ``total_steps`` (optimizer steps, i.e. after gradient accumulation; every data-parallel rank steps
 once per global step, so T does not depend on the world size). The layer's noise level is
-``sigma * factor(t)``: 0 for the first step, rising to ``sigma``.
+``sigma * factor(t)``: 0 for the first step, rising to ``sigma``. This cosine *rises*; the
+sharpness methods' ``rho_schedule="cosine"`` (``flatlora_kernels/sharpness/rho_schedule.py``) is the
+opposite, a radius that *decays* from ``rho`` to 0.
 
 Seeds: the seed of layer ``l`` at step ``t`` on data-parallel rank ``k`` is ``derive_seed(seed, t, l, k)``,
 a splitmix64-style hash, so draws are independent across layers, steps and ranks and reproducible
@@ -28,18 +30,23 @@ Distributed training
   whole rows of ``W + s*B@A``) is the same as without sharding; the frozen base weight is sharded and
   gathered like any parameter but never receives a gradient, and only the LoRA factors are reduced.
   Build the schedule on every rank from the same ``seed``; each rank then draws its own stream
-  (``per_rank_seeds=True``), or all ranks share one with ``per_rank_seeds=False``. With hybrid
-  data/tensor/pipeline parallelism pass ``rank=`` the data-parallel rank.
+  (``per_rank_seeds=True``), or all ranks share one with ``per_rank_seeds=False``.
+* Tensor parallelism (and hybrid data/tensor/pipeline parallelism): pass ``rank=`` the
+  *data-parallel* rank, never the global one. All shards of a layer must share its seed (each uses
+  its own block of the one noise matrix), so ranks that hold shards of the same replica must get
+  the same ``rank=``; with tensor parallelism alone that is 0.
+
+The setups, and what each was tested with, are in ``docs/DISTRIBUTED.md``.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 
 from torch import distributed as dist
 from torch import nn
 
+from ._validation import check_integer
 from .modules import FlatLoraLinear
 from .peft_native import PeftNoiseState
 
@@ -69,7 +76,8 @@ def _hash_words(*words: int) -> int:
 
 
 def cosine_factor(step: int, total_steps: int) -> float:
-    """``0.5 * (1 - cos(pi * t / T))`` with ``t`` clamped to ``[0, T]``."""
+    """``0.5 * (1 - cos(pi * t / T))`` with ``t`` clamped to ``[0, T]``: rises from 0 to 1 (the rho
+    schedule's "cosine" in ``sharpness/rho_schedule.py`` decays instead)."""
     t = min(max(step, 0), total_steps)
     return 0.5 * (1.0 - math.cos(math.pi * t / total_steps))
 
@@ -89,12 +97,6 @@ def derive_seed(seed: int, step: int, layer_index: int, rank: int = 0) -> int:
     return step_seed(seed, step, layer_index) ^ rank_key(seed, rank)
 
 
-def _check_non_negative_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
-
-
 class FlatLoraSchedule:
     """Drives the noise of every ``FlatLoraLinear`` in ``model``: call ``.step()`` once per optimizer step.
 
@@ -104,7 +106,9 @@ class FlatLoraSchedule:
         total_steps: T, the number of optimizer steps of the run. ``None`` leaves it to be filled in
             later (``FlatLoraCallback`` takes ``TrainerState.max_steps``); the factor is 0 until then.
         seed: base seed of the noise stream (use the same on every rank).
-        rank: data-parallel rank; ``None`` reads ``torch.distributed.get_rank()`` (0 without a group).
+        rank: data-parallel rank; ``None`` reads ``torch.distributed.get_rank()`` (0 without a group),
+            which is right for pure data parallelism only: under tensor parallelism pass the
+            data-parallel rank (all shards of a layer share a seed; see the module docstring).
         per_rank_seeds: True gives each rank its own draws (more noise samples per step); False makes
             all ranks draw the same eps.
     """
@@ -125,8 +129,8 @@ class FlatLoraSchedule:
                 "(call apply_flat_lora, or enable_flat_lora on a PeftModel, first)"
             )
         self.total_steps = total_steps
-        self.seed = _check_non_negative_int("seed", seed)
-        self.rank = None if rank is None else _check_non_negative_int("rank", rank)
+        self.seed = check_integer("seed", seed, minimum=0)
+        self.rank = check_integer("rank", rank, minimum=0, optional=True)
         self.per_rank_seeds = bool(per_rank_seeds)
         self.step_count = 0
         self._apply()
@@ -137,9 +141,7 @@ class FlatLoraSchedule:
 
     @total_steps.setter
     def total_steps(self, value: int | None) -> None:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-            raise ValueError(f"total_steps must be a positive integer (or None), got {value!r}")
-        self._total_steps = None if value is None else int(value)
+        self._total_steps = check_integer("total_steps", value, minimum=1, optional=True)
 
     @property
     def factor(self) -> float:
@@ -168,7 +170,7 @@ class FlatLoraSchedule:
 
     def set_step(self, step: int) -> None:
         """Jump to ``step`` optimizer steps done (e.g. the trainer's global step on resume)."""
-        self.step_count = _check_non_negative_int("step", step)
+        self.step_count = check_integer("step", step, minimum=0)
         self._apply()
 
     def state_dict(self) -> dict:
@@ -182,7 +184,7 @@ class FlatLoraSchedule:
     def load_state_dict(self, state: dict) -> None:
         """Resume: the next ``step()`` continues the saved run's stream exactly."""
         self.total_steps = state["total_steps"]
-        self.seed = _check_non_negative_int("seed", state["seed"])
+        self.seed = check_integer("seed", state["seed"], minimum=0)
         self.per_rank_seeds = bool(state.get("per_rank_seeds", self.per_rank_seeds))
         self.set_step(state["step"])
 

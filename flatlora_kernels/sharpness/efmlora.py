@@ -18,13 +18,13 @@ holds ``B + E_hat``: evaluate inside ``with opt.unperturbed():`` and save checkp
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
+from .._validation import check_real
 from .offset import ReversibleOffset
 from .optimizer_wrapper import LoraSharpnessOptimizer
 
@@ -43,7 +43,8 @@ class EFMLoRA(LoraSharpnessOptimizer):
             evaluate(model)                     # sees the plain B
 
     Args:
-        model, base_optimizer, rho, rho_schedule, total_steps, normalization, pinv_rtol: as ``FMLoRA``.
+        model, base_optimizer, rho, and the keyword options rho_schedule, total_steps, normalization,
+            pinv_rtol: as ``FMLoRA``.
         beta: EMA weight of the newest perturbation, in (0, 1]; 0.9 (the public port's default)
             follows the newest gradient closely while smoothing step-to-step noise; 1 uses only the
             previous step's perturbation.
@@ -62,24 +63,11 @@ class EFMLoRA(LoraSharpnessOptimizer):
         base_optimizer: torch.optim.Optimizer,
         rho: float = 0.05,
         beta: float = 0.9,
-        *,
-        rho_schedule: str | Callable[[int], float] = "constant",
-        total_steps: int | None = None,
-        normalization: str = "layer",
-        pinv_rtol: float | None = None,
+        **options,
     ) -> None:
-        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 < beta <= 1:
-            raise ValueError(f"beta must be a number in (0, 1], got {beta!r}")
-        super().__init__(
-            model,
-            base_optimizer,
-            rho=rho,
-            rho_schedule=rho_schedule,
-            total_steps=total_steps,
-            normalization=normalization,
-            pinv_rtol=pinv_rtol,
-        )
-        self.beta = float(beta)
+        beta = check_real("beta", beta, low=0, high=1, low_open=True)
+        super().__init__(model, base_optimizer, rho, **options)
+        self.beta = beta
         self._offset = ReversibleOffset()
         self.perturbation_ema: list[Tensor] | None = None  # E_hat per layer; None until the first step
 

@@ -51,6 +51,9 @@ class FMLoRA(LoraSharpnessOptimizer):
         pinv_rtol: eigenvalue cut-off of the guarded Gram pseudo-inverses (default ``64 * eps``).
         grad_scaler: a ``torch.amp.GradScaler`` if the closure backpropagates ``scaler.scale(loss)``.
 
+    ``rho_schedule``, ``total_steps``, ``normalization`` and ``pinv_rtol`` are keyword-only; they go
+    through ``**options`` to ``LoraSharpnessOptimizer``, which holds their defaults.
+
     Gradient accumulation: the closure runs all micro-batches of the step (each ``backward`` adds
     to ``.grad``); the perturbation is fixed between its two calls. ``step`` zeroes the gradients
     of the base optimizer's parameters before each call, so the closure need not.
@@ -71,21 +74,10 @@ class FMLoRA(LoraSharpnessOptimizer):
         base_optimizer: torch.optim.Optimizer,
         rho: float = 0.05,
         *,
-        rho_schedule: str | Callable[[int], float] = "constant",
-        total_steps: int | None = None,
-        normalization: str = "layer",
-        pinv_rtol: float | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
+        **options,
     ) -> None:
-        super().__init__(
-            model,
-            base_optimizer,
-            rho=rho,
-            rho_schedule=rho_schedule,
-            total_steps=total_steps,
-            normalization=normalization,
-            pinv_rtol=pinv_rtol,
-        )
+        super().__init__(model, base_optimizer, rho, **options)
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler or None, got {type(grad_scaler).__name__}")
         self.grad_scaler = grad_scaler

@@ -13,11 +13,12 @@ frozen, and the gradient estimate needs the gradients of both A and B.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import Tensor, nn
+
+from .._validation import is_real
 
 __all__ = ["LoraLayerRef", "find_lora_layers"]
 
@@ -79,7 +80,7 @@ def _as_layer_ref(name: str, module: nn.Module) -> LoraLayerRef | None:
     if lora_A is None or lora_B is None or scaling is None:
         return None
     if isinstance(lora_A, Tensor) and isinstance(lora_B, Tensor):
-        if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        if not is_real(scaling):
             return None
         ref = LoraLayerRef(name, module)
     elif isinstance(lora_A, Mapping | nn.ModuleDict) and isinstance(scaling, Mapping):

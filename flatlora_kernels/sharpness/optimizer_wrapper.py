@@ -8,12 +8,12 @@ the wrapper act on the base optimizer; ``step`` adds the perturbation logic arou
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from .._validation import check_real
 from .layers import LoraLayerRef, find_lora_layers
 from .perturbation import NORMALIZATIONS, compute_b_perturbations
 from .rho_schedule import RhoSchedule
@@ -22,18 +22,19 @@ __all__ = ["LoraSharpnessOptimizer"]
 
 
 class LoraSharpnessOptimizer(torch.optim.Optimizer):
-    """Base class; see ``FMLoRA`` and ``EFMLoRA`` for the arguments."""
+    """Base class; ``FMLoRA`` documents the arguments. The keyword options and their defaults are
+    defined here only: the subclasses pass their ``**options`` through."""
 
     def __init__(
         self,
         model: nn.Module,
         base_optimizer: torch.optim.Optimizer,
+        rho: float = 0.05,
         *,
-        rho: float,
-        rho_schedule: str | Callable[[int], float],
-        total_steps: int | None,
-        normalization: str,
-        pinv_rtol: float | None,
+        rho_schedule: str | Callable[[int], float] = "constant",
+        total_steps: int | None = None,
+        normalization: str = "layer",
+        pinv_rtol: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -43,13 +44,9 @@ class LoraSharpnessOptimizer(torch.optim.Optimizer):
             raise TypeError("base_optimizer is already an FMLoRA/EFMLoRA wrapper; wrap the plain optimizer once")
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-        if pinv_rtol is not None and (
-            isinstance(pinv_rtol, bool) or not isinstance(pinv_rtol, numbers.Real) or not 0 <= pinv_rtol < 1
-        ):
-            raise ValueError(f"pinv_rtol must be a number in [0, 1) or None, got {pinv_rtol!r}")
+        self.pinv_rtol = check_real("pinv_rtol", pinv_rtol, low=0, high=1, high_open=True, optional=True)
         self.rho_schedule = RhoSchedule(rho, rho_schedule, total_steps)
         self.normalization = normalization
-        self.pinv_rtol = None if pinv_rtol is None else float(pinv_rtol)
         self.layers: list[LoraLayerRef] = find_lora_layers(model)
         if not self.layers:
             raise ValueError(

@@ -14,8 +14,9 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
+
+from .._validation import check_integer, check_real
 
 __all__ = ["RHO_SCHEDULES", "RhoSchedule"]
 
@@ -33,20 +34,19 @@ class RhoSchedule:
     """``rho_at(t)``: the radius used by optimizer step ``t`` (1-based)."""
 
     def __init__(self, rho: float, schedule: str | Callable[[int], float] = "constant", total_steps: int | None = None):
-        if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not math.isfinite(rho) or rho < 0:
-            raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+        self.rho = check_real("rho", rho, low=0)
         if not callable(schedule) and schedule not in RHO_SCHEDULES:
             raise ValueError(
                 f"rho_schedule must be one of {RHO_SCHEDULES} or a callable step -> factor, got {schedule!r}"
             )
         needs_total = schedule in ("linear", "cosine")
-        if needs_total and (
-            isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1
-        ):
-            raise ValueError(f"rho_schedule={schedule!r} needs total_steps, a positive integer; got {total_steps!r}")
-        self.rho = float(rho)
         self.schedule = schedule
-        self.total_steps = None if total_steps is None else int(total_steps)
+        self.total_steps = check_integer(
+            f"total_steps (for rho_schedule={schedule!r})" if needs_total else "total_steps",
+            total_steps,
+            minimum=1,
+            optional=not needs_total,
+        )
 
     def factor(self, step: int) -> float:
         if callable(self.schedule):
@@ -58,7 +58,7 @@ class RhoSchedule:
         progress = _decay_progress(step, self.total_steps)
         if self.schedule == "linear":
             return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+        return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine: decays (the noise schedule's rises)
 
     def rho_at(self, step: int) -> float:
         rho = self.rho * self.factor(step)
