@@ -1,8 +1,10 @@
 """Argument checks shared by every entry point: bad input fails here, in Python, with a clear message.
 
-The number checks (``check_integer``, ``check_real``) are the one place that decides what counts as
-a number: ``bool`` is an ``int`` subclass, but ``True`` passed as a rank, a radius or a noise level
-is a bug, so bools are rejected everywhere; NaN and infinities are rejected for every real.
+The number checks (``check_integer``, ``check_real``, ``is_integer``, ``is_real``) are the one
+place that decides what counts as a number: ``bool`` is an ``int`` subclass, but ``True`` passed as
+a rank, a radius or a noise level is a bug, so bools are rejected everywhere; NaN and infinities
+are rejected for every real. ``scalar_tensor`` is the one conversion of a scalar argument (sigma,
+seed) to the 0-dim tensor the ops and the noise stream take.
 """
 
 from __future__ import annotations
@@ -64,6 +66,14 @@ def check_real(
             bounds = ""
         raise ValueError(f"{name} must be a finite number{bounds}{' (or None)' if optional else ''}, got {value!r}")
     return float(value)
+
+
+def scalar_tensor(value: float | int | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A checked scalar argument (sigma, seed) as the 0-dim tensor the ops and the noise stream take:
+    a tensor is detached and moved without a host sync, a Python number is wrapped."""
+    if isinstance(value, Tensor):
+        return value.detach().to(device=device, dtype=dtype).reshape(())
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
 def _check_float_tensor(name: str, t: Tensor) -> None:

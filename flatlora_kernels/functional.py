@@ -6,7 +6,9 @@ import torch
 from torch import Tensor
 
 from . import backends, ops  # noqa: F401  (ops registers torch.ops.flatlora.*)
-from ._validation import check_bias, check_input, check_scaling, check_seed, check_sigma, check_weights
+from ._validation import (
+    check_bias, check_input, check_scaling, check_seed, check_sigma, check_weights, scalar_tensor,
+)
 
 __all__ = ["flat_lora_linear", "resolve_backend"]
 
@@ -17,12 +19,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     The rules come from the backend declarations in ``flatlora_kernels.backends.REGISTRY``.
     """
     return backends.resolve(backend, device)
-
-
-def _as_device_tensor(value, dtype: torch.dtype, device: torch.device) -> Tensor:
-    if isinstance(value, Tensor):
-        return value.detach().to(device=device, dtype=dtype).reshape(())
-    return torch.tensor(value, dtype=dtype, device=device)
 
 
 def flat_lora_linear(
@@ -66,8 +62,8 @@ def flat_lora_linear(
     # Autocast has no meta device; meta tensors (shape-only tracing) take the ops' fake kernels.
     if device.type != "meta" and torch.is_autocast_enabled(device.type):
         x = x.to(torch.get_autocast_dtype(device.type))
-    sigma_t = _as_device_tensor(sigma, torch.float32, device)
-    seed_t = _as_device_tensor(seed, torch.int64, device)
+    sigma_t = scalar_tensor(sigma, torch.float32, device)
+    seed_t = scalar_tensor(seed, torch.int64, device)
     out_features, in_features = weight.shape
     with torch.autocast("cpu" if device.type == "meta" else device.type, enabled=False):
         y, _ = torch.ops.flatlora.forward(

@@ -59,6 +59,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._validation import scalar_tensor
+
 __all__ = [
     "PHILOX_ROUNDS",
     "counters_per_row",
@@ -144,12 +146,6 @@ def _normals_from_words(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor) -> list[
     return [lane.view(c0.shape) for lane in lanes]
 
 
-def _seed_tensor(seed: int | Tensor, device: torch.device) -> Tensor:
-    if isinstance(seed, Tensor):
-        return seed.to(device=device, dtype=torch.int64).reshape(())
-    return torch.tensor(seed, dtype=torch.int64, device=device)
-
-
 def normal_rows(
     seed: int | Tensor,
     in_features: int,
@@ -163,7 +159,7 @@ def normal_rows(
     kq = counters_per_row(in_features)
     rows = torch.arange(row_start, row_end, device=device, dtype=torch.int64)
     offsets = rows[:, None] * kq + torch.arange(kq, device=device, dtype=torch.int64)[None, :]
-    lanes = _normals_from_words(*philox4x32_10(_seed_tensor(seed, device), offsets))
+    lanes = _normals_from_words(*philox4x32_10(scalar_tensor(seed, torch.int64, device), offsets))
     # Lane t covers columns [t*Kq, (t+1)*Kq): concatenating the lanes lays the row out in order.
     return torch.cat(lanes, dim=1)[:, :in_features]
 
@@ -184,7 +180,7 @@ def normal_block(
     j = torch.arange(*cols, device=device, dtype=torch.int64)
     lane = j // kq  # which of a call's four normals holds column j
     offsets = i[:, None] * kq + (j - lane * kq)[None, :]
-    lanes = torch.stack(_normals_from_words(*philox4x32_10(_seed_tensor(seed, device), offsets)))
+    lanes = torch.stack(_normals_from_words(*philox4x32_10(scalar_tensor(seed, torch.int64, device), offsets)))
     return lanes.gather(0, lane.expand(len(i), len(j))[None]).squeeze(0)
 
 
