@@ -126,3 +126,26 @@ def spawn(fn, world_size: int = 2, args: tuple = (), deadline_s: float = 60) -> 
             broken.close()
     if message is not None:  # outside the except block: the ranks' tracebacks are shown once
         pytest.fail(message, pytrace=False)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a (possibly DTensor) tensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+GLOBAL_BATCH = 8  # the small 8 -> ... -> 4 models of test_fsdp.py and test_dcp.py
+
+
+def train_step(model, optimizer, schedule, step: int, rank=None, world_size: int = 1) -> torch.Tensor:
+    """One optimizer step on the global batch of ``step`` (this rank's slice of it when ``rank`` is
+    given); the batch depends only on the step. Returns the detached local MSE loss."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    x, y = torch.randn(GLOBAL_BATCH, 8, generator=gen), torch.randn(GLOBAL_BATCH, 4, generator=gen)
+    if rank is not None:
+        x, y = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    schedule.step()
+    return loss.detach()

@@ -17,11 +17,10 @@ from flatlora_kernels.distributed import load_checkpoint, save_checkpoint
 from flatlora_kernels.model_helpers import apply_flat_lora, flat_lora_layers
 from flatlora_kernels.schedule import FlatLoraSchedule
 
-from ._dist_utils import spawn
+from ._dist_utils import full_tensor, spawn, train_step
 
 TOTAL = 4
 STOP = 2
-GLOBAL_BATCH = 8
 
 
 def _build_model(adapter_seed: int = 0) -> nn.Module:
@@ -45,25 +44,12 @@ def _run(model, optimizer, schedule, until, rank=None, world_size=1):
     """Train from the schedule's step to ``until``; the batch of a step depends only on the step."""
     losses = []
     while schedule.step_count < until:
-        gen = torch.Generator().manual_seed(1000 + schedule.step_count)
-        x, y = torch.randn(GLOBAL_BATCH, 8, generator=gen), torch.randn(GLOBAL_BATCH, 4, generator=gen)
-        if rank is not None:
-            x, y = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        schedule.step()
-        losses.append(loss.detach())
+        losses.append(train_step(model, optimizer, schedule, schedule.step_count, rank, world_size))
     return torch.stack(losses)
 
 
-def _full(tensor):
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
 def _adapters(model):
-    return {n: _full(p.detach()).clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _assert_same(a: dict, b: dict, **tol):

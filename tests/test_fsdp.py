@@ -8,8 +8,6 @@ bf16-parameter / fp32-reduce ``MixedPrecisionPolicy`` trains and keeps the fp32 
 and close to the fp32 run.
 """
 
-import copy
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -18,10 +16,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from flatlora_kernels.model_helpers import apply_flat_lora, flat_lora_layers
 from flatlora_kernels.schedule import FlatLoraSchedule
 
-from ._dist_utils import spawn
+from ._dist_utils import full_tensor, spawn, train_step
 
 STEPS = 3
-GLOBAL_BATCH = 8
 
 
 def _build_model() -> nn.Module:
@@ -34,34 +31,17 @@ def _build_model() -> nn.Module:
     return model
 
 
-def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(GLOBAL_BATCH, 8, generator=gen), torch.randn(GLOBAL_BATCH, 4, generator=gen)
-
-
 def _train(model, schedule, rank=None, world_size=1):
     """STEPS optimizer steps; each rank takes its slice of the global batch. Returns global losses."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for step in range(STEPS):
-        x, y = _batch(step)
-        if rank is not None:
-            x, y = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        schedule.step()
-        loss = loss.detach()
+        loss = train_step(model, optimizer, schedule, step, rank, world_size)
         if rank is not None:
             dist.all_reduce(loss)
             loss /= world_size
         losses.append(loss)
     return torch.stack(losses), optimizer
-
-
-def _full(tensor) -> torch.Tensor:
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _shard(model, per_layer: bool, mp_policy=None) -> nn.Module:
@@ -85,7 +65,7 @@ def _check_matches_one_process(rank, world_size, per_layer):
 
     ref_params = dict(reference.named_parameters())
     for name, param in model.named_parameters():
-        full = _full(param.detach())
+        full = full_tensor(param.detach())
         if param.requires_grad:
             torch.testing.assert_close(full, ref_params[name].detach(), rtol=1e-5, atol=1e-6, msg=name)
         else:
@@ -131,7 +111,7 @@ def _check_mixed_precision(rank, world_size):
     for name, param in model.named_parameters():
         assert param.dtype == torch.float32, f"{name}: sharded parameter not kept in fp32"
         if param.requires_grad:
-            assert torch.isfinite(_full(param.detach())).all()
+            assert torch.isfinite(full_tensor(param.detach())).all()
 
 
 def _worker(rank, world_size):

@@ -64,15 +64,19 @@ def _check_args(model, optimizer, schedule) -> None:
         raise TypeError(f"schedule must be a FlatLoraSchedule, got {type(schedule).__name__}")
 
 
-def _states(model, optimizer, options):
-    if optimizer is None:
-        return get_model_state_dict(model, options=options), None
-    return get_state_dict(model, optimizers=optimizer, options=options)
-
-
-def _options(adapter_only: bool) -> StateDictOptions:
+def _state(model, optimizer, schedule, adapter_only: bool) -> tuple[StateDictOptions, dict]:
+    """The checked arguments' DCP state (model, schedule, optimizer if any) and the options it was read with."""
+    _check_args(model, optimizer, schedule)
     # Adapter-only: the frozen base weights are neither saved nor expected back on load.
-    return StateDictOptions(ignore_frozen_params=adapter_only, strict=not adapter_only)
+    options = StateDictOptions(ignore_frozen_params=adapter_only, strict=not adapter_only)
+    if optimizer is None:
+        model_state, optim_state = get_model_state_dict(model, options=options), None
+    else:
+        model_state, optim_state = get_state_dict(model, optimizers=optimizer, options=options)
+    state = {"model": model_state, "schedule": schedule_state_tensors(schedule)}
+    if optim_state is not None:
+        state["optimizer"] = optim_state
+    return options, state
 
 
 def save_checkpoint(
@@ -88,12 +92,7 @@ def save_checkpoint(
     ``adapter_only=True`` stores only the parameters that require grad (the LoRA factors): the frozen
     base weights are then expected to be rebuilt from the base model on resume.
     """
-    _check_args(model, optimizer, schedule)
-    options = _options(adapter_only)
-    model_state, optim_state = _states(model, optimizer, options)
-    state = {"model": model_state, "schedule": schedule_state_tensors(schedule)}
-    if optim_state is not None:
-        state["optimizer"] = optim_state
+    _, state = _state(model, optimizer, schedule, adapter_only)
     dcp.save(state, checkpoint_id=os.fspath(path))
 
 
@@ -112,12 +111,7 @@ def load_checkpoint(
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"load_checkpoint: no checkpoint directory at {os.fspath(path)!r}")
-    _check_args(model, optimizer, schedule)
-    options = _options(adapter_only)
-    model_state, optim_state = _states(model, optimizer, options)
-    state = {"model": model_state, "schedule": schedule_state_tensors(schedule)}
-    if optim_state is not None:
-        state["optimizer"] = optim_state
+    options, state = _state(model, optimizer, schedule, adapter_only)
     dcp.load(state, checkpoint_id=os.fspath(path))
     if optimizer is None:
         set_model_state_dict(model, state["model"], options=options)
