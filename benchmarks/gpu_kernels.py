@@ -99,12 +99,8 @@ def strategy(name):
 @contextlib.contextmanager
 def chunk_cap(nbytes, grows_to_output):
     tb = triton_backend_module()
-    previous = tb.chunk_bytes, tb.chunk_grows_to_output
-    tb.chunk_bytes, tb.chunk_grows_to_output = nbytes, grows_to_output
-    try:
+    with patched(tb, "chunk_bytes", nbytes), patched(tb, "chunk_grows_to_output", grows_to_output):
         yield
-    finally:
-        tb.chunk_bytes, tb.chunk_grows_to_output = previous
 
 
 # ---- the computations compared --------------------------------------------------------------------
@@ -149,51 +145,78 @@ def fwd_closure(fn, x, weight, lora_A, lora_B, bias, seed, sigma):
 
 # ---- 0. compiler resource report (no GPU) -------------------------------------------------------
 
-TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-WEIGHT_ARGS = ("stride_wn", "stride_wk", "stride_ar", "stride_ak", "stride_bn", "stride_br")
-
-
-def kernel_launches(compute_dtype, weight_dtype, factor_dtype, rank=RANK):
-    """(label, kernel, argument types, constexprs, launch options) as the launchers would use them."""
+def recorded_launches(compute_dtype, weight_dtype, factor_dtype, rank=RANK, shape=(4096, 4096), token_counts=(16, 64)):
+    """``[(label, kernel, args, kwargs)]``: the kernel calls the launchers of ``triton_backend`` make for
+    a contiguous ``[N, K]`` layer, recorded on CPU tensors instead of run (nothing is computed), so the
+    compiled signature below is the launchers' own, not a copy of it."""
     tb = triton_backend_module()
-    from flatlora_kernels import kernels as K
+    N, K = shape
+    calls = []
 
-    c, w, f = (TRITON_TYPES[d] for d in (compute_dtype, weight_dtype, factor_dtype))
-    probe = torch.empty(rank, 8, dtype=factor_dtype)
-    factor = tb._factor_constexprs(probe, probe, compute_dtype)
-    common = dict(w_ptr=f"*{w}", a_ptr=f"*{f}", b_ptr=f"*{f}", rank="i32", scaling="fp32", in_features="i32",
-                  **{name: "i32" for name in WEIGHT_ARGS})  # fmt: skip
-    noise = dict(row_scale_ptr="*fp32", seed_ptr="*i64", counters_per_row="i32")
-    main_dot = dict(DOT_TF32=tb._main_dot_tf32(compute_dtype), DOTS_IN_FP32=False)
+    class Recorder:  # stands in for torch.library.wrap_triton: kernel[grid](*args, **kwargs) is recorded
+        def __init__(self, kernel):
+            self.kernel = kernel
 
-    def split(tiles):
-        tiles = dict(tiles)
-        options = {k: tiles.pop(k) for k in ("num_warps", "num_stages") if k in tiles}
-        return tiles, options
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
 
-    launches = []
-    tiles, options = split(triton_tuning.GPU_TILES["row_scale"])
-    launches.append(("row_scale", K.row_scale_kernel, dict(common, sigma_ptr="*fp32", out_ptr="*fp32",
-                     out_features="i32", sqrt_in_features="fp32"), dict(tiles, **factor), options))  # fmt: skip
-    tiles, options = split(triton_tuning.GPU_TILES["perturbed_weight"])
-    launches.append(("perturbed_weight", K.perturbed_weight_kernel, dict(common, **noise, out_ptr=f"*{c}",
-                     row_start="i32", row_end="i32", counter_start="i32", counter_end="i32",
-                     stride_out_row="i32", stride_out_strip="i32"), dict(tiles, **factor), options))  # fmt: skip
-    for M in (16, 64):
-        tiles, options = split(tb._fused_tiles("fused_forward", M, compute_dtype))
-        launches.append((f"fused_forward M={M}", K.fused_forward_kernel, dict(common, **noise, x_ptr=f"*{c}",
-                         bias_ptr=f"*{c}", y_ptr=f"*{c}", n_tokens="i32", out_features="i32", counters_per_split="i32",
-                         stride_xm="i32", stride_xk="i32", stride_ys="i32", stride_ym="i32", stride_yn="i32"),
-                         dict(tiles, HAS_BIAS=True, **factor, **main_dot), options))  # fmt: skip
-        tiles, options = split(tb._fused_tiles("fused_input_grad", M, compute_dtype))
-        launches.append((f"fused_input_grad M={M}", K.fused_input_grad_kernel, dict(common, **noise, dy_ptr=f"*{c}",
-                         dx_ptr=f"*{c}", n_tokens="i32", out_features="i32", rows_per_split="i32", stride_dym="i32",
-                         stride_dyn="i32", stride_dxs="i32", stride_dxm="i32", stride_dxk="i32"),
-                         dict(tiles, **factor, **main_dot), options))  # fmt: skip
-    tiles, options = split(triton_tuning.GPU_TILES["normal_rows"])
-    launches.append(("normal_rows", K.normal_rows_kernel, dict(seed_ptr="*i64", out_ptr=f"*{c}", row_start="i32",
-                     n_rows="i32", in_features="i32", counters_per_row="i32", stride_out_row="i32"), tiles, options))  # fmt: skip
-    return launches
+    zeros = lambda *size, dtype=torch.float32: torch.zeros(*size, dtype=dtype)  # noqa: E731
+    weight, lora_A, lora_B = zeros(N, K, dtype=weight_dtype), zeros(rank, K, dtype=factor_dtype), zeros(N, rank, dtype=factor_dtype)
+    seed, sigma, scales, bias = zeros((), dtype=torch.int64), zeros(()), zeros(N), zeros(N, dtype=compute_dtype)
+    labels = []
+    with patched(tb, "wrap_triton", Recorder):
+        tb.row_scale(weight, lora_A, lora_B, SCALING, sigma, compute_dtype)
+        labels.append("row_scale")
+        tb.perturbed_weight_rows(weight, lora_A, lora_B, scales, SCALING, seed, 0, N, compute_dtype)
+        labels.append("perturbed_weight")
+        for M in token_counts:
+            tb._forward_in_register(zeros(M, K, dtype=compute_dtype), weight, lora_A, lora_B, bias, SCALING, scales, seed)
+            tb._input_grad_in_register(zeros(M, N, dtype=compute_dtype), weight, lora_A, lora_B, scales, SCALING, seed)
+            labels += [f"fused_forward M={M}", f"fused_input_grad M={M}"]
+        tb.normal_rows(seed, K, 0, N, compute_dtype)
+        labels.append("normal_rows")
+    assert len(calls) == len(labels), "a launcher made an unexpected number of kernel calls"
+    return [(label, *call) for label, call in zip(labels, calls)]
+
+
+@contextlib.contextmanager
+def patched(module, name, value):
+    previous = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, previous)
+
+
+def compile_recorded(kernel, args, kwargs, target):
+    """Compile a recorded call for ``target`` exactly as a launch would: Triton's own binder decides
+    the specialisation (integers equal to 1 or divisible by 16, pointer alignment) from the values."""
+    import triton
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Instruction counts in the compiled code (static counts, not executions): tensor-core ops, vector
+# widths of global loads/stores, barriers, and layout conversions left in the Triton GPU IR.
+CODE_COUNTS = {
+    "HGMMA": ("sass", r"HGMMA"),
+    "HMMA": ("sass", r"HMMA"),
+    "LDG.128": ("sass", r"LDG[.A-Z0-9_]*\.128"),
+    "LDG.64": ("sass", r"LDG[.A-Z0-9_]*\.64"),
+    "LDG": ("sass", r"LDG"),
+    "STG.128": ("sass", r"STG[.A-Z0-9_]*\.128"),
+    "STG": ("sass", r"STG"),
+    "BAR": ("sass", r"BAR\.SYNC"),
+    "convert_layout": ("ttgir", r"ttg\.convert_layout"),
+}
 
 
 def resource_report(arch=90, ranks=(RANK,)):
@@ -204,36 +227,34 @@ def resource_report(arch=90, ranks=(RANK,)):
 
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     if triton_backend_module().INTERPRETING:
         sys.exit("--resources compiles real kernels: run it with TRITON_INTERPRET unset")
+    target = GPUTarget("cuda", arch, 32)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     rows = {}
     cases = [(torch.bfloat16, torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16, torch.bfloat16),
              (torch.float16, torch.float16, torch.float16), (torch.float32, torch.float32, torch.float32)]  # fmt: skip
     for rank, (compute_dtype, weight_dtype, factor_dtype) in ((r, c) for r in ranks for c in cases):
         case = f"x {TRITON_TYPES[compute_dtype]}, W {TRITON_TYPES[weight_dtype]}, A/B {TRITON_TYPES[factor_dtype]}, r={rank}"
-        for label, kernel, types, constexprs, options in kernel_launches(compute_dtype, weight_dtype, factor_dtype, rank):
-            signature = {name: ("constexpr" if name in constexprs else types[name]) for name in kernel.arg_names}
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
-                                      options=options)  # fmt: skip
+        for label, kernel, args, kwargs in recorded_launches(compute_dtype, weight_dtype, factor_dtype, rank):
+            compiled = compile_recorded(kernel, args, kwargs, target)
             with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
                 cubin.write(compiled.asm["cubin"])
                 cubin.flush()
                 usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
-                sass = subprocess.run([cuobjdump, "-sass", cubin.name], capture_output=True, text=True).stdout
+                code = dict(sass=subprocess.run([cuobjdump, "-sass", cubin.name], capture_output=True, text=True).stdout,
+                            ttgir=compiled.asm["ttgir"])  # fmt: skip
             found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
             rows[f"{label} [{case}]"] = dict(
                 registers=int(found.group(1)) if found else "?",
                 stack_bytes=int(found.group(2)) if found else "?",
                 shared_bytes=compiled.metadata.shared,
-                HGMMA=sass.count("HGMMA"),
-                HMMA=sass.count("HMMA"),
-                options=" ".join(f"{k}={v}" for k, v in options.items()),
+                **{name: len(re.findall(pattern, code[source])) for name, (source, pattern) in CODE_COUNTS.items()},
+                options=" ".join(f"{k}={kwargs[k]}" for k in ("num_warps", "num_stages") if k in kwargs),
             )
-    print(markdown_table(f"Compiler resource report, sm_{arch} (not a timing)", rows,
-                         ["registers", "stack_bytes", "shared_bytes", "HGMMA", "HMMA", "options"]))  # fmt: skip
+    columns = ["registers", "stack_bytes", "shared_bytes", *CODE_COUNTS, "options"]
+    print(markdown_table(f"Compiler resource report, sm_{arch} (compiled, not timed)", rows, columns))
 
 
 # ---- 1. correctness -------------------------------------------------------------------------------

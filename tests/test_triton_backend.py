@@ -30,7 +30,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from flatlora_kernels.backends import torch_reference, triton_backend, triton_tuning  # noqa: E402
-from flatlora_kernels.kernels import philox_offsets, pick_strip  # noqa: E402
+from flatlora_kernels.kernels import philox_offsets  # noqa: E402
 
 DEVICE = "cpu" if INTERPRETING else "cuda"
 STRATEGIES = ["streamed", "in_register"]
@@ -113,7 +113,7 @@ def _tile_integers_kernel(seed_ptr, out_ptr, row_start, n_rows, counters_per_row
     out = out_ptr + (local_rows.to(tl.int64)[:, None] * counters_per_row + counters[None, :]) * 4
     mask = (local_rows < n_rows)[:, None] & (counters < counters_per_row)[None, :]
     for lane in tl.static_range(4):
-        word = pick_strip(words[0], words[1], words[2], words[3], lane)
+        word = words[lane]
         tl.store(out + lane, word.to(tl.int64) & 0xFFFFFFFF, mask=mask)
 
 

@@ -160,14 +160,23 @@ def _factor_constexprs(lora_A: Tensor, lora_B: Tensor, compute_dtype: torch.dtyp
     exact_fp32 = compute_dtype in (torch.float32, torch.float64) and not _tf32_allowed()
     return dict(
         RANK_BLOCK=rank_block,
-        RANK_BLOCKS=triton.cdiv(rank, rank_block),
         FACTORS_IN_FP32=not native,
         FACTOR_TF32=native or not exact_fp32,  # 16-bit operands: the flag is moot, keep the default
     )
 
 
-def _weight_strides(weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> tuple:
-    return (*weight.stride(), *lora_A.stride(), *lora_B.stride())
+def _layer_args(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> tuple:
+    """Every kernel's first eleven arguments: the layer, as ``weight_operands`` (kernels/weight_tile.py) bundles it."""
+    return (weight, lora_A, lora_B, lora_A.shape[0], float(scaling), *weight.stride(), *lora_A.stride(), *lora_B.stride())
+
+
+def _fused_constexprs(lora_A: Tensor, lora_B: Tensor, compute_dtype: torch.dtype) -> dict:
+    """Compile-time settings of an in-register kernel: its ``B@A`` tiles and its main dots."""
+    return dict(
+        **_factor_constexprs(lora_A, lora_B, compute_dtype),
+        DOT_TF32=_main_dot_tf32(compute_dtype),
+        DOTS_IN_FP32=INTERPRETING and compute_dtype == torch.bfloat16,  # the interpreter's bf16 dot is wrong
+    )
 
 
 def _split_reduction(base_programs: int, loop_blocks: int, device: torch.device) -> tuple[int, int]:
@@ -217,9 +226,7 @@ def row_scale(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, si
     tiles = _tiles("row_scale")
     grid = (triton.cdiv(out_features, tiles["BLOCK_ROWS"]),)
     wrap_triton(row_scale_kernel)[grid](
-        weight, lora_A, lora_B, sigma, scale,
-        out_features, in_features, lora_A.shape[0], float(scaling), math.sqrt(in_features),
-        *_weight_strides(weight, lora_A, lora_B),
+        *_layer_args(weight, lora_A, lora_B, scaling), sigma, scale, out_features, in_features, math.sqrt(in_features),
         **tiles, **_factor_constexprs(lora_A, lora_B, compute_dtype),
     )  # fmt: skip
     return scale
@@ -247,10 +254,8 @@ def regenerate_perturbed_weight(
         triton.cdiv(counter_end - counter_start, tiles["BLOCK_COUNTERS"]),
     )
     wrap_triton(perturbed_weight_kernel)[grid](
-        weight, lora_A, lora_B, row_scales, seed, out,
-        row_start, row_end, counter_start, counter_end,
-        in_features, counters_per_row(in_features), lora_A.shape[0], float(scaling),
-        *_weight_strides(weight, lora_A, lora_B), stride_out_row, stride_out_strip,
+        *_layer_args(weight, lora_A, lora_B, scaling), row_scales, seed, out, row_start, row_end, counter_start, counter_end,
+        in_features, counters_per_row(in_features), stride_out_row, stride_out_strip,
         **tiles, **_factor_constexprs(lora_A, lora_B, out.dtype),
     )  # fmt: skip
 
@@ -345,25 +350,29 @@ def _input_grad_streamed(dy, weight, lora_A, lora_B, row_scales, scaling, seed) 
 # --- in-register path ------------------------------------------------------------------------
 
 
+def _fused_launch(kernel: str, n_tokens: int, tile_axis: tuple[int, str], loop_axis: tuple[int, str], out_width, dtype, device):
+    """Tiles, grid, split size and output of an in-register kernel whose output tiles are
+    ``[BLOCK_TOKENS, tile_axis]`` and whose reduction loop walks ``loop_axis`` (each: extent, tile key)."""
+    tiles = _fused_tiles(kernel, n_tokens, dtype)
+    output_tiles = (triton.cdiv(n_tokens, tiles["BLOCK_TOKENS"]), triton.cdiv(tile_axis[0], tiles[tile_axis[1]]))
+    loop_extent, loop_tile = loop_axis[0], tiles[loop_axis[1]]
+    splits, blocks_per_split = _split_reduction(output_tiles[0] * output_tiles[1], triton.cdiv(loop_extent, loop_tile), device)
+    out, out_strides = _split_outputs(splits, (n_tokens, out_width), dtype, device)
+    return tiles, (*output_tiles, splits), blocks_per_split * loop_tile, out, out_strides
+
+
 def _forward_in_register(x, weight, lora_A, lora_B, bias, scaling, row_scales, seed) -> Tensor:
     n_tokens, in_features = x.shape
     out_features = weight.shape[0]
     kq = counters_per_row(in_features)
-    tiles = _fused_tiles("fused_forward", n_tokens, x.dtype)
-    output_tiles = (triton.cdiv(n_tokens, tiles["BLOCK_TOKENS"]), triton.cdiv(out_features, tiles["BLOCK_OUT"]))
-    splits, blocks_per_split = _split_reduction(
-        output_tiles[0] * output_tiles[1], triton.cdiv(kq, tiles["BLOCK_COUNTERS"]), x.device
+    tiles, grid, counters_per_split, out, out_strides = _fused_launch(
+        "fused_forward", n_tokens, (out_features, "BLOCK_OUT"), (kq, "BLOCK_COUNTERS"), out_features, x.dtype, x.device
     )
-    out, out_strides = _split_outputs(splits, (n_tokens, out_features), x.dtype, x.device)
-    wrap_triton(fused_forward_kernel)[(*output_tiles, splits)](
-        x, weight, lora_A, lora_B, row_scales, seed, row_scales if bias is None else bias, out,
-        n_tokens, out_features, in_features, kq, blocks_per_split * tiles["BLOCK_COUNTERS"],
-        lora_A.shape[0], float(scaling),
-        *x.stride(), *_weight_strides(weight, lora_A, lora_B), *out_strides,
-        HAS_BIAS=bias is not None and splits == 1, **tiles,
-        **_factor_constexprs(lora_A, lora_B, x.dtype),
-        DOT_TF32=_main_dot_tf32(x.dtype),
-        DOTS_IN_FP32=INTERPRETING and x.dtype == torch.bfloat16,
+    splits = grid[2]
+    wrap_triton(fused_forward_kernel)[grid](
+        *_layer_args(weight, lora_A, lora_B, scaling), x, row_scales, seed, row_scales if bias is None else bias, out,
+        n_tokens, out_features, in_features, kq, counters_per_split, *x.stride(), *out_strides,
+        HAS_BIAS=bias is not None and splits == 1, **tiles, **_fused_constexprs(lora_A, lora_B, x.dtype),
     )  # fmt: skip
     if splits == 1:
         return out
@@ -377,23 +386,15 @@ def _input_grad_in_register(dy, weight, lora_A, lora_B, row_scales, scaling, see
     n_tokens = dy.shape[0]
     out_features, in_features = weight.shape
     kq = counters_per_row(in_features)
-    tiles = _fused_tiles("fused_input_grad", n_tokens, dy.dtype)
-    output_tiles = (triton.cdiv(n_tokens, tiles["BLOCK_TOKENS"]), triton.cdiv(kq, tiles["BLOCK_COUNTERS"]))
-    splits, blocks_per_split = _split_reduction(
-        output_tiles[0] * output_tiles[1], triton.cdiv(out_features, tiles["BLOCK_OUT"]), dy.device
+    tiles, grid, rows_per_split, out, out_strides = _fused_launch(
+        "fused_input_grad", n_tokens, (kq, "BLOCK_COUNTERS"), (out_features, "BLOCK_OUT"), in_features, dy.dtype, dy.device
     )
-    out, out_strides = _split_outputs(splits, (n_tokens, in_features), dy.dtype, dy.device)
-    wrap_triton(fused_input_grad_kernel)[(*output_tiles, splits)](
-        dy, weight, lora_A, lora_B, row_scales, seed, out,
-        n_tokens, out_features, in_features, kq, blocks_per_split * tiles["BLOCK_OUT"],
-        lora_A.shape[0], float(scaling),
-        *dy.stride(), *_weight_strides(weight, lora_A, lora_B), *out_strides,
-        **tiles,
-        **_factor_constexprs(lora_A, lora_B, dy.dtype),
-        DOT_TF32=_main_dot_tf32(dy.dtype),
-        DOTS_IN_FP32=INTERPRETING and dy.dtype == torch.bfloat16,
+    wrap_triton(fused_input_grad_kernel)[grid](
+        *_layer_args(weight, lora_A, lora_B, scaling), dy, row_scales, seed, out,
+        n_tokens, out_features, in_features, kq, rows_per_split, *dy.stride(), *out_strides,
+        **tiles, **_fused_constexprs(lora_A, lora_B, dy.dtype),
     )  # fmt: skip
-    return out if splits == 1 else out.sum(0).to(dy.dtype)
+    return out if grid[2] == 1 else out.sum(0).to(dy.dtype)
 
 
 # --- LoRA factor gradients -------------------------------------------------------------------

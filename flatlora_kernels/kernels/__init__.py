@@ -12,15 +12,16 @@ Launchers and the choice between the two paths live in ``flatlora_kernels.backen
 
 from .dot_precision import dot_accumulate
 from .fused_matmul import fused_forward_kernel, fused_input_grad_kernel
-from .noise_tile import normal_quad_tile, normal_rows_kernel, philox_offsets, philox_words_kernel, pick_strip
+from .noise_tile import normal_quad_tile, normal_rows_kernel, philox_offsets, philox_words_kernel, replace_strip, strip_columns
 from .perturbed_weight import perturbed_weight_kernel
 from .row_scale import row_scale_kernel
-from .weight_tile import lowrank_tile, merged_weight_tile, perturbed_weight_strip
+from .weight_tile import load_tile, lowrank_tile, merged_weight_tile, perturbed_weight_strip, weight_operands
 
 __all__ = [
     "dot_accumulate",
     "fused_forward_kernel",
     "fused_input_grad_kernel",
+    "load_tile",
     "lowrank_tile",
     "merged_weight_tile",
     "normal_quad_tile",
@@ -29,6 +30,8 @@ __all__ = [
     "perturbed_weight_strip",
     "philox_offsets",
     "philox_words_kernel",
-    "pick_strip",
+    "replace_strip",
+    "strip_columns",
     "row_scale_kernel",
+    "weight_operands",
 ]

@@ -48,7 +48,7 @@ def philox_words(seed, offsets):
 
 @triton.jit
 def normal_quad_tile(seed, rows, counters, counters_per_row):
-    """``(z0, z1, z2, z3)``: fp32 [rows, counters] tiles; ``zt`` holds columns ``counters + t*Kq``.
+    """The tuple ``(z0, z1, z2, z3)`` of fp32 [rows, counters] tiles; ``zt`` holds columns ``counters + t*Kq``.
 
     ``seed`` is the int64 scalar loaded from the seed tensor (never a Python int, which Triton would
     specialise on and recompile for: docs/DESIGN.md, "seeds as tensors").
@@ -56,41 +56,28 @@ def normal_quad_tile(seed, rows, counters, counters_per_row):
     c0, c1, c2, c3 = philox_words(seed, philox_offsets(rows, counters, counters_per_row))
     z0, z1 = _box_muller(_uniform(c0), _uniform(c1))
     z2, z3 = _box_muller(_uniform(c2), _uniform(c3))
-    return z0, z1, z2, z3
+    return (z0, z1, z2, z3)
 
 
 @triton.jit
-def pick_strip(tile0, tile1, tile2, tile3, strip: tl.constexpr):
-    """The strip-th of four tiles (e.g. of a ``normal_quad_tile`` result); ``strip`` is a compile-time constant."""
+def replace_strip(tiles, new, strip: tl.constexpr):
+    """The tuple of four tiles with the strip-th replaced by ``new`` (Triton tuples are immutable)."""
     if strip == 0:
-        tile = tile0
+        tiles = (new, tiles[1], tiles[2], tiles[3])
     elif strip == 1:
-        tile = tile1
+        tiles = (tiles[0], new, tiles[2], tiles[3])
     elif strip == 2:
-        tile = tile2
+        tiles = (tiles[0], tiles[1], new, tiles[3])
     else:
-        tile = tile3
-    return tile
+        tiles = (tiles[0], tiles[1], tiles[2], new)
+    return tiles
 
 
 @triton.jit
-def replace_strip(tile0, tile1, tile2, tile3, new, strip: tl.constexpr):
-    """The four tiles with the strip-th replaced by ``new`` (the inverse of ``pick_strip``)."""
-    if strip == 0:
-        tile0 = new
-    elif strip == 1:
-        tile1 = new
-    elif strip == 2:
-        tile2 = new
-    else:
-        tile3 = new
-    return tile0, tile1, tile2, tile3
-
-
-@triton.jit
-def _store_normal_strip(z, strip: tl.constexpr, out_rows_ptr, counters, counters_per_row, in_features, in_block):
+def strip_columns(strip: tl.constexpr, counters, counter_mask, counters_per_row, in_features):
+    """Columns ``strip*Kq + counters`` of the strip-th tile and their mask (strip 3 ends early when K < 4*Kq)."""
     columns = strip * counters_per_row + counters
-    tl.store(out_rows_ptr + columns[None, :], z, mask=in_block & (columns < in_features)[None, :])
+    return columns, counter_mask & (columns < in_features)
 
 
 @triton.jit(do_not_specialize=["row_start", "n_rows"])
@@ -108,12 +95,13 @@ def normal_rows_kernel(
     """``out[i, j] = z(seed, row_start + i, j)`` for ``n_rows`` rows (tests and the RNG-rate benchmark)."""
     local_rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     counters = tl.program_id(1) * BLOCK_COUNTERS + tl.arange(0, BLOCK_COUNTERS)
-    z0, z1, z2, z3 = normal_quad_tile(tl.load(seed_ptr), row_start + local_rows, counters, counters_per_row)
+    z = normal_quad_tile(tl.load(seed_ptr), row_start + local_rows, counters, counters_per_row)
     out_rows_ptr = out_ptr + local_rows.to(tl.int64)[:, None] * stride_out_row
-    in_block = (local_rows < n_rows)[:, None] & (counters < counters_per_row)[None, :]
+    row_mask = local_rows < n_rows
     for strip in tl.static_range(4):
-        z = pick_strip(z0, z1, z2, z3, strip).to(out_ptr.dtype.element_ty)
-        _store_normal_strip(z, strip, out_rows_ptr, counters, counters_per_row, in_features, in_block)
+        columns, column_mask = strip_columns(strip, counters, counters < counters_per_row, counters_per_row, in_features)
+        tl.store(out_rows_ptr + columns[None, :], z[strip].to(out_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & column_mask[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -121,8 +109,6 @@ def philox_words_kernel(seed_ptr, offset_ptr, out_ptr, n_offsets, BLOCK: tl.cons
     """``out[4*i + t]`` = word t of the Philox call at ``offset[i]`` (int64 holding the uint32; self-checks)."""
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_offsets
-    c0, c1, c2, c3 = philox_words(tl.load(seed_ptr), tl.load(offset_ptr + idx, mask=mask, other=0))
-    tl.store(out_ptr + idx * 4, c0.to(tl.int64), mask=mask)
-    tl.store(out_ptr + idx * 4 + 1, c1.to(tl.int64), mask=mask)
-    tl.store(out_ptr + idx * 4 + 2, c2.to(tl.int64), mask=mask)
-    tl.store(out_ptr + idx * 4 + 3, c3.to(tl.int64), mask=mask)
+    words = philox_words(tl.load(seed_ptr), tl.load(offset_ptr + idx, mask=mask, other=0))
+    for word in tl.static_range(4):
+        tl.store(out_ptr + idx * 4 + word, words[word].to(tl.int64), mask=mask)

@@ -2,7 +2,15 @@
 
 ``B@A`` is never formed whole: each tile multiplies the tile's rows of ``B`` by its columns of ``A``
 (a rank-r product, padded to a power of two >= 16 for ``tl.dot``; the padding is masked to zero).
-Large ranks run in unrolled blocks of ``RANK_BLOCK`` so that the factor tiles stay in registers.
+Ranks above ``RANK_BLOCK`` run as a loop over rank blocks at run time, not unrolled, so only one
+block of each factor is live in registers (an unrolled loop let r=128 spill: docs/DESIGN.md,
+"GPU code generation").
+
+The layer travels between the helpers as one tuple, ``layer = weight_operands(...)``:
+``(w_ptr, a_ptr, b_ptr, rank, scaling, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br)``.
+Kernels keep flat arguments (pointers and scalars) because that is what ``torch.library.wrap_triton``
+and Inductor trace; only the ``@triton.jit`` helpers take tuples. Constexprs stay separate
+arguments: inside a tuple Triton 3.6 turns them into tensors.
 
 Factor precision: ``FACTORS_IN_FP32`` casts both factors to fp32 (they differ in dtype, or are fp32/fp64)
 and multiplies them exactly unless ``FACTOR_TF32``; otherwise both factors share one 16-bit dtype,
@@ -15,121 +23,59 @@ import triton
 import triton.language as tl
 
 from .dot_precision import dot_accumulate
+from .noise_tile import strip_columns
 
 
 @triton.jit
-def lowrank_tile(
-    a_ptr,
-    b_ptr,
-    rows,
-    columns,
-    row_mask,
-    column_mask,
-    rank,
-    stride_ar,
-    stride_ak,
-    stride_bn,
-    stride_br,
-    RANK_BLOCK: tl.constexpr,
-    RANK_BLOCKS: tl.constexpr,
-    FACTORS_IN_FP32: tl.constexpr,
-    FACTOR_TF32: tl.constexpr,
-):
+def weight_operands(w_ptr, a_ptr, b_ptr, rank, scaling, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br):
+    """The ``layer`` tuple of a kernel's flat arguments; ``scaling`` in fp32 (Inductor may pass fp64)."""
+    scaling = tl.cast(scaling, tl.float32)
+    return w_ptr, a_ptr, b_ptr, rank, scaling, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br
+
+
+@triton.jit
+def load_tile(ptr, rows, columns, stride_row, stride_column, row_mask, column_mask):
+    """``ptr[rows, columns]`` with int64 offsets (``N*K`` can pass 2**31); zero outside the masks."""
+    offsets = rows.to(tl.int64)[:, None] * stride_row + columns.to(tl.int64)[None, :] * stride_column
+    return tl.load(ptr + offsets, mask=row_mask[:, None] & column_mask[None, :], other=0.0)
+
+
+@triton.jit
+def lowrank_tile(layer, rows, columns, row_mask, column_mask,
+                 RANK_BLOCK: tl.constexpr, FACTORS_IN_FP32: tl.constexpr, FACTOR_TF32: tl.constexpr):  # fmt: skip
     """``(B @ A)[rows, columns]`` as an fp32 tile."""
+    _, a_ptr, b_ptr, rank, _, _, _, stride_ar, stride_ak, stride_bn, stride_br = layer
     product = tl.zeros((rows.shape[0], columns.shape[0]), dtype=tl.float32)
-    rows = rows.to(tl.int64)
-    columns = columns.to(tl.int64)
-    for block in tl.static_range(RANK_BLOCKS):
-        ranks = block * RANK_BLOCK + tl.arange(0, RANK_BLOCK)
+    for rank_start in range(0, rank, RANK_BLOCK):  # a run-time loop: one block of factors live at a time
+        ranks = rank_start + tl.arange(0, RANK_BLOCK)
         rank_mask = ranks < rank
-        b = tl.load(
-            b_ptr + rows[:, None] * stride_bn + ranks[None, :] * stride_br,
-            mask=row_mask[:, None] & rank_mask[None, :],
-            other=0.0,
-        )
-        a = tl.load(
-            a_ptr + ranks[:, None] * stride_ar + columns[None, :] * stride_ak,
-            mask=rank_mask[:, None] & column_mask[None, :],
-            other=0.0,
-        )
+        b = load_tile(b_ptr, rows, ranks, stride_bn, stride_br, row_mask, rank_mask)
+        a = load_tile(a_ptr, ranks, columns, stride_ar, stride_ak, rank_mask, column_mask)
         product = dot_accumulate(b, a, product, FACTORS_IN_FP32, FACTOR_TF32)
     return product
 
 
 @triton.jit
-def merged_weight_tile(
-    w_ptr,
-    a_ptr,
-    b_ptr,
-    rows,
-    columns,
-    row_mask,
-    column_mask,
-    rank,
-    scaling,
-    stride_wn,
-    stride_wk,
-    stride_ar,
-    stride_ak,
-    stride_bn,
-    stride_br,
-    RANK_BLOCK: tl.constexpr,
-    RANK_BLOCKS: tl.constexpr,
-    FACTORS_IN_FP32: tl.constexpr,
-    FACTOR_TF32: tl.constexpr,
-):
+def merged_weight_tile(layer, rows, columns, row_mask, column_mask,
+                       RANK_BLOCK: tl.constexpr, FACTORS_IN_FP32: tl.constexpr, FACTOR_TF32: tl.constexpr):  # fmt: skip
     """``(W + s*B@A)[rows, columns]`` in fp32; zero outside the masks."""
-    w = tl.load(
-        w_ptr + rows.to(tl.int64)[:, None] * stride_wn + columns.to(tl.int64)[None, :] * stride_wk,
-        mask=row_mask[:, None] & column_mask[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    lowrank = lowrank_tile(
-        a_ptr, b_ptr, rows, columns, row_mask, column_mask, rank,
-        stride_ar, stride_ak, stride_bn, stride_br,
-        RANK_BLOCK, RANK_BLOCKS, FACTORS_IN_FP32, FACTOR_TF32,
-    )  # fmt: skip
+    w_ptr, _, _, _, scaling, stride_wn, stride_wk, _, _, _, _ = layer
+    w = load_tile(w_ptr, rows, columns, stride_wn, stride_wk, row_mask, column_mask).to(tl.float32)
+    lowrank = lowrank_tile(layer, rows, columns, row_mask, column_mask, RANK_BLOCK, FACTORS_IN_FP32, FACTOR_TF32)
     return w + scaling * lowrank
 
 
 @triton.jit
-def perturbed_weight_strip(
-    z,
-    strip: tl.constexpr,
-    w_ptr,
-    a_ptr,
-    b_ptr,
-    row_scale,
-    rows,
-    counters,
-    row_mask,
-    counter_mask,
-    in_features,
-    counters_per_row,
-    rank,
-    scaling,
-    stride_wn,
-    stride_wk,
-    stride_ar,
-    stride_ak,
-    stride_bn,
-    stride_br,
-    RANK_BLOCK: tl.constexpr,
-    RANK_BLOCKS: tl.constexpr,
-    FACTORS_IN_FP32: tl.constexpr,
-    FACTOR_TF32: tl.constexpr,
-):
+def perturbed_weight_strip(z, strip: tl.constexpr, layer, block,
+                           RANK_BLOCK: tl.constexpr, FACTORS_IN_FP32: tl.constexpr, FACTOR_TF32: tl.constexpr):  # fmt: skip
     """``W'[rows, counters + strip*Kq]`` (fp32) given that strip's normals ``z`` from ``normal_quad_tile``.
 
-    Returns ``(tile, columns, column_mask)``; the tile is zero outside the masks, so it can feed a
-    dot product without further masking.
+    ``block = (rows, counters, row_mask, counter_mask, row_scales, counters_per_row, in_features)``,
+    ``row_scales`` being the fp32 scales of ``rows``. Returns ``(tile, columns, column_mask)``; the
+    tile is zero outside the masks, so it can feed a dot product without further masking.
     """
-    columns = strip * counters_per_row + counters
-    column_mask = counter_mask & (columns < in_features)
-    merged = merged_weight_tile(
-        w_ptr, a_ptr, b_ptr, rows, columns, row_mask, column_mask, rank, scaling,
-        stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-        RANK_BLOCK, RANK_BLOCKS, FACTORS_IN_FP32, FACTOR_TF32,
-    )  # fmt: skip
-    noise = tl.where(row_mask[:, None] & column_mask[None, :], row_scale[:, None] * z, 0.0)
+    rows, counters, row_mask, counter_mask, row_scales, counters_per_row, in_features = block
+    columns, column_mask = strip_columns(strip, counters, counter_mask, counters_per_row, in_features)
+    merged = merged_weight_tile(layer, rows, columns, row_mask, column_mask, RANK_BLOCK, FACTORS_IN_FP32, FACTOR_TF32)
+    noise = tl.where(row_mask[:, None] & column_mask[None, :], row_scales[:, None] * z, 0.0)
     return merged + noise, columns, column_mask
