@@ -11,8 +11,11 @@ after it, as the official Flat-LoRA code does.
 ``fused+compile`` the same layer under ``torch.compile(fullgraph=True)``.
 ``reference``   ``flat_lora_linear(backend="reference")``: same math and noise in plain PyTorch
                 (the Philox stream in int64 tensor ops; weight-sized temporaries per pass).
-``naive``       autograd through the materialised ``W + s*B@A + eps``: keeps a weight-sized tensor
-                per layer alive until backward.
+``naive``       ``baselines.naive_flat_lora_linear``: autograd through the materialised
+                ``W + s*B@A + eps``, which keeps a weight-sized tensor per layer alive until
+                backward. Its eps is the package's stream (checked by ``sanity.py``), drawn with
+                the pure-PyTorch Philox, whose time is included; the GPU script
+                (``gpu_kernels.py``) times ``baselines.naive_randn_flat_lora_linear`` instead.
 ``inplace``     the official code's approach (docs/DESIGN.md, section 1): before the step, add ``torch.normal``
                 noise to each frozen weight in place; after backward, regenerate it and subtract.
 ``lora``        plain LoRA, no noise (the cost to match).

@@ -187,6 +187,16 @@ def _slug(*parts) -> str:
     return "_".join(re.sub(r"[^A-Za-z0-9.+-]+", "-", str(p)).strip("-") for p in parts)
 
 
+def _save(fig, path: Path) -> Path:
+    """Write one figure and free it (pyplot keeps every open figure alive)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_time_ratios(results: list[Result], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
@@ -217,11 +227,7 @@ def plot_time_ratios(results: list[Result], out: Path) -> list[Path]:
         axes[-1].legend(fontsize=8)
         threads = members[0].threads
         fig.suptitle(f"{shape} (out {n} x in {k}, r={r}, {dtype}) on {device}" + (f", {threads} threads" if threads else ""))
-        fig.tight_layout()
-        path = out / f"time_ratio_{_slug(source, device, shape, dtype)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out / f"time_ratio_{_slug(source, device, shape, dtype)}.png"))
     return written
 
 
@@ -244,11 +250,7 @@ def plot_memory_vs_depth(results: list[Result], out: Path) -> list[Path]:
         ax.set_title(f"{width}x{width} layers, M={tokens}, r={r}, {dtype}\n{device}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"memory_vs_depth_{_slug(source, device, width, dtype)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out / f"memory_vs_depth_{_slug(source, device, width, dtype)}.png"))
     return written
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from harness import check_or_skip, own_copy_if_editing, record, time_step, training_step
 from implementations import IMPLEMENTATIONS
-from workloads import dtype_name, linear_workload
+from workloads import linear_workload
 
 
 def test_linear(benchmark, linear_run, bench_settings, bench_facts):
@@ -24,12 +24,7 @@ def test_linear(benchmark, linear_run, bench_settings, bench_facts):
         suite="linear",
         implementation=name,
         pass_kind=kind,
-        shape=case.shape.name,
-        M=case.tokens,
-        N=case.shape.out_features,
-        K=case.shape.in_features,
-        r=case.rank,
-        dtype=dtype_name(case.dtype),
+        **case.result_fields(),
         **sanity_facts,
     )
     time_step(benchmark, run, bench_settings)

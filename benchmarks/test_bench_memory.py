@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from harness import MEMORY_METHOD, check_or_skip, own_copy_if_editing, peak_memory_bytes, record, time_step, training_step
 from implementations import IMPLEMENTATIONS
-from workloads import dtype_name, linear_workload, stack_workload
+from workloads import linear_workload, stack_workload
 
 
-def _measure(benchmark, impl, workload, case, settings, facts, group, **info):
+def _measure(benchmark, name, case, workload_of, settings, facts, *, suite, group, **info):
+    impl = IMPLEMENTATIONS[name]
+    workload = own_copy_if_editing(impl, workload_of(case, settings.device))
     sanity_facts = check_or_skip(impl, workload, settings, case)
     run = training_step(impl, workload, settings, backward=True)
     peak = peak_memory_bytes(run, settings)
@@ -23,10 +25,12 @@ def _measure(benchmark, impl, workload, case, settings, facts, group, **info):
         benchmark,
         facts,
         group=group,
-        implementation=impl.name,
+        suite=suite,
+        implementation=name,
         pass_kind="forward+backward",
         peak_memory_bytes=peak,
         peak_memory_method=MEMORY_METHOD[settings.device.type],
+        **case.result_fields(),
         **info,
         **sanity_facts,
     )
@@ -35,25 +39,15 @@ def _measure(benchmark, impl, workload, case, settings, facts, group, **info):
 
 def test_memory_one_layer(benchmark, memory_layer_run, bench_settings, bench_facts):
     case, name = memory_layer_run
-    impl = IMPLEMENTATIONS[name]
-    workload = own_copy_if_editing(impl, linear_workload(case, bench_settings.device))
     _measure(
-        benchmark, impl, workload, case, bench_settings, bench_facts,
-        group=f"memory one layer {case.id}",
-        suite="memory_layer",
-        shape=case.shape.name, M=case.tokens, N=case.shape.out_features, K=case.shape.in_features, r=case.rank,
-        dtype=dtype_name(case.dtype), depth=1,
+        benchmark, name, case, linear_workload, bench_settings, bench_facts,
+        suite="memory_layer", group=f"memory one layer {case.id}", depth=1,
     )
 
 
 def test_memory_stack(benchmark, stack_run, bench_settings, bench_facts):
     case, name = stack_run
-    impl = IMPLEMENTATIONS[name]
-    workload = own_copy_if_editing(impl, stack_workload(case, bench_settings.device))
     _measure(
-        benchmark, impl, workload, case, bench_settings, bench_facts,
-        group=f"memory stack {case.id}",
-        suite="memory_stack",
-        shape=f"stack-{case.width}", M=case.tokens, N=case.width, K=case.width, r=case.rank,
-        dtype=dtype_name(case.dtype), depth=case.depth,
+        benchmark, name, case, stack_workload, bench_settings, bench_facts,
+        suite="memory_stack", group=f"memory stack {case.id}",
     )

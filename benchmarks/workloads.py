@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flatlora_kernels.baselines import make_layer
+
 RANK = 16
 LORA_ALPHA = 32  # scaling s = alpha / r = 2, as in the reference measurements (docs/DESIGN.md, "Measured anchors")
 SIGMA = 0.05  # the paper's default noise level for T5-base and Llama-2
@@ -40,20 +42,36 @@ class LinearCase:
     def id(self) -> str:
         return f"{self.shape.name}-M{self.tokens}-{dtype_name(self.dtype)}"
 
+    def result_fields(self) -> dict:
+        """What identifies the case in a result's ``extra_info`` (``benchmarks/report.py`` reads these)."""
+        shape = self.shape
+        return dict(
+            shape=shape.name, M=self.tokens, N=shape.out_features, K=shape.in_features, r=self.rank,
+            dtype=dtype_name(self.dtype),
+        )
+
 
 @dataclass(frozen=True)
-class StackCase:
-    """``depth`` square layers of width ``width`` applied one after another (memory that grows with depth)."""
+class StackCase(LinearCase):
+    """``depth`` square layers (``shape``, named ``stack-<width>``) applied one after another: memory
+    that grows with depth. Build it with ``StackCase.square``."""
 
-    width: int
-    tokens: int
-    depth: int
-    dtype: torch.dtype
-    rank: int = RANK
+    depth: int = 1
+
+    @classmethod
+    def square(cls, width: int, tokens: int, depth: int, dtype: torch.dtype) -> "StackCase":
+        return cls(LayerShape(f"stack-{width}", width, width), tokens, dtype, depth=depth)
+
+    @property
+    def width(self) -> int:
+        return self.shape.in_features
 
     @property
     def id(self) -> str:
         return f"w{self.width}-M{self.tokens}-L{self.depth}-{dtype_name(self.dtype)}"
+
+    def result_fields(self) -> dict:
+        return {**super().result_fields(), "depth": self.depth}
 
 
 # Shapes of LoRA-targeted layers. T5-base and ViT-B share d_model = 768 and d_ff = 3072.
@@ -101,10 +119,10 @@ def memory_layer_cases(device: torch.device, full: bool) -> list[LinearCase]:
 def stack_cases(device: torch.device, full: bool) -> list[StackCase]:
     if not full:  # three depths are enough to show growth; 16 profiled layers would double the smoke run
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-        return [StackCase(128, 64, depth, dtype) for depth in SHORT_STACK_DEPTHS]
+        return [StackCase.square(128, 64, depth, dtype) for depth in SHORT_STACK_DEPTHS]
     if device.type == "cpu":  # 512 wide: naive's kept weight (1 MiB) is as big as a layer's activations
-        return [StackCase(512, 512, depth, torch.float32) for depth in STACK_DEPTHS]
-    return [StackCase(4096, 8192, depth, torch.bfloat16) for depth in STACK_DEPTHS]
+        return [StackCase.square(512, 512, depth, torch.float32) for depth in STACK_DEPTHS]
+    return [StackCase.square(4096, 8192, depth, torch.bfloat16) for depth in STACK_DEPTHS]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -134,7 +152,7 @@ class AdaptedLayer:
         return [self.lora_A, self.lora_B]
 
 
-def make_layer(
+def adapted_layer(
     out_features: int,
     in_features: int,
     rank: int,
@@ -145,18 +163,16 @@ def make_layer(
     sigma: float = SIGMA,
     noise_seed: int = NOISE_SEED,
 ) -> AdaptedLayer:
-    """A layer in a mid-training state: B is non-zero (at B = 0 the adapter would be a no-op)."""
-    g = torch.Generator().manual_seed(init_seed)
-    weight = torch.randn(out_features, in_features, generator=g) / in_features**0.5
-    lora_A = torch.randn(rank, in_features, generator=g) / in_features**0.5
-    lora_B = torch.randn(out_features, rank, generator=g) * 0.1
-    bias = torch.randn(out_features, generator=g) * 0.1
-    on_device = dict(device=device, dtype=dtype)
+    """A layer in a mid-training state (``flatlora_kernels.baselines.make_layer``: B is non-zero, at
+    B = 0 the adapter would be a no-op), with trainable factors."""
+    weight, lora_A, lora_B, bias = make_layer(
+        out_features, in_features, rank, dtype=dtype, device=device, seed=init_seed, lora_B_std=0.1, bias_std=0.1
+    )
     return AdaptedLayer(
-        weight=weight.to(**on_device),
-        lora_A=lora_A.to(**on_device).requires_grad_(True),
-        lora_B=lora_B.to(**on_device).requires_grad_(True),
-        bias=bias.to(**on_device),
+        weight=weight,
+        lora_A=lora_A.requires_grad_(True),
+        lora_B=lora_B.requires_grad_(True),
+        bias=bias,
         scaling=LORA_ALPHA / rank,
         sigma=sigma,
         seed=noise_seed,
@@ -180,14 +196,14 @@ class Workload:
 @functools.lru_cache(maxsize=1)  # cases run one after another: keep only the current one alive
 def linear_workload(case: LinearCase, device: torch.device) -> Workload:
     shape = case.shape
-    layer = make_layer(shape.out_features, shape.in_features, case.rank, case.dtype, device, init_seed=1)
+    layer = adapted_layer(shape.out_features, shape.in_features, case.rank, case.dtype, device, init_seed=1)
     return Workload([layer], *_input_and_grad(case.tokens, shape.in_features, shape.out_features, case.dtype, device))
 
 
 @functools.lru_cache(maxsize=1)
 def stack_workload(case: StackCase, device: torch.device) -> Workload:
     layers = [
-        make_layer(case.width, case.width, case.rank, case.dtype, device, init_seed=100 + i, noise_seed=NOISE_SEED + i)
+        adapted_layer(case.width, case.width, case.rank, case.dtype, device, init_seed=100 + i, noise_seed=NOISE_SEED + i)
         for i in range(case.depth)
     ]
     return Workload(layers, *_input_and_grad(case.tokens, case.width, case.width, case.dtype, device))

@@ -1,4 +1,5 @@
-"""Shared test helpers: random Flat-LoRA layers and the comparison against the plain-PyTorch reference.
+"""Shared test helpers: random Flat-LoRA layers (``flatlora_kernels.baselines.make_layer``, shared with
+the benchmarks) and the comparison against the plain-PyTorch reference.
 
 The accuracy rule (flash-attention's): against an fp64 "truth", a backend's error may be at most
 about twice the error of the plain-PyTorch reference run in the same low precision, plus a small
@@ -19,24 +20,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from flatlora_kernels import flat_lora_linear  # noqa: E402
-from flatlora_kernels.baselines import naive_flat_lora_linear  # noqa: E402
+# make_layer is re-exported for the test modules (``from .conftest import make_layer``).
+from flatlora_kernels.baselines import make_layer, naive_flat_lora_linear  # noqa: E402
 
 # Relative floor (fraction of the truth's largest magnitude) added to the 2x rule.
 RELATIVE_FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-9}
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-
-
-def make_layer(out_features, in_features, rank, *, dtype=torch.float32, device="cpu", seed=0, lora_dtype=None):
-    """A frozen weight, LoRA factors with a non-zero B (so B@A matters), and a bias."""
-    g = torch.Generator().manual_seed(seed)
-    lora_dtype = lora_dtype or dtype
-    weight = (torch.randn(out_features, in_features, generator=g) / in_features**0.5).to(device, dtype)
-    lora_A = (torch.randn(rank, in_features, generator=g) / in_features**0.5).to(device, lora_dtype)
-    lora_B = (torch.randn(out_features, rank, generator=g) * 0.5).to(device, lora_dtype)
-    bias = torch.randn(out_features, generator=g).to(device, dtype)
-    return weight, lora_A, lora_B, bias
 
 
 def assert_close_to_truth(name, actual, low_precision_ref, truth):
