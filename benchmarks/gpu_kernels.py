@@ -231,7 +231,8 @@ def resource_report(arch=90, ranks=(RANK,)):
     if triton_backend_module().INTERPRETING:
         sys.exit("--resources compiles real kernels: run it with TRITON_INTERPRET unset")
     target = GPUTarget("cuda", arch, 32)
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    cuobjdump, ptxas = os.path.join(tools, "cuobjdump"), os.path.join(tools, "ptxas")
     rows = {}
     cases = [(torch.bfloat16, torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16, torch.bfloat16),
              (torch.float16, torch.float16, torch.float16), (torch.float32, torch.float32, torch.float32)]  # fmt: skip
@@ -245,15 +246,22 @@ def resource_report(arch=90, ranks=(RANK,)):
                 usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
                 code = dict(sass=subprocess.run([cuobjdump, "-sass", cubin.name], capture_output=True, text=True).stdout,
                             ttgir=compiled.asm["ttgir"])  # fmt: skip
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:  # ptxas -v: spills apart from the stack
+                ptx.write(compiled.asm["ptx"])
+                ptx.flush()
+                verbose = subprocess.run([ptxas, "-v", f"-arch=sm_{arch}a", ptx.name, "-o", os.devnull],
+                                         capture_output=True, text=True).stderr  # fmt: skip
             found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+            spills = re.search(r"(\d+) bytes spill stores", verbose)
             rows[f"{label} [{case}]"] = dict(
                 registers=int(found.group(1)) if found else "?",
                 stack_bytes=int(found.group(2)) if found else "?",
+                spill_stores=int(spills.group(1)) if spills else "?",
                 shared_bytes=compiled.metadata.shared,
                 **{name: len(re.findall(pattern, code[source])) for name, (source, pattern) in CODE_COUNTS.items()},
                 options=" ".join(f"{k}={kwargs[k]}" for k in ("num_warps", "num_stages") if k in kwargs),
             )
-    columns = ["registers", "stack_bytes", "shared_bytes", *CODE_COUNTS, "options"]
+    columns = ["registers", "stack_bytes", "spill_stores", "shared_bytes", *CODE_COUNTS, "options"]
     print(markdown_table(f"Compiler resource report, sm_{arch} (compiled, not timed)", rows, columns))
 
 

@@ -534,3 +534,27 @@ def test_gpu_peak_memory_within_lora_plus_one_percent():
             lambda xr, A, B: flat_lora_linear(xr, weight, A, B, bias, scaling=2.0, sigma=0.05, seed=1, backend="triton")
         )
     assert ours <= 1.01 * lora, (ours / 2**20, lora / 2**20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_strip_gemm_matches_four_strip_gemms(monkeypatch, dtype):
+    """Streamed backward with K = 4*Kq and 3 counters per chunk: one strided-batched GEMM per chunk gives
+    the four-GEMM loop's dx (every element written, within the reference bound)."""
+    monkeypatch.setattr(triton_backend, "chunk_bytes", 3 * 4 * 45 * torch.finfo(dtype).bits // 8)
+    monkeypatch.setattr(triton_backend, "chunk_grows_to_output", False)
+    problem = _fixed_problem(K=52, dtype=dtype)  # Kq = 13: chunks of 3 counters, the last one short
+    with triton_backend.use_strategy("streamed"):
+        loop = _run_protocol(*problem)
+        monkeypatch.setattr(triton_tuning, "BATCHED_STRIP_GEMM", True)
+        real_new_empty = torch.Tensor.new_empty
+
+        def nan_new_empty(self, *args, **kwargs):  # dx starts as NaN: an element the GEMM misses shows up
+            out = real_new_empty(self, *args, **kwargs)
+            return out.fill_(float("nan")) if out.is_floating_point() else out
+
+        with monkeypatch.context() as poisoned:
+            poisoned.setattr(torch.Tensor, "new_empty", nan_new_empty)
+            batched = _run_protocol(*problem)
+        check_backend_against_reference("triton", M=23, N=45, K=52, r=3, dtype=dtype, device=DEVICE)
+    assert not batched[2].isnan().any()
+    torch.testing.assert_close(batched[2], loop[2], rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)

@@ -337,12 +337,17 @@ def _input_grad_streamed(dy, weight, lora_A, lora_B, row_scales, scaling, seed) 
             rows=(0, out_features), counters=(counter_start, counter_start + width),
             stride_out_row=4 * width, stride_out_strip=width,
         )  # fmt: skip
-        for strip in range(4):
-            column_start = strip * kq + counter_start
-            n_columns = min(width, in_features - column_start)
-            if n_columns <= 0:  # strips past K (only when K < 4 * Kq): so are the later ones
-                break
-            torch.mm(dy, chunk[:, strip, :n_columns], out=dx[:, column_start : column_start + n_columns])
+        if triton_tuning.BATCHED_STRIP_GEMM and in_features == 4 * kq:
+            # dx as [M, 4, Kq]: strip t of this chunk is dx_strips[t], a [M, width] view with row stride K.
+            dx_strips = dx.view(n_tokens, 4, kq)[:, :, counter_start : counter_start + width].transpose(0, 1)
+            torch.bmm(dy.unsqueeze(0).expand(4, -1, -1), chunk.transpose(0, 1), out=dx_strips)
+        else:
+            for strip in range(4):
+                column_start = strip * kq + counter_start
+                n_columns = min(width, in_features - column_start)
+                if n_columns <= 0:  # strips past K (only when K < 4 * Kq): so are the later ones
+                    break
+                torch.mm(dy, chunk[:, strip, :n_columns], out=dx[:, column_start : column_start + n_columns])
         del chunk
     return dx
 

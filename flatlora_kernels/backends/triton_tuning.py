@@ -23,6 +23,13 @@ CHUNK_GROWS_TO_OUTPUT: bool = True
 #: of 16 (vectorised loads of W, docs/DESIGN.md "GPU code generation"). Guess.
 CHUNK_ALIGN: int = 64
 
+#: Streamed backward: multiply a counter chunk's four column strips by one strided-batched GEMM
+#: (``torch.bmm`` writing straight into a strided view of dx; every dx element still comes from one
+#: GEMM) instead of four narrow ones; only when K = 4*Kq (K % 4 == 0), else the four-GEMM loop.
+#: Off until a GPU run measures it and checks cuBLAS takes the view without a copy (on CPU it does,
+#: bit-identical to the loop). Guess.
+BATCHED_STRIP_GEMM: bool = False
+
 #: The dispatcher's auto rule: the in-register path for ``M <= IN_REGISTER_MAX_TOKENS`` and M within
 #: one token tile of that pass's fused kernel (``MAX_BLOCK_TOKENS`` below). Guess: to be measured
 #: (M = 16..512 at N = K = 4096, ``benchmarks/gpu_kernels.py`` crossover sweep).
@@ -32,21 +39,25 @@ IN_REGISTER_MAX_TOKENS: int = 64
 #: grid has about this many programs per SM (fp32 partials, summed after). Guess.
 IN_REGISTER_PROGRAMS_PER_SM: int = 2
 
-#: Largest rank block of the ``B@A`` tiles (``kernels/weight_tile.py``): larger ranks run in blocks.
-#: Compiled (sm_90 report): fits registers for 16-bit factors at r <= 64. Guess beyond that.
+#: Largest rank block of the ``B@A`` tiles (``kernels/weight_tile.py``): larger ranks loop over
+#: blocks at run time. Compiled: no spills at r = 16, 64, 128 in bf16/fp16/fp32 (with this loop;
+#: unrolled, r=128 spilled up to 2264 B). Its speed against a smaller block is a guess.
 MAX_RANK_BLOCK: int = 64
 
-#: GPU tiles. Compiled (sm_90 report), not timed. ``MAX_BLOCK_TOKENS`` caps the in-register kernels'
-#: token tile, which the launcher sizes to M. fp32 compute takes smaller fused tiles: its exact
-#: ("ieee") dots run on FMA units and hold their operands in registers.
+#: GPU tiles. Compiled (sm_90 report: ptxas reports no spill stores for any of them), not timed.
+#: ``MAX_BLOCK_TOKENS`` caps the in-register kernels' token tile, which the launcher sizes to M. fp32
+#: compute takes smaller fused tiles: its exact ("ieee") dots run on FMA units and hold their
+#: operands in registers. ``fused_forward_fp32`` and ``normal_rows`` use 4 warps: with 8, ptxas held
+#: them at 80 registers and spilled 16-32 B (more registers per thread, same tile). ``row_scale``
+reads 64 columns per step: with 128, fp32 factors at r >= 64 spilled 8 B.
 GPU_TILES: dict[str, dict] = {
-    "row_scale": dict(BLOCK_ROWS=16, BLOCK_COLUMNS=128, num_warps=4),
+    "row_scale": dict(BLOCK_ROWS=16, BLOCK_COLUMNS=64, num_warps=4),
     "perturbed_weight": dict(BLOCK_ROWS=32, BLOCK_COUNTERS=32, num_warps=8),
     "fused_forward": dict(MAX_BLOCK_TOKENS=64, BLOCK_OUT=64, BLOCK_COUNTERS=16, num_warps=8, num_stages=2),
     "fused_input_grad": dict(MAX_BLOCK_TOKENS=64, BLOCK_OUT=64, BLOCK_COUNTERS=16, num_warps=8, num_stages=2),
-    "fused_forward_fp32": dict(MAX_BLOCK_TOKENS=16, BLOCK_OUT=32, BLOCK_COUNTERS=16, num_warps=8, num_stages=2),
+    "fused_forward_fp32": dict(MAX_BLOCK_TOKENS=16, BLOCK_OUT=32, BLOCK_COUNTERS=16, num_warps=4, num_stages=2),
     "fused_input_grad_fp32": dict(MAX_BLOCK_TOKENS=16, BLOCK_OUT=32, BLOCK_COUNTERS=16, num_warps=8, num_stages=2),
-    "normal_rows": dict(BLOCK_ROWS=32, BLOCK_COUNTERS=64, num_warps=8),
+    "normal_rows": dict(BLOCK_ROWS=32, BLOCK_COUNTERS=64, num_warps=4),
 }
 
 #: Interpreter tiles (``TRITON_INTERPRET=1``, CPU tensors, tests): it runs programs one by one and
