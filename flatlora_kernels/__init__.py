@@ -1,7 +1,7 @@
 """flatlora_kernels: Flat-LoRA training at the cost of plain LoRA.
 
 Layers, top-down: ``kernels`` (Triton) and ``csrc`` (C++) -> ``backends`` (launchers) -> ``ops``
-(torch.library + autograd) -> ``functional`` -> ``modules`` -> model helpers (``model``,
+(torch.library + autograd) -> ``functional`` -> ``modules`` -> model helpers (``model_helpers``,
 ``schedule``, ``peft_interop``, ``hf``) and the sharpness-aware methods (``sharpness``).
 The noise stream is defined once, in ``flatlora_kernels.noise``.
 """
@@ -25,28 +25,17 @@ from .schedule import FlatLoraSchedule, cosine_factor, derive_seed
 from .sharpness import EFMLoRA, FMLoRA, RhoSchedule
 
 __all__ = [
-    "flat_lora_linear",
-    "filter_noise",
-    "FlatLoraLinear",
-    "apply_flat_lora",
-    "flat_lora_layers",
-    "merge_flat_lora",
-    "unmerge_flat_lora",
-    "merge_and_unload",
-    "save_adapter",
-    "load_adapter",
-    "from_peft",
-    "enable_flat_lora",
-    "disable_flat_lora",
-    "save_peft_adapter",
-    "load_peft_adapter",
-    "FlatLoraSchedule",
-    "cosine_factor",
-    "derive_seed",
-    "FMLoRA",
-    "EFMLoRA",
-    "RhoSchedule",
-    "FlatLoraCallback",
+    # the op, its noise and the layer
+    "flat_lora_linear", "filter_noise", "FlatLoraLinear",
+    # whole models (model_helpers): convert, find, merge, adapter files
+    "apply_flat_lora", "flat_lora_layers", "merge_flat_lora", "unmerge_flat_lora", "merge_and_unload",
+    "save_adapter", "load_adapter",
+    # PEFT: convert from it, patch its layers in place, write/read its adapter format
+    "from_peft", "enable_flat_lora", "disable_flat_lora", "save_peft_adapter", "load_peft_adapter",
+    # the per-step noise schedule (and its Trainer callback, loaded on first use)
+    "FlatLoraSchedule", "cosine_factor", "derive_seed", "FlatLoraCallback",
+    # sharpness-aware LoRA
+    "FMLoRA", "EFMLoRA", "RhoSchedule",
 ]
 __version__ = "0.1.0"
 

@@ -8,8 +8,10 @@ dtype-dependent floor.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import warnings
 
 # Without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors. The switch is read
 # when triton is imported, so it must be set here, before anything imports torch or triton.
@@ -28,6 +30,18 @@ RELATIVE_FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@contextlib.contextmanager
+def undriven_warnings():
+    """Collects the "no FlatLoraSchedule" warnings raised inside the block (every one, not only the
+    first per place) into the yielded list, filled when the block ends. The forwards must run in
+    the test itself: the warning points at the caller's line, and tests check it is theirs."""
+    ours = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield ours
+    ours.extend(w for w in caught if "no FlatLoraSchedule" in str(w.message))
 
 
 def assert_close_to_truth(name, actual, low_precision_ref, truth):

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
@@ -15,16 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from flatlora_kernels import (  # noqa: E402
-    FlatLoraSchedule,
-    apply_flat_lora,
-    flat_lora_layers,
-    load_adapter,
-    merge_and_unload,
-    merge_flat_lora,
-    save_adapter,
-    unmerge_flat_lora,
-)
+from flatlora_kernels import FlatLoraSchedule, apply_flat_lora, flat_lora_layers  # noqa: E402
+from flatlora_kernels import load_adapter, merge_and_unload, merge_flat_lora, save_adapter, unmerge_flat_lora  # noqa: E402
+
+from .conftest import undriven_warnings  # noqa: E402
 from flatlora_kernels.peft_export import load_peft_adapter, save_peft_adapter  # noqa: E402
 
 BERT_CFG = dict(
@@ -125,11 +118,9 @@ def test_input_dtype_mismatch_fails_in_train_and_eval_and_autocast_runs_both():
 
 def test_warning_points_at_user_line_once_per_model_and_diagnostics():
     model = apply_flat_lora(bert(), "all-linear", r=2, sigma=0.1).train()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with undriven_warnings() as ours:
         model(IDS)
         model(IDS)
-    ours = [w for w in caught if "no FlatLoraSchedule" in str(w.message)]
     assert len(ours) == 1 and ours[0].filename == __file__
     with pytest.raises(ValueError, match="already converted"):
         apply_flat_lora(model, "all-linear")

@@ -12,6 +12,8 @@ transformers = pytest.importorskip("transformers")
 from flatlora_kernels import FlatLoraSchedule, filter_noise  # noqa: E402
 from flatlora_kernels.peft_native import disable_flat_lora, enable_flat_lora, peft_noise_states  # noqa: E402
 
+from .conftest import undriven_warnings  # noqa: E402
+
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
@@ -163,14 +165,10 @@ def test_state_dict_unchanged_autocast_dtype_errors_and_merge_and_unload():
 
 
 def test_undriven_warning_once_per_model_at_the_user_line():
-    import warnings
-
     model = peft_wrap(tiny_llama(), ["q_proj", "v_proj"])
     enable_flat_lora(model, sigma=0.1)
     model.train()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with undriven_warnings() as ours:
         model(IDS)
         model(IDS)
-    ours = [w for w in caught if "no FlatLoraSchedule" in str(w.message)]
     assert len(ours) == 1 and ours[0].filename == __file__

@@ -5,16 +5,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from flatlora_kernels.model_helpers import (
-    apply_flat_lora,
-    flat_lora_layers,
-    load_adapter,
-    merge_and_unload,
-    merge_flat_lora,
-    save_adapter,
-    unmerge_flat_lora,
-)
-from flatlora_kernels.schedule import FlatLoraSchedule
+from flatlora_kernels import FlatLoraSchedule, apply_flat_lora, flat_lora_layers
+from flatlora_kernels import load_adapter, merge_and_unload, merge_flat_lora, save_adapter, unmerge_flat_lora
 
 
 class Block(nn.Module):
