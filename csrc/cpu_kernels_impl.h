@@ -1,5 +1,6 @@
 // Body of the ISA-specific kernels, compiled once per ISA (isa_scalar.cpp, isa_avx2.cpp,
-// isa_avx512.cpp set the target and FLATLORA_ISA_NS / FLATLORA_ISA_TABLE / FLATLORA_ISA_NAME).
+// isa_avx512.cpp set the target and FLATLORA_ISA_NS / FLATLORA_ISA_TABLE / FLATLORA_ISA_NAME /
+// FLATLORA_ISA_HAS_AVX2 / FLATLORA_ISA_HAS_AVX512).
 // Everything here has internal linkage, so no AVX-512 code can leak into another ISA's symbols.
 //
 // Noise rows, in the row-quarter layout: counter c of row i feeds columns c, c+Kq, c+2Kq, c+3Kq, so a
@@ -47,18 +48,18 @@ inline void box_muller(uint32_t bits1, uint32_t bits2, float* z_cos, float* z_si
 void philox_block(uint32_t key_lo, uint32_t key_hi, uint32_t ctr_lo, uint32_t ctr_hi, int64_t count,
                   uint32_t (*bits)[kBlock]) {
   int64_t t = 0;
-#if defined(__AVX512F__)
+#if FLATLORA_ISA_HAS_AVX512
   for (; t + 32 <= count; t += 32) {  // two groups of sixteen, interleaved to hide multiply latency
     __m512i groups[2][4];
-    philox4x32_10_avx512<2>(ctr_lo + static_cast<uint32_t>(t), ctr_hi, key_lo, key_hi, groups);
+    philox4x32_10_simd<Avx512Philox, 2>(ctr_lo + static_cast<uint32_t>(t), ctr_hi, key_lo, key_hi, groups);
     for (int v = 0; v < 2; ++v)
       for (int lane = 0; lane < 4; ++lane) _mm512_storeu_si512(bits[lane] + t + 16 * v, groups[v][lane]);
   }
 #endif
-#if defined(__AVX2__)
+#if FLATLORA_ISA_HAS_AVX2
   for (; t + 16 <= count; t += 16) {  // two groups of eight, interleaved
     __m256i groups[2][4];
-    philox4x32_10_avx2<2>(ctr_lo + static_cast<uint32_t>(t), ctr_hi, key_lo, key_hi, groups);
+    philox4x32_10_simd<Avx2Philox, 2>(ctr_lo + static_cast<uint32_t>(t), ctr_hi, key_lo, key_hi, groups);
     for (int v = 0; v < 2; ++v)
       for (int lane = 0; lane < 4; ++lane)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(bits[lane] + t + 8 * v), groups[v][lane]);
@@ -138,13 +139,10 @@ void philox_at(uint64_t seed, const int64_t* offsets, int64_t count, uint32_t* o
   }
 }
 
-// One register of floats as a GCC vector: 16 lanes for AVX-512, 8 otherwise (two SSE registers in
-// the scalar build).
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#else
+// Eight floats as a GCC vector in every ISA (one AVX2 register, two SSE ones in the scalar build).
+// Not a tuning knob: the row norm's summation order follows these lanes, and the norm sets the row
+// scale, so a different width would move eps by an ulp.
 constexpr int kLanes = 8;
-#endif
 typedef float FloatVec __attribute__((vector_size(4 * kLanes)));
 constexpr int kStripVectors = 8;  // a strip of 8 vectors of the row lives in registers
 constexpr int64_t kStrip = kLanes * kStripVectors;

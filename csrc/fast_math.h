@@ -23,13 +23,22 @@ static inline float bits_float(uint32_t bits) {
   return x;
 }
 
-// a * b + c with one rounding. Without hardware FMA (a portable build) std::fma is a slow libm call;
-// the double product of two floats is exact, so this is the same up to a rare double rounding.
+// a * b + c through double: the double product of two floats is exact, so this is a fused
+// multiply-add up to a rare double rounding. It is the generator's definition in every ISA and every
+// build (an FMA instruction where -march enables it would move a normal by an ulp now and then).
 static inline float multiply_add(float a, float b, float c) {
-#if defined(__FMA__)
-  return std::fma(a, b, c);
-#else
   return static_cast<float>(static_cast<double>(a) * b + c);
+}
+
+// multiply_add where the caller has shown that the exact a * b + c needs at most 53 bits, so the
+// double sum is exact and both forms round once: the same float. Then one FMA instruction does it
+// where the ISA has one (FLATLORA_ISA_HAS_FMA, set by the isa_*.cpp files): the double form's
+// conversions were most of the Box-Muller loop's instructions.
+static inline float multiply_add_exact_in_double(float a, float b, float c) {
+#if FLATLORA_ISA_HAS_FMA
+  return __builtin_fmaf(a, b, c);
+#else
+  return multiply_add(a, b, c);
 #endif
 }
 
@@ -44,7 +53,9 @@ static inline float sqrt_nonnegative(float v) {
   y = y * (1.5f - 0.5f * safe * y * y);
   y = y * (1.5f - 0.5f * safe * y * y);
   const float root = v * y;
-  return multiply_add(0.5f * y, multiply_add(-root, root, v), root);
+  // The residual v - root^2 is exact in double (v: 24 bits, root^2: 48 bits, same binade to one
+  // bit). The correction's sum spans ~64 bits and can round twice: it stays multiply_add.
+  return multiply_add(0.5f * y, multiply_add_exact_in_double(-root, root, v), root);
 }
 
 // Natural log of a positive, normal, finite x.
@@ -70,9 +81,14 @@ static inline void sincos_small(float t, float* cos_out, float* sin_out) {
   // Quadrant q = round(t / (pi/2)); y = t - q*pi/2 in [-pi/4, pi/4], pi/2 split in three parts (FMA).
   // Adding and subtracting 1.5 * 2^23 rounds to nearest in any SIMD width (nearbyint needs SSE4.1).
   const float q = (t * 0.63661977f + 12582912.0f) - 12582912.0f;
-  float y = multiply_add(-q, 1.5707963705062866f, t);
-  y = multiply_add(-q, -4.371138828673793e-08f, y);
-  y = multiply_add(-q, -1.7151245100058819e-15f, y);
+  // Each step's exact result fits 53 bits (q = 0 leaves y alone): (1) t and q*pi/2_hi are multiples
+  // of 2^-24 and |y| < 1, so y fits even a float; (2) y is a multiple of 2^-24, q*pi/2_mid one of
+  // 2^-48, |sum| < 1; (3) y's lowest bit is at least 2^-51 (|y| > 2^-28 whenever q > 0), q*pi/2_lo's
+  // 2^-73: exact in double when |y| < 2^-20, and above that the term is < 1/16 ulp of y, so both
+  // forms return y. Hence multiply_add_exact_in_double.
+  float y = multiply_add_exact_in_double(-q, 1.5707963705062866f, t);
+  y = multiply_add_exact_in_double(-q, -4.371138828673793e-08f, y);
+  y = multiply_add_exact_in_double(-q, -1.7151245100058819e-15f, y);
   const float y2 = y * y;
   // Taylor series; on |y| <= pi/4 the first omitted terms are below 2e-9.
   const float sin_y =

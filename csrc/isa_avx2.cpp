@@ -1,5 +1,6 @@
 // The AVX2 + FMA kernels. The target is set by pragma after the system headers, so only this file's
-// own (internal-linkage) code uses AVX2: no inline library function is emitted with it.
+// own (internal-linkage) code uses AVX2: no inline library function is emitted with it. GCC's C++
+// front end does not define __AVX2__ for a pragma target, so the level is our own macro.
 // Before any include: functions with differing optimize options cannot be inlined into each other,
 // so the generator's helpers (std::max, ...) must share it (it lets GCC if-convert float selects).
 #if defined(__GNUC__) && !defined(__clang__)
@@ -18,6 +19,9 @@
 #define FLATLORA_ISA_NS avx2_isa
 #define FLATLORA_ISA_TABLE avx2_kernels
 #define FLATLORA_ISA_NAME "avx2"
+#define FLATLORA_ISA_HAS_AVX2 1
+#define FLATLORA_ISA_HAS_FMA 1
+#define FLATLORA_ISA_HAS_AVX512 0
 #include "cpu_kernels_impl.h"
 #else
 namespace flatlora {

@@ -1,6 +1,7 @@
 // The AVX-512 (F, DQ, BW, VL) kernels, 512-bit vectors. The target is set by pragma after the system
 // headers, so only this file's own (internal-linkage) code uses AVX-512: no inline library function
-// is emitted with it.
+// is emitted with it. GCC's C++ front end does not define __AVX512F__ for a pragma target, so the
+// level is our own macro.
 // Before any include: functions with differing optimize options cannot be inlined into each other,
 // so the generator's helpers (std::max, ...) must share it (it lets GCC if-convert float selects).
 #if defined(__GNUC__) && !defined(__clang__)
@@ -19,6 +20,9 @@
 #define FLATLORA_ISA_NS avx512_isa
 #define FLATLORA_ISA_TABLE avx512_kernels
 #define FLATLORA_ISA_NAME "avx512"
+#define FLATLORA_ISA_HAS_AVX2 1
+#define FLATLORA_ISA_HAS_FMA 1
+#define FLATLORA_ISA_HAS_AVX512 1
 #include "cpu_kernels_impl.h"
 #else
 namespace flatlora {

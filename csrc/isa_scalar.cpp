@@ -5,4 +5,7 @@
 #define FLATLORA_ISA_NS scalar_isa
 #define FLATLORA_ISA_TABLE scalar_kernels
 #define FLATLORA_ISA_NAME "scalar"
+#define FLATLORA_ISA_HAS_AVX2 0
+#define FLATLORA_ISA_HAS_FMA 0
+#define FLATLORA_ISA_HAS_AVX512 0
 #include "cpu_kernels_impl.h"
