@@ -33,13 +33,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flatlora_kernels import flat_lora_linear  # noqa: E402
 from flatlora_kernels.backends import torch_reference  # noqa: E402
 from flatlora_kernels.backends import triton_tuning  # noqa: E402
+from flatlora_kernels import baselines  # noqa: E402
 from flatlora_kernels.baselines import lora_linear  # noqa: E402
 
 DEVICE = "cuda"
@@ -57,14 +57,9 @@ MAX_RELATIVE_ERROR = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 
 
 
 def make_layer(N, K, r=RANK, dtype=DTYPE, factor_dtype=torch.float32, seed=0):
-    """Frozen W (dtype), trainable fp32 A and B (as PEFT keeps them under autocast), bias; non-zero B."""
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=g, device=DEVICE)  # noqa: E731
-    weight = (randn(N, K) / math.sqrt(K)).to(dtype)
-    lora_A = (randn(r, K) / math.sqrt(K)).to(factor_dtype)
-    lora_B = (randn(N, r) * 0.02).to(factor_dtype)
-    bias = (randn(N) * 0.1).to(dtype)
-    return weight, lora_A, lora_B, bias
+    """Frozen W (dtype), fp32 A and B (as PEFT keeps them under autocast), bias: ``baselines.make_layer``."""
+    return baselines.make_layer(N, K, r, dtype=dtype, device=DEVICE, seed=seed, lora_dtype=factor_dtype,
+                                lora_B_std=0.02, bias_std=0.1)  # fmt: skip
 
 
 def make_inputs(M, N, K, dtype=DTYPE, seed=1):
@@ -116,11 +111,7 @@ def lora(x, weight, lora_A, lora_B, bias, *_):
 
 def naive_perturbation(x, weight, lora_A, lora_B, bias, *_):
     """The naive baseline (docs/DESIGN.md, "baselines"): eps from torch.randn, ``W + eps`` kept alive by autograd for backward."""
-    with torch.no_grad():
-        merged = weight.float() + SCALING * (lora_B.float() @ lora_A.float())
-        std = SIGMA * torch.linalg.vector_norm(merged, dim=1, keepdim=True) / math.sqrt(weight.shape[1])
-        w_noisy = (weight.float() + std * torch.randn_like(merged)).to(x.dtype)
-    return F.linear(x, w_noisy, bias) + SCALING * ((x @ lora_A.to(x.dtype).t()) @ lora_B.to(x.dtype).t())
+    return baselines.naive_randn_flat_lora_linear(x, weight, lora_A, lora_B, bias, scaling=SCALING, sigma=SIGMA)
 
 
 def fwd_bwd_closure(fn, x, weight, lora_A, lora_B, bias, dy, seed, sigma):

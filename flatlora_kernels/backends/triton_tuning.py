@@ -49,7 +49,7 @@ MAX_RANK_BLOCK: int = 64
 #: compute takes smaller fused tiles: its exact ("ieee") dots run on FMA units and hold their
 #: operands in registers. ``fused_forward_fp32`` and ``normal_rows`` use 4 warps: with 8, ptxas held
 #: them at 80 registers and spilled 16-32 B (more registers per thread, same tile). ``row_scale``
-reads 64 columns per step: with 128, fp32 factors at r >= 64 spilled 8 B.
+#: reads 64 columns per step: with 128, fp32 factors at r >= 64 spilled 8 B.
 GPU_TILES: dict[str, dict] = {
     "row_scale": dict(BLOCK_ROWS=16, BLOCK_COLUMNS=64, num_warps=4),
     "perturbed_weight": dict(BLOCK_ROWS=32, BLOCK_COUNTERS=32, num_warps=8),
