@@ -2,12 +2,23 @@
 (``tensor_parallel``). DDP and FSDP2 need nothing extra; see docs/DISTRIBUTED.md."""
 
 from .checkpoint import load_checkpoint, save_checkpoint, schedule_state_tensors
-from .tensor_parallel import ShardedFlatLoraLinear, shard_colwise, shard_noise, shard_rowwise
+from .tensor_parallel import (
+    FlatLoraColwiseParallel,
+    FlatLoraRowwiseParallel,
+    ShardedFlatLoraLinear,
+    TensorParallelFlatLoraLinear,
+    shard_colwise,
+    shard_noise,
+    shard_rowwise,
+)
 
 __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "schedule_state_tensors",
+    "FlatLoraColwiseParallel",
+    "FlatLoraRowwiseParallel",
+    "TensorParallelFlatLoraLinear",
     "ShardedFlatLoraLinear",
     "shard_colwise",
     "shard_rowwise",
