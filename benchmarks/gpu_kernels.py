@@ -13,10 +13,11 @@
    the z tile) with their normal rates; the in-register crossover sweep over M; the chunk-cap sweep.
 3. Peak memory of a 16-layer 4096-wide stack at M=8192 (LoRA vs naive vs Flat-LoRA).
 
-``--resources`` compiles every kernel with the backend's GPU tiles for sm_90 (Triton's bundled
-ptxas) and prints the compiler's resource report: registers, stack (spills), shared memory, and
-whether the dots became Hopper ``HGMMA`` or ``HMMA`` instructions. A small stack is expected:
-libdevice's sin/cos keep a scratch array for huge arguments, a path Box-Muller never takes.
+``--resources`` records the launchers' kernel calls on CPU tensors (nothing runs), compiles each for
+sm_90 with Triton's own argument specialisation (Triton's bundled ptxas) and prints registers, stack,
+ptxas spill stores, shared memory and instruction counts (tensor-core ops, vector loads/stores,
+barriers, layout conversions). A 32-byte stack is expected: libdevice's sin/cos keep a scratch array
+for huge arguments, a path Box-Muller never takes.
 
 Targets (docs/DESIGN.md, "targets"; none measured yet): Flat-LoRA fwd+bwd <= 1.00x LoRA fwd+bwd at (M, N, K) =
 (8192, 4096, 4096), (2048, 4096, 4096), (8192, 11008, 4096), bf16, r=16; noise generation
