@@ -31,7 +31,7 @@ __all__ = [
     "philox_offsets",
     "philox_words_kernel",
     "replace_strip",
-    "strip_columns",
     "row_scale_kernel",
+    "strip_columns",
     "weight_operands",
 ]
