@@ -65,10 +65,7 @@ def _worker(rank, world_size):
         ref_schedule.step()
         schedule.step()
         for shard, layer in ((col, reference[0]), (row, reference[2])):
-            eps = filter_noise(
-                layer.weight, layer.lora_A, layer.lora_B, scaling=layer.scaling,
-                sigma=layer.effective_sigma(), seed=layer.effective_seed(),
-            )
+            eps = _eps(layer)
             rows, cols = _blocks(shard)
             torch.testing.assert_close(shard.shard_eps(), eps[rows, cols], rtol=1e-5, atol=1e-7)
 
@@ -267,7 +264,7 @@ def test_dtensor_bf16_and_dropout_two_cpu_processes():
     spawn(_variants_worker, world_size=2, deadline_s=60)
 
 
-def _errors_worker(rank, world_size):
+def _layouts_and_errors_worker(rank, world_size):
     mesh = _mesh()
     # Eval (no noise) with use_local_output=False: the output stays a DTensor sharded on the last dim.
     reference = _build_model()[0].eval()
@@ -276,6 +273,15 @@ def _errors_worker(rank, world_size):
     out = layer.eval()(x)
     assert isinstance(out, DTensor) and out.placements[0].is_shard()
     torch.testing.assert_close(out.full_tensor(), reference(x), rtol=1e-5, atol=1e-5)
+
+    # Rowwise into a sequence-parallel layout: the partial outputs are reduce-scattered over dim 0.
+    reference, layer_sp = _build_model()[2], _build_model()[2]
+    parallelize_module(layer_sp, mesh, FlatLoraRowwiseParallel(output_layouts=Shard(0)))
+    for m in (reference, layer_sp):
+        FlatLoraSchedule(m, total_steps=2, seed=4, rank=0).step()
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    y = layer_sp(x.chunk(world_size, dim=-1)[rank])
+    torch.testing.assert_close(y, reference(x).chunk(world_size)[rank], rtol=1e-5, atol=1e-5)
 
     with pytest.raises(TypeError, match="expected a FlatLoraLinear"):
         parallelize_module(nn.Sequential(nn.Linear(4, 4)), mesh, {"0": FlatLoraColwiseParallel()})
@@ -292,5 +298,5 @@ def _errors_worker(rank, world_size):
         model(torch.randn(5, 12))
 
 
-def test_dtensor_styles_eval_and_errors_two_cpu_processes():
-    spawn(_errors_worker, world_size=2, deadline_s=60)
+def test_dtensor_styles_layouts_eval_and_errors_two_cpu_processes():
+    spawn(_layouts_and_errors_worker, world_size=2, deadline_s=60)
