@@ -11,11 +11,11 @@ after it, as the official Flat-LoRA code does.
 ``fused+compile`` the same layer under ``torch.compile(fullgraph=True)``.
 ``reference``   ``flat_lora_linear(backend="reference")``: same math and noise in plain PyTorch
                 (the Philox stream in int64 tensor ops; weight-sized temporaries per pass).
-``naive``       ``baselines.naive_flat_lora_linear``: autograd through the materialised
-                ``W + s*B@A + eps``, which keeps a weight-sized tensor per layer alive until
-                backward. Its eps is the package's stream (checked by ``sanity.py``), drawn with
-                the pure-PyTorch Philox, whose time is included; the GPU script
-                (``gpu_kernels.py``) times ``baselines.naive_randn_flat_lora_linear`` instead.
+``naive``       ``baselines.naive_randn_flat_lora_linear``: ``W + eps`` materialised and kept
+                alive by autograd until backward, one weight-sized tensor per layer. Its eps is
+                drawn with ``torch.randn`` (docs/DESIGN.md, "Baselines"), as in the GPU script:
+                the package's stream in plain PyTorch would add its own cost (about LoRA's step
+                again at 1024 x 1024) to what this baseline is meant to show.
 ``inplace``     the official code's approach (docs/DESIGN.md, section 1): before the step, add ``torch.normal``
                 noise to each frozen weight in place; after backward, regenerate it and subtract.
 ``lora``        plain LoRA, no noise (the cost to match).
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from flatlora_kernels import flat_lora_linear
-from flatlora_kernels.baselines import lora_linear, naive_flat_lora_linear
+from flatlora_kernels.baselines import lora_linear, naive_randn_flat_lora_linear
 
 from workloads import AdaptedLayer
 
@@ -52,7 +52,8 @@ class Implementation:
     forward: Forward
     perturbation: Perturbation = no_perturbation
     # Which noise the layer adds: "philox" (the stream of flatlora_kernels.noise, bit for bit),
-    # "torch.normal" (the global generator, as the official code) or "none" (plain LoRA).
+    # "torch.normal" (the global generator, as the official code), "torch.randn" (naive_generator's
+    # draw) or "none" (plain LoRA).
     noise: str = "philox"
     # Backends that are built separately (C++ extension, Triton, Inductor) may be missing on a machine:
     # an exception from them skips the benchmark with the reason. Plain-PyTorch code has no excuse to fail.
@@ -79,11 +80,16 @@ def step(impl: Implementation, layers: Sequence[AdaptedLayer], x: Tensor, grad_o
 # ---- the fused op ---------------------------------------------------------------------------------
 
 
-def _fused_forward(x: Tensor, layer: AdaptedLayer) -> Tensor:
-    return flat_lora_linear(
-        x, layer.weight, layer.lora_A, layer.lora_B, layer.bias,
-        scaling=layer.scaling, sigma=layer.sigma_tensor, seed=layer.seed_tensor, backend="auto",
-    )
+def _flat_lora_forward(backend: str) -> Forward:
+    """``flat_lora_linear(backend=...)`` on a layer, with the 0-dim sigma/seed tensors training passes."""
+
+    def forward(x: Tensor, layer: AdaptedLayer) -> Tensor:
+        return flat_lora_linear(
+            x, layer.weight, layer.lora_A, layer.lora_B, layer.bias,
+            scaling=layer.scaling, sigma=layer.sigma_tensor, seed=layer.seed_tensor, backend=backend,
+        )
+
+    return forward
 
 
 def _fused_tensors(x, weight, lora_A, lora_B, bias, sigma, seed, scaling: float):
@@ -105,20 +111,25 @@ def _compiled_fused_forward(x: Tensor, layer: AdaptedLayer) -> Tensor:
     )
 
 
-def _reference_forward(x: Tensor, layer: AdaptedLayer) -> Tensor:
-    return flat_lora_linear(
-        x, layer.weight, layer.lora_A, layer.lora_B, layer.bias,
-        scaling=layer.scaling, sigma=layer.sigma_tensor, seed=layer.seed_tensor, backend="reference",
-    )
-
-
 # ---- unfused baselines ----------------------------------------------------------------------------
 
 
+_naive_generators: dict[torch.device, torch.Generator] = {}
+
+
+def naive_generator(layer: AdaptedLayer) -> torch.Generator:
+    """The naive baseline's generator, reseeded from the layer's seed at every step (one ``manual_seed``
+    call), so that ``sanity.py`` can redraw the same eps."""
+    device = layer.weight.device
+    if device not in _naive_generators:
+        _naive_generators[device] = torch.Generator(device=device)
+    return _naive_generators[device].manual_seed(layer.seed)
+
+
 def _naive_forward(x: Tensor, layer: AdaptedLayer) -> Tensor:
-    return naive_flat_lora_linear(
+    return naive_randn_flat_lora_linear(
         x, layer.weight, layer.lora_A, layer.lora_B, layer.bias,
-        scaling=layer.scaling, sigma=layer.sigma, seed=layer.seed,
+        scaling=layer.scaling, sigma=layer.sigma, generator=naive_generator(layer),
     )
 
 
@@ -174,10 +185,10 @@ def official_inplace_perturbation(layers: Sequence[AdaptedLayer]) -> Iterator[No
 IMPLEMENTATIONS: dict[str, Implementation] = {
     impl.name: impl
     for impl in (
-        Implementation("fused", _fused_forward, may_be_unavailable=True),
+        Implementation("fused", _flat_lora_forward("auto"), may_be_unavailable=True),
         Implementation("fused+compile", _compiled_fused_forward, may_be_unavailable=True),
-        Implementation("reference", _reference_forward, pure_torch_philox=True),
-        Implementation("naive", _naive_forward, pure_torch_philox=True),
+        Implementation("reference", _flat_lora_forward("reference"), pure_torch_philox=True),
+        Implementation("naive", _naive_forward, noise="torch.randn"),
         Implementation("inplace", _lora_forward, perturbation=official_inplace_perturbation, noise="torch.normal"),
         Implementation("lora", _lora_forward, noise="none"),
     )

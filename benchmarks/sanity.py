@@ -9,7 +9,8 @@ and its output and gradients are compared in fp64 on the first few output featur
 * ``y[:, :R]``, and ``dx``, ``dA``, ``dB`` from a ``dy`` that is zero outside those R columns, so the
   expected values need only R rows of the perturbed weight (cheap even for 11008 x 4096).
 * the expected noise is the implementation's own: the Philox stream of ``flatlora_kernels.noise``
-  (fused, reference, naive), the official code's ``torch.normal`` draw (inplace), or none (lora).
+  (fused, reference), the ``torch.randn`` draw of ``naive_generator`` (naive), the official code's
+  ``torch.normal`` draw (inplace), or none (lora).
 
 Any NaN/Inf or a relative error above the dtype's tolerance raises ``SanityError``.
 """
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from flatlora_kernels.noise import normal_rows, perturbation_row_scale
 
-from implementations import Implementation, inplace_noise, step
+from implementations import Implementation, inplace_noise, naive_generator, step
 from workloads import AdaptedLayer
 
 CHECKED_FEATURES = 64
@@ -87,12 +88,18 @@ def _expected_noise_rows(impl: Implementation, layer: AdaptedLayer, rows: int) -
     """eps[:rows] as ``impl`` should add it, drawn *before* the step (the inplace draw uses the global RNG)."""
     if impl.noise == "none":
         return None
-    if impl.noise == "philox":
+    if impl.noise in ("philox", "torch.randn"):
         scale = perturbation_row_scale(
             layer.weight[:rows], layer.lora_A.detach(), layer.lora_B.detach()[:rows],
             scaling=layer.scaling, sigma=layer.sigma,
         )
+    if impl.noise == "philox":
         return scale[:, None] * normal_rows(layer.seed, layer.weight.shape[1], 0, rows, device=layer.weight.device)
+    if impl.noise == "torch.randn":
+        weight = layer.weight[:rows]
+        z = torch.randn(layer.weight.shape, generator=naive_generator(layer), device=weight.device)[:rows]
+        # The baseline rounds W + eps to x's dtype, the weight's in every workload: round the same way.
+        return (weight.float() + scale[:, None] * z).to(weight.dtype).double() - weight.double()
     if impl.noise == "torch.normal":
         torch.manual_seed(layer.seed)  # the same seed and draw as official_inplace_perturbation
         with torch.no_grad():

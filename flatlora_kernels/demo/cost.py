@@ -1,6 +1,7 @@
 """What Flat-LoRA costs at a real size: one training step (forward + backward) of a stack of
 1024-wide adapted layers at M tokens, for LoRA, fused Flat-LoRA and naive perturbation (the
-weight-sized ``eps`` built per layer and kept until backward), on the current device."""
+weight-sized ``W + eps`` built per layer and kept until backward, eps from ``torch.randn``:
+``baselines.naive_randn_flat_lora_linear``), on the current device."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from ..functional import flat_lora_linear
 from ..memory import PeakMemory
-from ..baselines import lora_linear, naive_flat_lora_linear
+from ..baselines import lora_linear, naive_randn_flat_lora_linear
 
 COST_METHODS = ("lora", "flat-lora (fused)", "naive perturbation")
 
@@ -34,7 +35,9 @@ def _step(method: str, x, layers, scaling: float, sigma: float, seed: int):
         elif method == "flat-lora (fused)":
             h = flat_lora_linear(h, weight, lora_A, lora_B, scaling=scaling, sigma=sigma, seed=seed + index)
         else:
-            h = naive_flat_lora_linear(h, weight, lora_A, lora_B, scaling=scaling, sigma=sigma, seed=seed + index)
+            # torch.randn noise: the naive method's own cost, not that of our stream in plain PyTorch.
+            generator = torch.Generator(device=h.device).manual_seed(seed + index)
+            h = naive_randn_flat_lora_linear(h, weight, lora_A, lora_B, scaling=scaling, sigma=sigma, generator=generator)
     h.square().mean().backward()
     if x.device.type == "cuda":
         torch.cuda.synchronize()
