@@ -9,12 +9,13 @@ Two "naive perturbation" baselines: both run autograd through a materialised wei
 ``W + eps`` that stays alive until backward; they differ in the noise, on purpose:
 
 * ``naive_flat_lora_linear``: eps is the package's stream (``flatlora_kernels.noise``), so its output
-  is ``flat_lora_linear``'s to rounding: the correctness reference of the tests, and the ``naive``
-  implementation of the benchmark suite (whose sanity check verifies that stream). On CPU its
-  pure-PyTorch Philox costs more than the matmuls.
+  is ``flat_lora_linear``'s to rounding: the correctness reference of the tests. Not for timings:
+  the stream in plain PyTorch costs about as much as a LoRA step (1024 x 1024 on CPU).
 * ``naive_randn_flat_lora_linear``: eps from ``torch.randn``, the cheapest generator, so a timing
-  measures what keeping ``W + eps`` costs and not our stream (docs/DESIGN.md, "Baselines"). Same
-  distribution, not the same draw: never compare its values with the fused op's.
+  measures what keeping ``W + eps`` costs and not our stream (docs/DESIGN.md, "Baselines"): the
+  ``naive`` of the benchmarks (``benchmarks/implementations.py``, ``benchmarks/gpu_kernels.py``) and
+  of the demo's cost table. Same distribution, not the same draw: never compare its values with
+  the fused op's.
 
 * ``lora_linear``: plain LoRA, PEFT's math: ``F.linear(x, W) + s * (x @ A^T) @ B^T``.
 """
