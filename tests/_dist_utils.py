@@ -133,6 +133,13 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def save_from_rank_zero(rank: int, obj, path: str) -> None:
+    """``torch.save`` on rank 0, for the test process to read once every rank is past this point."""
+    if rank == 0:
+        torch.save(obj, path)
+    dist.barrier()
+
+
 GLOBAL_BATCH = 8  # the small 8 -> ... -> 4 models of test_fsdp.py and test_dcp.py
 
 

@@ -9,7 +9,6 @@ resumed in one process (a different world size, shared noise) continues the run 
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
@@ -17,7 +16,7 @@ from flatlora_kernels.distributed import load_checkpoint, save_checkpoint
 from flatlora_kernels.model_helpers import apply_flat_lora, flat_lora_layers
 from flatlora_kernels.schedule import FlatLoraSchedule
 
-from ._dist_utils import full_tensor, spawn, train_step
+from ._dist_utils import full_tensor, save_from_rank_zero, spawn, train_step
 
 TOTAL = 4
 STOP = 2
@@ -125,9 +124,7 @@ def _fsdp_worker(rank, world_size, root):
     _fsdp_resume(rank, world_size, f"{root}/ckpt_per_rank", per_rank_seeds=True)
     # Shared noise, so that a one-process resume can continue the run.
     full_adapters = _fsdp_resume(rank, world_size, f"{root}/ckpt", per_rank_seeds=False)
-    if rank == 0:
-        torch.save(full_adapters, f"{root}/reference.pt")
-    dist.barrier()
+    save_from_rank_zero(rank, full_adapters, f"{root}/reference.pt")
 
 
 def test_fsdp_resume_and_resume_on_one_process(tmp_path):

@@ -12,7 +12,6 @@ ranks and into one unsharded process; shards with different seeds raise. Bad inp
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -31,7 +30,7 @@ from flatlora_kernels.modules import FlatLoraLinear
 from flatlora_kernels.noise import filter_noise, normal_rows
 from flatlora_kernels.schedule import FlatLoraSchedule
 
-from ._dist_utils import full_tensor, spawn
+from ._dist_utils import full_tensor, save_from_rank_zero, spawn
 
 
 def _build_model(dtype=torch.float32, lora_dropout=0.0, adapter_seed=None) -> nn.Module:
@@ -216,9 +215,7 @@ def _dtensor_worker(rank, world_size, root):
     x = torch.randn(5, 12, generator=torch.Generator().manual_seed(99))
     assert torch.equal(resumed(x), model(x)), "the resumed model draws other noise"
     full = {n: full_tensor(p.detach()) for n, p in model.named_parameters()}  # a collective: every rank
-    if rank == 0:
-        torch.save(full, f"{root}/tp_full.pt")
-    dist.barrier()
+    save_from_rank_zero(rank, full, f"{root}/tp_full.pt")
 
 
 def test_dtensor_styles_two_cpu_processes(tmp_path):

@@ -62,9 +62,11 @@ __all__ = [
 ]
 
 
-def shard_noise(seed: Tensor, in_features: int, rows: tuple[int, int], cols: tuple[int, int]) -> Tensor:
+def shard_noise(
+    seed: Tensor, in_features: int, rows: tuple[int, int], cols: tuple[int, int], *, device="cpu"
+) -> Tensor:
     """``z(seed, i, j)`` for global rows ``[i0, i1)`` and columns ``[j0, j1)`` of a ``K = in_features`` layer."""
-    return normal_block(seed, in_features, rows, cols)
+    return normal_block(seed, in_features, rows, cols, device=device)
 
 
 class _SumGradAcrossShards(torch.autograd.Function):
@@ -137,8 +139,9 @@ def _bias_once(bias: Tensor | None, first: bool) -> Tensor | None:
 
 
 class _ShardMath:
-    """The local math both front ends share. A subclass sets ``style``, ``rows``, ``cols``,
-    ``_norm_cache = None`` and ``_checked_rank_key = None`` and provides the three methods below."""
+    """The local math both front ends share. A subclass has ``lora_A`` / ``lora_B`` parameters, sets
+    ``style``, ``rows``, ``cols`` (global block), ``_norm_cache = None`` and ``_checked_rank_key = None``,
+    and provides the three methods below."""
 
     style: str
     rows: tuple[int, int]
@@ -173,9 +176,10 @@ class _ShardMath:
 
     def shard_eps(self) -> Tensor:
         """This shard's block of the unsharded layer's eps (fp32)."""
-        seed = self._noise_state().effective_seed()
+        seed, in_features = self._noise_state().effective_seed(), self._noise_state().in_features
+        device = self._local_tensors()[0].device  # the shard's, not the default (CPU) of normal_block
         with torch.no_grad():
-            return self._row_scale(seed)[:, None] * shard_noise(seed, self._noise_state().in_features, self.rows, self.cols)
+            return self._row_scale(seed)[:, None] * shard_noise(seed, in_features, self.rows, self.cols, device=device)
 
     def _check_shared_seed(self) -> None:
         """Raise unless every rank of the group draws from the same seed (checked when the rank key changes)."""
