@@ -14,8 +14,8 @@ after it, as the official Flat-LoRA code does.
 ``naive``       ``baselines.naive_randn_flat_lora_linear``: ``W + eps`` materialised and kept
                 alive by autograd until backward, one weight-sized tensor per layer. Its eps is
                 drawn with ``torch.randn`` (docs/DESIGN.md, "Baselines"), as in the GPU script:
-                the package's stream in plain PyTorch would add its own cost (about LoRA's step
-                again at 1024 x 1024) to what this baseline is meant to show.
+                the package's stream in plain PyTorch would add its own cost (0.8x a LoRA step
+                at 1024 x 1024, M = 2048, one CPU thread) to what this baseline is meant to show.
 ``inplace``     the official code's approach (docs/DESIGN.md, section 1): before the step, add ``torch.normal``
                 noise to each frozen weight in place; after backward, regenerate it and subtract.
 ``lora``        plain LoRA, no noise (the cost to match).
