@@ -29,7 +29,7 @@ class LoraSharpnessOptimizer(torch.optim.Optimizer):
         self,
         model: nn.Module,
         base_optimizer: torch.optim.Optimizer,
-        rho: float = 0.05,
+        rho: float,
         *,
         rho_schedule: str | Callable[[int], float] = "constant",
         total_steps: int | None = None,
