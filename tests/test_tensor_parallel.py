@@ -7,13 +7,15 @@ for bit); outputs and the input/adapter gradients equal one unsharded process; a
 (new adapter, new seed) the next forward still matches. DTensor styles also: parameter placements;
 gradient accumulation over micro-batches with the collectives of every forward and backward counted
 (the row-norm all-reduce once per step); bf16 weights; LoRA dropout; DCP save/load round trip on 2
-ranks and into one unsharded process; shards with different seeds raise. Bad input raises.
+ranks and into one unsharded process; a rowwise reduce-scatter output; FSDP2 over TP on a (dp, tp)
+mesh; shards with different seeds raise. Bad input raises.
 """
 
 import pytest
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import parallelize_module
@@ -259,6 +261,34 @@ def _variants_worker(rank, world_size):
 
 def test_dtensor_bf16_and_dropout_two_cpu_processes():
     spawn(_variants_worker, world_size=2, deadline_s=60)
+
+
+def _fsdp_over_tp_worker(rank, world_size):
+    """FSDP2 over the "dp" dimension of a (dp, tp) mesh, TP inside (dp has size 1 with 2 processes):
+    the 2-D parameters train as one process does."""
+    mesh = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("dp", "tp"))
+    reference, model = _build_model(), _build_model()
+    parallelize_module(model, mesh["tp"], {"0": FlatLoraColwiseParallel(), "2": FlatLoraRowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    assert all(p.device_mesh.mesh_dim_names == ("dp", "tp") for p in model.parameters())
+    schedules = [FlatLoraSchedule(m, total_steps=3, seed=4, rank=0) for m in (reference, model)]
+    optimizers = [_adamw(m) for m in (reference, model)]
+    for step in range(2):
+        x = torch.randn(5, 12, generator=torch.Generator().manual_seed(step))
+        y_ref, y = reference(x), model(x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+        y_ref.pow(2).sum().backward()
+        y.pow(2).sum().backward()
+        for optimizer, schedule in zip(optimizers, schedules):
+            optimizer.step()
+            optimizer.zero_grad()
+            schedule.step()
+    with pytest.raises(ValueError, match="1-D tensor-parallel mesh"):
+        parallelize_module(_build_model(), mesh, {"0": FlatLoraColwiseParallel()})
+
+
+def test_fsdp2_over_tensor_parallel_two_cpu_processes():
+    spawn(_fsdp_over_tp_worker, world_size=2, deadline_s=60)
 
 
 def _layouts_and_errors_worker(rank, world_size):
