@@ -12,18 +12,16 @@ import torch
 
 from ..functional import flat_lora_linear
 from ..memory import PeakMemory
-from ..baselines import lora_linear, naive_randn_flat_lora_linear
+from ..baselines import lora_linear, make_layer, naive_randn_flat_lora_linear
 
 COST_METHODS = ("lora", "flat-lora (fused)", "naive perturbation")
 
 
-def _stack(width: int, depth: int, rank: int, device, generator):
+def _stack(width: int, depth: int, rank: int, device) -> list[tuple]:
     layers = []
-    for _ in range(depth):
-        weight = torch.randn(width, width, generator=generator).div_(width**0.5).to(device)
-        lora_A = (torch.randn(rank, width, generator=generator) / width**0.5).to(device).requires_grad_()
-        lora_B = (torch.randn(width, rank, generator=generator) * 0.01).to(device).requires_grad_()
-        layers.append((weight, lora_A, lora_B))
+    for index in range(depth):
+        weight, lora_A, lora_B, _ = make_layer(width, width, rank, device=device, seed=index, lora_B_std=0.01)
+        layers.append((weight, lora_A.requires_grad_(), lora_B.requires_grad_()))
     return layers
 
 
@@ -46,9 +44,8 @@ def _step(method: str, x, layers, scaling: float, sigma: float, seed: int):
 def measure_cost(*, width=1024, tokens=2048, depth=4, rank=16, repeats=5, device="cpu") -> list[dict]:
     """Median step time over ``repeats`` (after one warm-up) and the peak memory of one step."""
     device = torch.device(device)
-    generator = torch.Generator().manual_seed(0)
-    layers = _stack(width, depth, rank, device, generator)
-    x = torch.randn(tokens, width, generator=generator).to(device)
+    layers = _stack(width, depth, rank, device)
+    x = torch.randn(tokens, width, generator=torch.Generator().manual_seed(depth)).to(device)
     rows = []
     for method in COST_METHODS:
         _step(method, x, layers, 2.0, 0.1, 0)  # warm-up (allocator, first-call dispatch)
