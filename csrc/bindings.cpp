@@ -40,14 +40,16 @@ at::Tensor normal_rows(int64_t seed, int64_t in_features, int64_t row_start, int
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Flat-LoRA fused CPU kernels (regenerated Philox noise, chunked perturbed weight)";
-  m.def("forward", &flatlora::forward_cpu, "y, row_scale = forward(x, W, A, B, bias, s, sigma, seed, chunk_bytes)",
-        py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("bias"), py::arg("scaling"),
-        py::arg("sigma"), py::arg("seed"), py::arg("chunk_bytes"));
+  m.def("forward", &flatlora::forward_cpu,
+        "y, row_scale = forward(x, W, A, B, bias, s, sigma, seed, chunk_bytes, parallel_grain)", py::arg("x"),
+        py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("bias"), py::arg("scaling"),
+        py::arg("sigma"), py::arg("seed"), py::arg("chunk_bytes"), py::arg("parallel_grain"));
   m.def("backward", &flatlora::backward_cpu,
-        "dx, dA, dB = backward(dy, x, W, A, B, row_scale, s, seed, compute_dx, chunk_bytes)", py::arg("dy"),
-        py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("row_scale"),
-        py::arg("scaling"), py::arg("seed"), py::arg("compute_dx"),
-        py::arg("chunk_bytes"));
+        "dx, dA, dB = backward(dy, x, W, A, B, row_scale, s, seed, compute_dx, fold_lora, chunk_bytes, "
+        "parallel_grain)",
+        py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("row_scale"),
+        py::arg("scaling"), py::arg("seed"), py::arg("compute_dx"), py::arg("fold_lora"), py::arg("chunk_bytes"),
+        py::arg("parallel_grain"));
   m.def("cpu_isa", [] { return std::string(flatlora::cpu_kernels().isa); },
         "the ISA of the noise and row kernels chosen at load time (scalar, avx2, avx512)");
   m.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 outputs for int64 offsets (debug)", py::arg("seed"),

@@ -12,9 +12,20 @@ struct CpuKernels {
   void (*normal_row)(uint64_t seed, int64_t row, int64_t in_features, float* out);
   void (*add_scaled_normal_row)(uint64_t seed, int64_t row, int64_t in_features, float scale, float* out);
   void (*philox_at)(uint64_t seed, const int64_t* offsets, int64_t count, uint32_t* out);
-  // row += sum_k coef[k] * A[k, :] (A: [rank, n] fp32 contiguous); returns ||row||^2 after the update.
-  double (*add_low_rank_row)(const float* coef, const float* lora_A, int64_t rank, int64_t n, float* row);
+  // rows[i] += sum_k coef[i * rank + k] * A[k, :] for i < count (rows: [count, n] contiguous fp32,
+  // A: [rank, n] contiguous fp32). Each element gets the same FMAs in the same order at any count.
+  void (*add_low_rank_rows)(const float* coef, const float* lora_A, int64_t rank, int64_t n, int64_t count,
+                            float* rows);
+  // ||row||^2 in one fixed summation order (8-lane strips of 64 in fp32, fp64 across): the row scale's.
+  double (*row_squared_norm)(const float* row, int64_t n);
+  // bf16 <-> fp32 as bit patterns: widening is exact; narrowing rounds to nearest even (NaN: high half).
+  void (*widen_bfloat16)(const uint16_t* src, int64_t n, float* dst);
+  void (*round_to_bfloat16)(const float* src, int64_t n, uint16_t* dst);
 };
+
+// Rows that add_low_rank_rows keeps in registers at once (each load of A feeds this many FMAs): a
+// property of the kernels' register blocking, not tuning. Callers hand it groups of this many rows.
+constexpr int64_t kFoldRows = 4;
 
 // The selected table (selected on first use; throws if FLATLORA_CPU_ISA names an unknown or
 // unsupported level).

@@ -49,10 +49,12 @@ void philox_block(uint32_t key_lo, uint32_t key_hi, uint32_t ctr_lo, uint32_t ct
                   uint32_t (*bits)[kBlock]) {
   int64_t t = 0;
 #if FLATLORA_ISA_HAS_AVX512
-  for (; t + 32 <= count; t += 32) {  // two groups of sixteen, interleaved to hide multiply latency
-    __m512i groups[2][4];
-    philox4x32_10_simd<Avx512Philox, 2>(ctr_lo + static_cast<uint32_t>(t), ctr_hi, key_lo, key_hi, groups);
-    for (int v = 0; v < 2; ++v)
+  // Four groups of sixteen, interleaved to hide multiply latency (16 of the 32 zmm registers hold the
+  // state): measured 0.25 -> 0.17 ns per normal for Philox alone vs two groups (one Zen 5 core).
+  for (; t + 64 <= count; t += 64) {
+    __m512i groups[4][4];
+    philox4x32_10_simd<Avx512Philox, 4>(ctr_lo + static_cast<uint32_t>(t), ctr_hi, key_lo, key_hi, groups);
+    for (int v = 0; v < 4; ++v)
       for (int lane = 0; lane < 4; ++lane) _mm512_storeu_si512(bits[lane] + t + 16 * v, groups[v][lane]);
   }
 #endif
@@ -144,44 +146,83 @@ void philox_at(uint64_t seed, const int64_t* offsets, int64_t count, uint32_t* o
 // scale, so a different width would move eps by an ulp.
 constexpr int kLanes = 8;
 typedef float FloatVec __attribute__((vector_size(4 * kLanes)));
-constexpr int kStripVectors = 8;  // a strip of 8 vectors of the row lives in registers
+constexpr int kStripVectors = 8;  // the norm sums 8 vectors (64 floats) per strip in fp32
 constexpr int64_t kStrip = kLanes * kStripVectors;
 
-inline FloatVec load_vec(const float* p) {
-  FloatVec v;
+// The fold's own vectors: the widest float register (the result is element-wise, so any width gives
+// the same bits). kFoldRows rows x kFoldVectors vectors of accumulators: 16 of the 32 zmm registers,
+// or 8 of the 16 ymm ones, leaving room for the A vectors; register counts, not tuning.
+#if FLATLORA_ISA_HAS_AVX512
+constexpr int kFoldLanes = 16;
+constexpr int kFoldVectors = 4;
+#else
+constexpr int kFoldLanes = 8;
+constexpr int kFoldVectors = 2;
+#endif
+typedef float FoldVec __attribute__((vector_size(4 * kFoldLanes)));
+
+template <typename Vec>
+inline Vec load_vec(const float* p) {
+  Vec v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline void store_vec(float* p, FloatVec v) { std::memcpy(p, &v, sizeof v); }
+template <typename Vec>
+inline void store_vec(float* p, Vec v) {
+  std::memcpy(p, &v, sizeof v);
+}
 
-// Each strip stays in registers across all k (one load of A per FMA, no stores in between), and its
-// squares are summed in the same visit: ~2x faster than k passes over the row.
-double add_low_rank_row(const float* coef, const float* lora_A, int64_t rank, int64_t n, float* row) {
+// kRows rows at once: a strip of each stays in registers across all k, and each load of A serves
+// every row. Per element: acc += coef[k] * A[k, j] for k = 0 .. rank - 1, as in a one-row loop.
+template <int kRows>
+void add_low_rank_row_block(const float* coef, const float* lora_A, int64_t rank, int64_t n, float* rows) {
+  constexpr int64_t kWidth = kFoldLanes * kFoldVectors;
+  int64_t j0 = 0;
+  for (; j0 + kWidth <= n; j0 += kWidth) {
+    FoldVec acc[kRows][kFoldVectors];
+    for (int r = 0; r < kRows; ++r)
+      for (int v = 0; v < kFoldVectors; ++v) acc[r][v] = load_vec<FoldVec>(rows + r * n + j0 + kFoldLanes * v);
+    for (int64_t k = 0; k < rank; ++k) {
+      FoldVec a[kFoldVectors];
+      for (int v = 0; v < kFoldVectors; ++v) a[v] = load_vec<FoldVec>(lora_A + k * n + j0 + kFoldLanes * v);
+      for (int r = 0; r < kRows; ++r) {
+        const float c = coef[r * rank + k];
+        for (int v = 0; v < kFoldVectors; ++v) acc[r][v] += c * a[v];
+      }
+    }
+    for (int r = 0; r < kRows; ++r)
+      for (int v = 0; v < kFoldVectors; ++v) store_vec(rows + r * n + j0 + kFoldLanes * v, acc[r][v]);
+  }
+  for (int r = 0; r < kRows && j0 < n; ++r) {  // the last, partial strip
+    for (int64_t k = 0; k < rank; ++k) {
+      const float c = coef[r * rank + k];
+      const float* a = lora_A + k * n;
+      float* row = rows + r * n;
+      for (int64_t j = j0; j < n; ++j) row[j] += c * a[j];
+    }
+  }
+}
+
+void add_low_rank_rows(const float* coef, const float* lora_A, int64_t rank, int64_t n, int64_t count,
+                       float* rows) {
+  int64_t i = 0;
+  for (; i + kFoldRows <= count; i += kFoldRows)
+    add_low_rank_row_block<kFoldRows>(coef + i * rank, lora_A, rank, n, rows + i * n);
+  for (; i < count; ++i) add_low_rank_row_block<1>(coef + i * rank, lora_A, rank, n, rows + i * n);
+}
+
+double row_squared_norm(const float* row, int64_t n) {
   double lane_sums[kLanes] = {};
   int64_t j0 = 0;
   for (; j0 + kStrip <= n; j0 += kStrip) {
-    FloatVec acc[kStripVectors];
-#pragma GCC unroll 8
-    for (int v = 0; v < kStripVectors; ++v) acc[v] = load_vec(row + j0 + kLanes * v);
-    for (int64_t k = 0; k < rank; ++k) {
-      const float c = coef[k];
-      const float* a = lora_A + k * n + j0;
-#pragma GCC unroll 8
-      for (int v = 0; v < kStripVectors; ++v) acc[v] += c * load_vec(a + kLanes * v);
-    }
     FloatVec strip_squares = {};
 #pragma GCC unroll 8
     for (int v = 0; v < kStripVectors; ++v) {
-      strip_squares += acc[v] * acc[v];
-      store_vec(row + j0 + kLanes * v, acc[v]);
+      const FloatVec x = load_vec<FloatVec>(row + j0 + kLanes * v);
+      strip_squares += x * x;
     }
     for (int l = 0; l < kLanes; ++l) lane_sums[l] += strip_squares[l];  // fp32 within a strip, fp64 across
-  }
-  for (int64_t k = 0; k < rank && j0 < n; ++k) {  // the last, partial strip
-    const float c = coef[k];
-    const float* a = lora_A + k * n;
-    for (int64_t j = j0; j < n; ++j) row[j] += c * a[j];
   }
   double total = 0.0;
   for (int64_t j = j0; j < n; ++j) total += static_cast<double>(row[j]) * row[j];
@@ -189,7 +230,26 @@ double add_low_rank_row(const float* coef, const float* lora_A, int64_t rank, in
   return total;
 }
 
-const CpuKernels kTable = {FLATLORA_ISA_NAME, normal_row, add_scaled_normal_row, philox_at, add_low_rank_row};
+void widen_bfloat16(const uint16_t* src, int64_t n, float* dst) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t bits = static_cast<uint32_t>(src[j]) << 16;
+    std::memcpy(&dst[j], &bits, sizeof bits);
+  }
+}
+
+// Round to nearest even with integer ops so the loop vectorises; a NaN keeps its high half.
+void round_to_bfloat16(const float* src, int64_t n, uint16_t* dst) {
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, &src[j], sizeof bits);
+    const bool is_nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+    const uint32_t rounded = bits + 0x7FFFu + ((bits >> 16) & 1u);
+    dst[j] = static_cast<uint16_t>((is_nan ? bits : rounded) >> 16);
+  }
+}
+
+const CpuKernels kTable = {FLATLORA_ISA_NAME, normal_row,          add_scaled_normal_row, philox_at, add_low_rank_rows,
+                           row_squared_norm,  widen_bfloat16,        round_to_bfloat16};
 
 }  // namespace FLATLORA_ISA_NS
 }  // namespace

@@ -59,7 +59,8 @@ uint64_t seed_value(const at::Tensor& seed) { return static_cast<uint64_t>(seed.
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                const std::optional<at::Tensor>& bias, double scaling,
-                                               const at::Tensor& sigma, const at::Tensor& seed, int64_t chunk_bytes) {
+                                               const at::Tensor& sigma, const at::Tensor& seed, int64_t chunk_bytes,
+                                               int64_t parallel_grain) {
   check_layer(x, weight, lora_A, lora_B);
   check_scalar(sigma, "sigma", at::kFloat);
   check_scalar(seed, "seed", at::kLong);
@@ -73,7 +74,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Te
   const at::Tensor x_gemm = x.to(compute);
   at::Tensor y = at::empty({m, n}, x.options().dtype(compute));
   at::Tensor row_scale = at::empty({n}, x.options().dtype(at::kFloat));
-  const PerturbedWeight perturbed(weight, lora_A, lora_B, scaling, seed_value(seed), x.scalar_type());
+  const PerturbedWeight perturbed(weight, lora_A, lora_B, scaling, seed_value(seed), x.scalar_type(),
+                                  parallel_grain);
   const float sigma_value = sigma.item<float>();
 
   const at::ScalarType chunk_type = chunk_dtype(compute);
@@ -95,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& dy
                                                             const at::Tensor& weight, const at::Tensor& lora_A,
                                                             const at::Tensor& lora_B, const at::Tensor& row_scale,
                                                             double scaling, const at::Tensor& seed, bool compute_dx,
-                                                            int64_t chunk_bytes) {
+                                                            bool fold_lora, int64_t chunk_bytes, int64_t parallel_grain) {
   check_layer(x, weight, lora_A, lora_B);
   check_float_cpu(dy, "dy", 2);
   const int64_t m = x.size(0), n = weight.size(0), k = weight.size(1);
@@ -110,11 +112,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& dy
   const at::ScalarType compute = gemm_dtype(x);
   const at::Tensor dy_gemm = dy.to(compute);
   const at::Tensor x_gemm = x.to(compute);
+  const at::Tensor lora_A_gemm = lora_A.to(compute);
+  const at::Tensor dy_b = at::mm(dy_gemm, lora_B.to(compute)).mul_(scaling);  // s * dy @ B   [M, r]
 
   at::Tensor dx = at::empty({0}, x.options());
   if (compute_dx) {
     const at::Tensor saved_scale = row_scale.contiguous();
-    const PerturbedWeight perturbed(weight, lora_A, lora_B, scaling, seed_value(seed), x.scalar_type());
+    const PerturbedWeight perturbed(weight, lora_A, lora_B, scaling, seed_value(seed), x.scalar_type(),
+                                    parallel_grain);
     const at::ScalarType chunk_type = chunk_dtype(compute);
     const int64_t chunk_rows = std::min(n, rows_per_chunk(k, c10::elementSize(chunk_type), chunk_bytes));
     // dx sums one product per chunk. bf16 partial sums are added in fp32, so the result is rounded
@@ -127,24 +132,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& dy
     for (int64_t row0 = 0; row0 < n; row0 += chunk_rows) {
       const int64_t rows = std::min(chunk_rows, n - row0);
       at::Tensor chunk = chunk_buffer.narrow(0, 0, rows);
-      perturbed.build_with_saved_scale(row0, chunk, saved_scale.data_ptr<float>() + row0);
+      perturbed.build_with_saved_scale(row0, chunk, saved_scale.data_ptr<float>() + row0, fold_lora);
       // dx += dy[:, rows] @ chunk; the first chunk overwrites, so dx needs no zero fill.
       const at::Tensor dy_block = dy_gemm.narrow(1, row0, rows);
-      const at::Tensor& operand = chunk;
       if (widen_sum) {
-        at::mm_out(product, dy_block, operand);
+        at::mm_out(product, dy_block, chunk);
         row0 == 0 ? dx_sum.copy_(product) : dx_sum.add_(product);
       } else if (row0 == 0) {
-        at::mm_out(dx_sum, dy_block, operand);
+        at::mm_out(dx_sum, dy_block, chunk);
       } else {
-        dx_sum.addmm_(dy_block, operand);
+        dx_sum.addmm_(dy_block, chunk);
       }
     }
+    // The unfolded branch: (s * dy @ B) @ A, an [M, r] x [r, K] product (fp32 into an fp32 sum).
+    if (!fold_lora) widen_sum ? dx_sum.addmm_(dy_b.to(at::kFloat), lora_A_gemm.to(at::kFloat))
+                              : dx_sum.addmm_(dy_b, lora_A_gemm);
     dx = widen_sum ? product.copy_(dx_sum) : dx_sum.to(x.scalar_type());
   }
   // LoRA gradients through small rank-r products only.
-  const at::Tensor dy_b = at::mm(dy_gemm, lora_B.to(compute)).mul_(scaling);      // s * dy @ B   [M, r]
-  const at::Tensor x_a = at::mm(x_gemm, lora_A.to(compute).t()).mul_(scaling);    // s * x @ A^T  [M, r]
+  const at::Tensor x_a = at::mm(x_gemm, lora_A_gemm.t()).mul_(scaling);          // s * x @ A^T  [M, r]
   at::Tensor d_lora_A = at::mm(dy_b.t(), x_gemm).to(lora_A.scalar_type());        // [r, K]
   at::Tensor d_lora_B = at::mm(dy_gemm.t(), x_a).to(lora_B.scalar_type());        // [N, r]
   return {dx, d_lora_A, d_lora_B};

@@ -261,12 +261,14 @@ def test_empty_batch():
 def test_row_scale_and_compute_dx_false():
     x, weight, lora_A, lora_B, bias = _layer_and_input()
     sigma, seed = torch.tensor(0.25), torch.tensor(3)
-    _, row_scale = _C.forward(x, weight, lora_A, lora_B, None, 2.0, sigma, seed, cpp.chunk_bytes)
+    _, row_scale = _C.forward(x, weight, lora_A, lora_B, None, 2.0, sigma, seed, cpp.chunk_bytes, cpp.parallel_grain)
     from flatlora_kernels.noise import perturbation_row_scale
 
     expected = perturbation_row_scale(weight, lora_A, lora_B, scaling=2.0, sigma=0.25)
     torch.testing.assert_close(row_scale, expected, rtol=1e-5, atol=0)
-    dx, d_a, d_b = _C.backward(torch.ones(50, 45), x, weight, lora_A, lora_B, row_scale, 2.0, seed, False, cpp.chunk_bytes)
+    dx, d_a, d_b = _C.backward(
+        torch.ones(50, 45), x, weight, lora_A, lora_B, row_scale, 2.0, seed, False, True, cpp.chunk_bytes, cpp.parallel_grain
+    )
     assert dx.numel() == 0 and d_a.shape == lora_A.shape and d_b.shape == lora_B.shape
 
 
@@ -287,7 +289,7 @@ def test_direct_calls_reject_bad_inputs():
     }
     for message, args in bad_calls.items():
         with pytest.raises(RuntimeError, match=message.replace("[", r"\[")):
-            _C.forward(*args, cpp.chunk_bytes)
+            _C.forward(*args, cpp.chunk_bytes, cpp.parallel_grain)
 
 
 def test_missing_extension_message_says_how_to_build(monkeypatch):

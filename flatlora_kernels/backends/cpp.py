@@ -22,6 +22,8 @@ from . import cpu_tuning
 # Module attributes (read at call time) so tests can lower them; values and provenance: cpu_tuning.py.
 chunk_bytes: int = cpu_tuning.CHUNK_BYTES
 chunk_grows_to_output: bool = cpu_tuning.CHUNK_GROWS_TO_OUTPUT
+parallel_grain: int = cpu_tuning.PARALLEL_GRAIN_ELEMENTS
+backward_fold_min_tokens_per_output: float = cpu_tuning.BACKWARD_FOLD_MIN_TOKENS_PER_OUTPUT
 
 
 def cpu_isa() -> str:
@@ -36,9 +38,12 @@ def _cap(output_elements: int, element_size: int) -> int:
 
 def forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
     cap = _cap(x.shape[0] * weight.shape[0], x.element_size())
-    return _C.forward(x, weight, lora_A, lora_B, bias, float(scaling), sigma, seed, cap)
+    return _C.forward(x, weight, lora_A, lora_B, bias, float(scaling), sigma, seed, cap, parallel_grain)
 
 
 def backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx):
     cap = _cap(x.shape[0] * weight.shape[1], x.element_size())
-    return _C.backward(dy, x, weight, lora_A, lora_B, row_scale, float(scaling), seed, bool(compute_dx), cap)
+    fold_lora = x.shape[0] >= backward_fold_min_tokens_per_output * weight.shape[0]
+    return _C.backward(
+        dy, x, weight, lora_A, lora_B, row_scale, float(scaling), seed, bool(compute_dx), fold_lora, cap, parallel_grain
+    )

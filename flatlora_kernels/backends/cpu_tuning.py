@@ -1,11 +1,13 @@
 """The C++ CPU backend's tuning, in one place: read by ``backends/cpp.py`` (passed to ``csrc/`` on
 every call, which has no defaults of its own) and by the benchmarks. Each value says where it
-comes from.
+comes from. Constants that are properties of the code (vector widths, register blocking) are not
+here: they are commented where they are defined in ``csrc/``.
 """
 
 from __future__ import annotations
 
-#: Cap on one regenerated chunk of the perturbed weight, in bytes (at least one row is built).
+#: Cap on one regenerated chunk of the perturbed weight, in bytes (at least one row is built). The one
+#: definition for the CPU family (``backends/cpp.py: chunk_bytes`` reads it).
 #: Measured (AMD EPYC family 26, 2 threads, shared machine): splitting a 1024x1024 layer's GEMM in
 #: two cost ~5%, so the cap holds a whole 1024x1024 fp32 layer (256 rows of a 4096-wide one).
 #: The exact value between "one 1024^2 layer" and larger is a guess, not a sweep.
@@ -16,5 +18,15 @@ CHUNK_BYTES: int = 4 << 20
 #: (same CPU): bf16 2048x1024x1024 step memory 54 -> 25 MiB vs LoRA's 24.5, and one GEMM at large M.
 CHUNK_GROWS_TO_OUTPUT: bool = True
 
-# Not here yet: csrc/perturbed_chunk.cpp's ~16K-element parallel grain per chunk-building task (a
-# guess sized to amortise a thread hand-off, not measured) is still a literal in the C++.
+#: About this many chunk elements per parallel task when a chunk is built (``at::parallel_for``
+#: grain, rounded to whole rows, at least one). A guess sized to amortise a thread hand-off (~16 K
+#: elements is ~10 us of building), not a sweep; at 1024 columns it gives 16-row tasks, 64 per 1024^2
+#: chunk, so two threads stay balanced.
+PARALLEL_GRAIN_ELEMENTS: int = 16384
+
+#: The backward folds ``s*B@A`` into its regenerated chunks when ``M >= ratio * out_features``; below,
+#: chunks hold ``W + eps`` only and dx adds ``(s*dy@B)@A``. Folding costs ``r*N*K`` FMAs in the chunk
+#: build, the unfolded branch one ``[M, r] x [r, K]`` GEMM (``s*dy@B`` is needed for dA anyway), so
+#: the arithmetic crossover is ``M = N``. At ``M >= N`` the backward's chunks equal the forward's bit for
+#: bit (tests/test_noise_under_load.py checks that with ``dy = I``). Measured: see benchmarks/RESULTS.md.
+BACKWARD_FOLD_MIN_TOKENS_PER_OUTPUT: float = 1.0
