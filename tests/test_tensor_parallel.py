@@ -325,6 +325,8 @@ def _layouts_and_errors_worker(rank, world_size):
         parallelize_module(layer, mesh, FlatLoraRowwiseParallel())
     with pytest.raises(NotImplementedError, match="merge"):
         layer.merge()
+    with pytest.raises(TypeError, match="not built directly"):
+        type(layer)(12, 16)
     # A schedule that reads the global rank gives the two shards different seeds: refused, on both ranks.
     model = _tensor_parallel(_build_model())
     FlatLoraSchedule(model, total_steps=2, seed=4).step()

@@ -241,6 +241,12 @@ class TensorParallelFlatLoraLinear(_ShardMath, FlatLoraLinear):
 
     tp_mesh: DeviceMesh
 
+    def __init__(self, *args, **kwargs) -> None:  # the styles swap the class of a built layer instead
+        raise TypeError(
+            "TensorParallelFlatLoraLinear is made by parallelize_module(layer, mesh, FlatLoraColwiseParallel() "
+            "or FlatLoraRowwiseParallel()) from a FlatLoraLinear, not built directly"
+        )
+
     def _noise_state(self) -> FlatLoraLinear:
         return self
 
