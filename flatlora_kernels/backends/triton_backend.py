@@ -151,15 +151,16 @@ def _main_dot_tf32(compute_dtype: torch.dtype) -> bool:
 def _factor_constexprs(lora_A: Tensor, lora_B: Tensor, compute_dtype: torch.dtype) -> dict:
     """Compile-time settings of the ``B@A`` tiles (see ``kernels/weight_tile.py``)."""
     rank = lora_A.shape[0]
-    rank_block = min(triton_tuning.MAX_RANK_BLOCK, max(16, triton.next_power_of_2(rank)))
     native = (
         lora_A.dtype == lora_B.dtype
         and lora_A.dtype in (torch.float16, torch.bfloat16)
         and not (INTERPRETING and lora_A.dtype == torch.bfloat16)
     )
     exact_fp32 = compute_dtype in (torch.float32, torch.float64) and not _tf32_allowed()
+    rank_block = min(triton_tuning.MAX_RANK_BLOCK, max(16, triton.next_power_of_2(rank)))
     return dict(
         RANK_BLOCK=rank_block,
+        RANK_LOOP=rank > rank_block or (exact_fp32 and not native),  # see triton_tuning.MAX_RANK_BLOCK
         FACTORS_IN_FP32=not native,
         FACTOR_TF32=native or not exact_fp32,  # 16-bit operands: the flag is moot, keep the default
     )

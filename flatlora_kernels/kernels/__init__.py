@@ -15,7 +15,14 @@ from .fused_matmul import fused_forward_kernel, fused_input_grad_kernel
 from .noise_tile import normal_quad_tile, normal_rows_kernel, philox_offsets, philox_words_kernel, replace_strip, strip_columns
 from .perturbed_weight import perturbed_weight_kernel
 from .row_scale import row_scale_kernel
-from .weight_tile import load_tile, lowrank_tile, merged_weight_tile, perturbed_weight_strip, weight_operands
+from .weight_tile import (
+    load_tile,
+    lowrank_tile,
+    merged_weight_tile,
+    perturbed_weight_strip,
+    program_range,
+    weight_operands,
+)
 
 __all__ = [
     "dot_accumulate",
@@ -30,6 +37,7 @@ __all__ = [
     "perturbed_weight_strip",
     "philox_offsets",
     "philox_words_kernel",
+    "program_range",
     "replace_strip",
     "row_scale_kernel",
     "strip_columns",

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .dot_precision import dot_accumulate
 from .noise_tile import normal_quad_tile, replace_strip, strip_columns
-from .weight_tile import load_tile, perturbed_weight_strip, weight_operands
+from .weight_tile import load_tile, perturbed_weight_strip, program_range, weight_operands
 
 
 @triton.jit(do_not_specialize=["n_tokens"])
@@ -38,7 +38,7 @@ def fused_forward_kernel(
     n_tokens, out_features, in_features, counters_per_row, counters_per_split,
     stride_xm, stride_xk, stride_ys, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_COUNTERS: tl.constexpr,
-    RANK_BLOCK: tl.constexpr, FACTORS_IN_FP32: tl.constexpr, FACTOR_TF32: tl.constexpr,
+    RANK_BLOCK: tl.constexpr, RANK_LOOP: tl.constexpr, FACTORS_IN_FP32: tl.constexpr, FACTOR_TF32: tl.constexpr,
     DOT_TF32: tl.constexpr, DOTS_IN_FP32: tl.constexpr,
 ):  # fmt: skip
     """Grid: ``(cdiv(M, BLOCK_TOKENS), cdiv(N, BLOCK_OUT), cdiv(Kq, counters_per_split))``.
@@ -46,10 +46,8 @@ def fused_forward_kernel(
     ``counters_per_split`` is a multiple of ``BLOCK_COUNTERS``; ``bias`` is in the compute dtype.
     """
     layer = weight_operands(w_ptr, a_ptr, b_ptr, rank, scaling, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br)
-    tokens = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
-    rows = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
-    token_mask = tokens < n_tokens
-    row_mask = rows < out_features
+    tokens, token_mask = program_range(0, BLOCK_TOKENS, n_tokens)
+    rows, row_mask = program_range(1, BLOCK_OUT, out_features)
     seed = tl.load(seed_ptr)
     row_scales = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
     split_start = tl.program_id(2) * counters_per_split
@@ -61,7 +59,7 @@ def fused_forward_kernel(
         z = normal_quad_tile(seed, rows, counters, counters_per_row)
         for strip in tl.static_range(4):  # the four strips of each counter block feed one accumulator
             weight, columns, column_mask = perturbed_weight_strip(
-                z[strip], strip, layer, block, RANK_BLOCK, FACTORS_IN_FP32, FACTOR_TF32
+                z[strip], strip, layer, block, RANK_BLOCK, RANK_LOOP, FACTORS_IN_FP32, FACTOR_TF32
             )
             x = load_tile(x_ptr, tokens, columns, stride_xm, stride_xk, token_mask, column_mask)
             acc = dot_accumulate(x, tl.trans(weight.to(x.dtype)), acc, DOTS_IN_FP32, DOT_TF32)
@@ -83,7 +81,7 @@ def fused_input_grad_kernel(
     n_tokens, out_features, in_features, counters_per_row, rows_per_split,
     stride_dym, stride_dyn, stride_dxs, stride_dxm, stride_dxk,
     BLOCK_TOKENS: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_COUNTERS: tl.constexpr,
-    RANK_BLOCK: tl.constexpr, FACTORS_IN_FP32: tl.constexpr, FACTOR_TF32: tl.constexpr,
+    RANK_BLOCK: tl.constexpr, RANK_LOOP: tl.constexpr, FACTORS_IN_FP32: tl.constexpr, FACTOR_TF32: tl.constexpr,
     DOT_TF32: tl.constexpr, DOTS_IN_FP32: tl.constexpr,
 ):  # fmt: skip
     """Grid: ``(cdiv(M, BLOCK_TOKENS), cdiv(Kq, BLOCK_COUNTERS), cdiv(N, rows_per_split))``.
@@ -91,10 +89,8 @@ def fused_input_grad_kernel(
     ``rows_per_split`` is a multiple of ``BLOCK_OUT``.
     """
     layer = weight_operands(w_ptr, a_ptr, b_ptr, rank, scaling, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br)
-    tokens = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
-    counters = tl.program_id(1) * BLOCK_COUNTERS + tl.arange(0, BLOCK_COUNTERS)
-    token_mask = tokens < n_tokens
-    counter_mask = counters < counters_per_row
+    tokens, token_mask = program_range(0, BLOCK_TOKENS, n_tokens)
+    counters, counter_mask = program_range(1, BLOCK_COUNTERS, counters_per_row)
     seed = tl.load(seed_ptr)
     zero = tl.zeros((BLOCK_TOKENS, BLOCK_COUNTERS), dtype=tl.float32)
     accs = (zero, zero, zero, zero)  # one accumulator per column strip of dx
@@ -108,7 +104,7 @@ def fused_input_grad_kernel(
         block = (rows, counters, row_mask, counter_mask, row_scales, counters_per_row, in_features)
         z = normal_quad_tile(seed, rows, counters, counters_per_row)
         for strip in tl.static_range(4):  # unrolled: each strip's accumulator stays in registers
-            weight, _, _ = perturbed_weight_strip(z[strip], strip, layer, block, RANK_BLOCK, FACTORS_IN_FP32, FACTOR_TF32)
+            weight, _, _ = perturbed_weight_strip(z[strip], strip, layer, block, RANK_BLOCK, RANK_LOOP, FACTORS_IN_FP32, FACTOR_TF32)
             acc = dot_accumulate(dy, weight.to(dy.dtype), accs[strip], DOTS_IN_FP32, DOT_TF32)
             accs = replace_strip(accs, acc, strip)
     dx_rows_ptr = dx_ptr + tl.program_id(2).to(tl.int64) * stride_dxs + tokens.to(tl.int64)[:, None] * stride_dxm

@@ -32,7 +32,7 @@ def perturbed_weight_kernel(
     row_scale_ptr, seed_ptr, out_ptr, row_start, row_end, counter_start, counter_end,
     in_features, counters_per_row, stride_out_row, stride_out_strip,
     BLOCK_ROWS: tl.constexpr, BLOCK_COUNTERS: tl.constexpr,
-    RANK_BLOCK: tl.constexpr, FACTORS_IN_FP32: tl.constexpr, FACTOR_TF32: tl.constexpr,
+    RANK_BLOCK: tl.constexpr, RANK_LOOP: tl.constexpr, FACTORS_IN_FP32: tl.constexpr, FACTOR_TF32: tl.constexpr,
 ):  # fmt: skip
     """Grid: ``(cdiv(row_end - row_start, BLOCK_ROWS), cdiv(counter_end - counter_start, BLOCK_COUNTERS))``."""
     layer = weight_operands(w_ptr, a_ptr, b_ptr, rank, scaling, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br)
@@ -47,6 +47,6 @@ def perturbed_weight_kernel(
     z = normal_quad_tile(tl.load(seed_ptr), rows, counters, counters_per_row)
     out_rows_ptr = out_ptr + local_rows.to(tl.int64)[:, None] * stride_out_row
     for strip in tl.static_range(4):
-        tile, _, column_mask = perturbed_weight_strip(z[strip], strip, layer, block, RANK_BLOCK, FACTORS_IN_FP32, FACTOR_TF32)
+        tile, _, column_mask = perturbed_weight_strip(z[strip], strip, layer, block, RANK_BLOCK, RANK_LOOP, FACTORS_IN_FP32, FACTOR_TF32)
         out_ptrs = out_rows_ptr + strip * stride_out_strip + local_counters[None, :]
         tl.store(out_ptrs, tile.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & column_mask[None, :])
