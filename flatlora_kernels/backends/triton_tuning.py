@@ -42,8 +42,8 @@ IN_REGISTER_PROGRAMS_PER_SM: int = 2
 #: Largest rank block of the ``B@A`` tiles (``kernels/weight_tile.py``): larger ranks loop over
 #: blocks at run time, a rank within one block takes no loop, except where ``B@A`` is an exact fp32
 #: dot (FMA units, operands in registers), which always loops. Compiled: no spills at r = 16, 64, 128
-#: in bf16/fp16/fp32 (blocks unrolled, r=128 spilled up to 2264 B; an exact-fp32 block of 64 without
-#: the loop spilled 48-208 B at r=64; blocks of 32 spilled 56 B). Speed of each choice: a guess.
+#: in bf16/fp16/fp32 (with the blocks unrolled, up to 776 B of spill stores at r=128; an exact-fp32
+#: block of 64 without the loop spilled at r=64, and so did blocks of 32). Speed of each choice: a guess.
 MAX_RANK_BLOCK: int = 64
 
 #: GPU tiles. Compiled (sm_90 report: ptxas reports no spill stores for any of them), not timed.
