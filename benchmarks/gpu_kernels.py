@@ -382,6 +382,31 @@ def chunk_sweep(M=8192, N=11008, K=4096):
     return rows
 
 
+def strip_gemm_check(M=8192, N=11008, K=4096, cap_mib=16):
+    """Streamed dx with fixed chunks: four narrow GEMMs per chunk vs one strided-batched GEMM
+    (``triton_tuning.BATCHED_STRIP_GEMM``): time, peak memory (a copy inside ``torch.bmm`` would show
+    here) and the largest difference between the two dx."""
+    tb = triton_backend_module()
+    weight, lora_A, lora_B, _ = make_layer(N, K)
+    _, dy = make_inputs(M, N, K)
+    seed, sigma = seed_and_sigma()
+    scale = tb.row_scale(weight, lora_A, lora_B, SCALING, sigma, DTYPE)
+    rows, dx = {}, {}
+    for batched in (False, True):
+        label = "one batched GEMM per chunk" if batched else "four strip GEMMs per chunk"
+        with chunk_cap(int(cap_mib * 2**20), False), patched(triton_tuning, "BATCHED_STRIP_GEMM", batched):
+            run = lambda: tb._input_grad_streamed(dy, weight, lora_A, lora_B, scale, SCALING, seed)  # noqa: E731
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            dx[batched] = run()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            rows[label] = dict(bench(run), peak_MiB=peak)
+    rows["one batched GEMM per chunk"]["max_abs_diff"] = (dx[True].float() - dx[False].float()).abs().max().item()
+    return rows
+
+
 # ---- 3. peak memory -------------------------------------------------------------------------------
 
 
@@ -474,6 +499,7 @@ def main(argv=None):
     parser.add_argument("--selfcheck", action="store_true", help="noise stream on the GPU vs noise.py only")
     parser.add_argument("--regen", action="store_true", help="normals/s of the regeneration kernel only")
     parser.add_argument("--memory", action="store_true", help="stack peak memory only")
+    parser.add_argument("--strips", action="store_true", help="streamed dx: four strip GEMMs vs one batched GEMM only")
     args = parser.parse_args(argv)
     if args.resources:
         return resource_report(ranks=tuple(args.ranks))
@@ -485,6 +511,10 @@ def main(argv=None):
         sys.exit(0 if all(c["ok"] for c in checks) else "noise stream differs from noise.py: stop here")
     if args.regen:
         print(markdown_table("Regeneration rate, bf16 out", regen_rate(), ["ms", "G normals/s"]))
+        return None
+    if args.strips:
+        title = f"Streamed dx, (8192, 11008, 4096) bf16, 16 MiB chunks (BATCHED_STRIP_GEMM={triton_tuning.BATCHED_STRIP_GEMM})"
+        print(markdown_table(title, strip_gemm_check(), ["ms", "p20", "p80", "peak_MiB", "max_abs_diff"]))
         return None
     if args.memory:
         print(markdown_table("Peak memory, 16 x 4096-wide layers, M=8192, fwd+bwd", stack_peak_memory(), ["peak_MiB", "x LoRA"]))

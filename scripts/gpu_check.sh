@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check for a lent GPU machine with a short budget, each call under 10 minutes:
 #   call 1 (default, <= 480 s): noise-stream self-check, real-size GPU correctness tests, the timing
-#           of the first target shape and the regeneration rate, memory; one summary table at the end;
+#           of the first target shape, the regeneration rate, strip GEMMs vs one batched GEMM, memory;
+#           one summary table at the end;
 #   call 2 (--suite): the pytest-benchmark suite in full mode and its plots.
 # Every stage is bounded by a timeout and logged; correctness must pass before anything is timed.
 # Writes logs, JSON and markdown tables under $OUT (default out/gpu); copy the tables into
@@ -40,14 +41,14 @@ if [ "$MODE" = "--suite" ]; then  # separate, optional call: the pytest-benchmar
   exit 0
 fi
 
-# Default call: stage limits sum to 480 s (40 + 170 + 200 + 70), leaving time for one rerun in a
+# Default call: stage limits sum to 480 s (40 + 145 + 140 + 60 + 25 + 70), leaving time for one rerun in a
 # 15-minute device budget. The C++ extension is not built: the GPU paths do not use it.
 summary() {
   echo; echo "## Summary ($(head -n 1 "$OUT/machine.txt"))"; echo
   echo "| stage | result |"; echo "|---|---|"
   sed -e 's/^\([a-z_]*\): \(.*\)$/| \1 | \2 |/' "$OUT/stages.txt"
   echo
-  for f in selfcheck gpu_kernels regen memory; do
+  for f in selfcheck gpu_kernels regen strips memory; do
     [ -f "$OUT/$f.log" ] && grep -E '^(###|\|)' "$OUT/$f.log"
   done
   echo "Speed is unmeasured unless these tables came from this run on a lent GPU."
@@ -56,12 +57,14 @@ summary() {
 # 1. The noise stream first: a few Philox integers and normals vs noise.py. A mismatch stops everything.
 stage selfcheck 40 "$PY" benchmarks/gpu_kernels.py --selfcheck || { summary; exit 1; }
 # 2. Real-size correctness: only the GPU-only tests (few kernel specialisations), stop at the first failure.
-stage gpu_tests 170 "$PY" -m pytest -q -x -p no:cacheprovider \
+stage gpu_tests 145 "$PY" -m pytest -q -x -p no:cacheprovider \
   tests/test_gpu_readiness.py tests/test_triton_backend.py tests/test_ops.py -k "test_gpu_ or on_cuda or readiness" \
   || { summary; tail -n 40 "$OUT/gpu_tests.log"; exit 1; }
 # 3. Timings: the first target shape with its correctness gate, then the regeneration rate.
 stage gpu_kernels 140 "$PY" benchmarks/gpu_kernels.py --quick --json "$OUT/gpu_kernels.json"
 stage regen 60 "$PY" benchmarks/gpu_kernels.py --regen
+# The streamed backward's four strip GEMMs vs one batched GEMM (triton_tuning.BATCHED_STRIP_GEMM).
+stage strips 25 "$PY" benchmarks/gpu_kernels.py --strips
 # 4. Memory of a 16-layer stack against LoRA's.
 stage memory 70 "$PY" benchmarks/gpu_kernels.py --memory
 summary

@@ -88,3 +88,25 @@ def test_gpu_check_stream_self_check_passes_here():
     spec.loader.exec_module(module)
     checks = module.stream_self_check(device=DEVICE)
     assert len(checks) == 4 and all(c["ok"] for c in checks), checks
+
+
+def test_resource_report_records_every_launch_with_full_signatures():
+    """``gpu_kernels.py --resources`` compiles what the launchers pass: every recorded kernel call binds
+    each kernel parameter exactly once (positional + constexpr keywords), for 16-bit and fp32 layers."""
+    import importlib.util
+    import inspect
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernels.py"
+    spec = importlib.util.spec_from_file_location("gpu_kernels_for_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for dtypes, rank in (((torch.bfloat16, torch.bfloat16, torch.float32), 70), ((torch.float32,) * 3, 16)):
+        launches = module.recorded_launches(*dtypes, rank=rank, shape=(40, 96), token_counts=(16,))
+        assert [label for label, *_ in launches] == [
+            "row_scale", "perturbed_weight", "fused_forward M=16", "fused_input_grad M=16", "normal_rows"
+        ]  # fmt: skip
+        for label, kernel, args, kwargs in launches:
+            options = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+            bound = inspect.signature(kernel.fn).bind(*args, **options)  # raises on a missing/extra argument
+            assert len(bound.arguments) == len(inspect.signature(kernel.fn).parameters), label
