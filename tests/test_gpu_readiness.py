@@ -5,7 +5,10 @@ Each test here failed before its fix (see the git log) and needs no GPU.
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import os
+import pathlib
 
 import pytest
 import torch
@@ -77,15 +80,18 @@ def test_auto_rule_keeps_each_pass_within_one_token_tile(monkeypatch):
             ]
 
 
-def test_gpu_check_stream_self_check_passes_here():
-    """The first stage of scripts/gpu_check.sh, run in the interpreter: every check reports ok."""
-    import importlib.util
-    import pathlib
-
+def _gpu_kernels_module():
+    """benchmarks/gpu_kernels.py (a standalone script, not a package module), imported by path."""
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernels.py"
     spec = importlib.util.spec_from_file_location("gpu_kernels_for_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_stream_self_check_passes_here():
+    """The first stage of scripts/gpu_check.sh, run in the interpreter: every check reports ok."""
+    module = _gpu_kernels_module()
     checks = module.stream_self_check(device=DEVICE)
     assert len(checks) == 4 and all(c["ok"] for c in checks), checks
 
@@ -93,14 +99,7 @@ def test_gpu_check_stream_self_check_passes_here():
 def test_resource_report_records_every_launch_with_full_signatures():
     """``gpu_kernels.py --resources`` compiles what the launchers pass: every recorded kernel call binds
     each kernel parameter exactly once (positional + constexpr keywords), for 16-bit and fp32 layers."""
-    import importlib.util
-    import inspect
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernels.py"
-    spec = importlib.util.spec_from_file_location("gpu_kernels_for_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _gpu_kernels_module()
     for dtypes, rank in (((torch.bfloat16, torch.bfloat16, torch.float32), 70), ((torch.float32,) * 3, 16)):
         launches = module.recorded_launches(*dtypes, rank=rank, shape=(40, 96), token_counts=(16,))
         assert [label for label, *_ in launches] == [
