@@ -237,19 +237,30 @@ void widen_bfloat16(const uint16_t* src, int64_t n, float* dst) {
   }
 }
 
-// Round to nearest even with integer ops so the loop vectorises; a NaN keeps its high half.
+void add_bfloat16(const uint16_t* src, int64_t n, float* dst) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t bits = static_cast<uint32_t>(src[j]) << 16;
+    float value;
+    std::memcpy(&value, &bits, sizeof bits);
+    dst[j] += value;
+  }
+}
+
+// Round to nearest even with integer ops so the loop vectorises; NaN becomes 0x7FC0, as torch's
+// float -> bfloat16 conversion does (so a rounded dx equals torch's .to(bfloat16) bit for bit).
 void round_to_bfloat16(const float* src, int64_t n, uint16_t* dst) {
   for (int64_t j = 0; j < n; ++j) {
     uint32_t bits;
     std::memcpy(&bits, &src[j], sizeof bits);
     const bool is_nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
-    const uint32_t rounded = bits + 0x7FFFu + ((bits >> 16) & 1u);
-    dst[j] = static_cast<uint16_t>((is_nan ? bits : rounded) >> 16);
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    dst[j] = static_cast<uint16_t>(is_nan ? 0x7FC0u : rounded);
   }
 }
 
-const CpuKernels kTable = {FLATLORA_ISA_NAME, normal_row,          add_scaled_normal_row, philox_at, add_low_rank_rows,
-                           row_squared_norm,  widen_bfloat16,        round_to_bfloat16};
+const CpuKernels kTable = {FLATLORA_ISA_NAME, normal_row,     add_scaled_normal_row, philox_at,
+                           add_low_rank_rows, row_squared_norm, widen_bfloat16,    add_bfloat16,
+                           round_to_bfloat16};
 
 }  // namespace FLATLORA_ISA_NS
 }  // namespace

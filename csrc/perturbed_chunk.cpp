@@ -20,9 +20,12 @@
 
 namespace flatlora {
 
-int64_t rows_per_chunk(int64_t in_features, int64_t element_bytes, int64_t chunk_bytes) {
-  const int64_t row_bytes = in_features * element_bytes;
-  return std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, row_bytes));
+int64_t rows_per_chunk(int64_t out_features, int64_t in_features, int64_t element_bytes, int64_t chunk_bytes) {
+  const int64_t row_bytes = std::max<int64_t>(1, in_features * element_bytes);
+  const int64_t max_rows = std::min(out_features, std::max<int64_t>(1, chunk_bytes / row_bytes));
+  // Equal chunks: 768 rows under a 682-row cap become 2 x 384, not 682 + a slow 86-row GEMM.
+  const int64_t chunks = (out_features + max_rows - 1) / max_rows;
+  return (out_features + chunks - 1) / chunks;
 }
 
 namespace {

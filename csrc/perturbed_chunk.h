@@ -10,8 +10,9 @@ namespace flatlora {
 // The chunk byte cap and the parallel grain are tuning: they come from Python
 // (flatlora_kernels/backends/cpu_tuning.py), as arguments of every call.
 
-// Rows per chunk of element_bytes-wide elements under a byte cap (at least one row).
-int64_t rows_per_chunk(int64_t in_features, int64_t element_bytes, int64_t chunk_bytes);
+// Rows per chunk of element_bytes-wide elements under a byte cap (at least one row, at most
+// out_features), the same for every chunk but the last.
+int64_t rows_per_chunk(int64_t out_features, int64_t in_features, int64_t element_bytes, int64_t chunk_bytes);
 
 class PerturbedWeight {
  public:

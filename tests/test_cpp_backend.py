@@ -169,6 +169,53 @@ def test_chunk_size_does_not_change_results(monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fold", [True, False])
+def test_folded_and_unfolded_backward_match_reference(monkeypatch, dtype, fold):
+    """Both backward branches (chunks W + s*B@A + eps, or W + eps plus (s*dy@B)@A), one chunk and several."""
+    monkeypatch.setattr(cpp, "backward_fold_min_tokens_per_output", {} if fold else {str(dtype)[6:]: float("inf")})
+    check_backend_against_reference("cpp", M=9, N=40, K=33, r=4, dtype=dtype)  # M < N
+    check_backend_against_reference("cpp", M=50, N=21, K=70, r=3, dtype=dtype)  # M > N
+    monkeypatch.setattr(cpp, "chunk_grows_to_output", False)
+    monkeypatch.setattr(cpp, "chunk_bytes", 7 * 33 * 2)  # 40 rows in 6 chunks of at most 7 (bf16) or 3
+    check_backend_against_reference("cpp", M=9, N=40, K=33, r=4, dtype=dtype)
+
+
+def test_unfolded_backward_is_used_below_the_crossover_and_agrees_with_folding(monkeypatch):
+    x, weight, lora_A, lora_B, bias = _layer_and_input(M=20, N=45, K=70, dtype=torch.bfloat16)
+    kw = dict(scaling=2.0, sigma=0.3, seed=5)
+    monkeypatch.setattr(cpp, "backward_fold_min_tokens_per_output", {"bfloat16": 1.0})
+    calls = []
+    real_backward = cpp._C.backward
+    monkeypatch.setattr(cpp._C, "backward", lambda *args: calls.append(args[9]) or real_backward(*args))
+    unfolded = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
+    monkeypatch.setattr(cpp, "backward_fold_min_tokens_per_output", {})
+    folded = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
+    assert calls == [False, True]  # M = 20 < N = 45 unfolds under the bf16 rule; an empty rule folds
+    for a, b in zip(unfolded, folded):  # the same math; bf16 rounding of W' vs of W + eps apart
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())
+    # fp64: the same to fp64 rounding.
+    x, weight, lora_A, lora_B, bias = _layer_and_input(M=20, N=45, K=70, dtype=torch.float64)
+    folded = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
+    monkeypatch.setattr(cpp, "backward_fold_min_tokens_per_output", {"float64": 1.0})
+    unfolded = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
+    assert calls[-2:] == [True, False]
+    for a, b in zip(unfolded, folded):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_parallel_grain_changes_no_bit(monkeypatch):
+    x, weight, lora_A, lora_B, bias = _layer_and_input(M=30, N=45, K=70)
+    kw = dict(scaling=2.0, sigma=0.3, seed=11)
+    default = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
+    for grain in (1, 70 * 3 + 1, 10**9):  # one row per task, 3 rows, everything in one task
+        monkeypatch.setattr(cpp, "parallel_grain", grain)
+        for a, b in zip(default, _run("cpp", x, weight, lora_A, lora_B, bias, **kw)):
+            assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="parallel_grain must be positive"):
+        _C.forward(x, weight, lora_A, lora_B, None, 2.0, torch.tensor(0.1), torch.tensor(1), cpp.chunk_bytes, 0)
+
+
 def test_repeated_calls_are_deterministic():
     x, weight, lora_A, lora_B, bias = _layer_and_input(M=33, N=77, K=51)
     kw = dict(scaling=1.5, sigma=0.2, seed=2**50 + 1)

@@ -23,7 +23,7 @@ from . import cpu_tuning
 chunk_bytes: int = cpu_tuning.CHUNK_BYTES
 chunk_grows_to_output: bool = cpu_tuning.CHUNK_GROWS_TO_OUTPUT
 parallel_grain: int = cpu_tuning.PARALLEL_GRAIN_ELEMENTS
-backward_fold_min_tokens_per_output: float = cpu_tuning.BACKWARD_FOLD_MIN_TOKENS_PER_OUTPUT
+backward_fold_min_tokens_per_output: dict[str, float] = dict(cpu_tuning.BACKWARD_FOLD_MIN_TOKENS_PER_OUTPUT)
 
 
 def cpu_isa() -> str:
@@ -43,7 +43,8 @@ def forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
 
 def backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx):
     cap = _cap(x.shape[0] * weight.shape[1], x.element_size())
-    fold_lora = x.shape[0] >= backward_fold_min_tokens_per_output * weight.shape[0]
+    ratio = backward_fold_min_tokens_per_output.get(str(x.dtype).removeprefix("torch."), 0.0)
+    fold_lora = x.shape[0] >= ratio * weight.shape[0]
     return _C.backward(
         dy, x, weight, lora_A, lora_B, row_scale, float(scaling), seed, bool(compute_dx), fold_lora, cap, parallel_grain
     )

@@ -24,9 +24,13 @@ CHUNK_GROWS_TO_OUTPUT: bool = True
 #: chunk, so two threads stay balanced.
 PARALLEL_GRAIN_ELEMENTS: int = 16384
 
-#: The backward folds ``s*B@A`` into its regenerated chunks when ``M >= ratio * out_features``; below,
-#: chunks hold ``W + eps`` only and dx adds ``(s*dy@B)@A``. Folding costs ``r*N*K`` FMAs in the chunk
-#: build, the unfolded branch one ``[M, r] x [r, K]`` GEMM (``s*dy@B`` is needed for dA anyway), so
-#: the arithmetic crossover is ``M = N``. At ``M >= N`` the backward's chunks equal the forward's bit for
-#: bit (tests/test_noise_under_load.py checks that with ``dy = I``). Measured: see benchmarks/RESULTS.md.
-BACKWARD_FOLD_MIN_TOKENS_PER_OUTPUT: float = 1.0
+#: The backward folds ``s*B@A`` into its regenerated chunks when ``M >= ratio * out_features``, ratio
+#: per compute dtype (absent: always fold); below, chunks hold ``W + eps`` only and dx adds
+#: ``(s*dy@B)@A``. Folding costs ``r*N*K`` FMAs in the chunk build, the unfolded branch one
+#: ``[M, r] x [r, K]`` GEMM (``s*dy@B`` is needed for dA anyway), so the arithmetic crossover is
+#: ``M = N``. Measured (AMD EPYC family 26, one thread, CPU time, r=16; 1024x1024, 768x3072,
+#: 3072x768): bf16 unfolded/folded backward 0.85-0.91x at M/N <= 0.5, 0.97x at M = N, 1.00x above;
+#: fp32 0.98-1.03x everywhere (its rank-16 GEMM costs what the fold does), so fp32 always folds.
+#: A ratio <= 1 keeps M = N folded: the backward's chunks then equal the forward's bit for bit
+#: (tests/test_noise_under_load.py checks that with ``dy = I``).
+BACKWARD_FOLD_MIN_TOKENS_PER_OUTPUT: dict[str, float] = {"bfloat16": 1.0}
