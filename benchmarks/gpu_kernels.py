@@ -161,6 +161,11 @@ def recorded_launches(compute_dtype, weight_dtype, factor_dtype, rank=RANK, shap
         labels.append("row_scale")
         tb.perturbed_weight_rows(weight, lora_A, lora_B, scales, SCALING, seed, 0, N, compute_dtype)
         labels.append("perturbed_weight")
+        width = min(64, K // 4)  # a backward (counter) chunk as the streamed dx builds it: [N, 4, width]
+        chunk = zeros(N, 4, width, dtype=compute_dtype)
+        tb.regenerate_perturbed_weight(chunk, weight, lora_A, lora_B, scales, SCALING, seed, rows=(0, N),
+                                       counters=(width, 2 * width), stride_out_row=4 * width, stride_out_strip=width)  # fmt: skip
+        labels.append("perturbed_weight dx chunk")
         for M in token_counts:
             tb._forward_in_register(zeros(M, K, dtype=compute_dtype), weight, lora_A, lora_B, bias, SCALING, scales, seed)
             tb._input_grad_in_register(zeros(M, N, dtype=compute_dtype), weight, lora_A, lora_B, scales, SCALING, seed)

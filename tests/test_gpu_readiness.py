@@ -103,7 +103,8 @@ def test_resource_report_records_every_launch_with_full_signatures():
     for dtypes, rank in (((torch.bfloat16, torch.bfloat16, torch.float32), 70), ((torch.float32,) * 3, 16)):
         launches = module.recorded_launches(*dtypes, rank=rank, shape=(40, 96), token_counts=(16,))
         assert [label for label, *_ in launches] == [
-            "row_scale", "perturbed_weight", "fused_forward M=16", "fused_input_grad M=16", "normal_rows"
+            "row_scale", "perturbed_weight", "perturbed_weight dx chunk", "fused_forward M=16", "fused_input_grad M=16",
+            "normal_rows",
         ]  # fmt: skip
         for label, kernel, args, kwargs in launches:
             options = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
