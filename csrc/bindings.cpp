@@ -54,6 +54,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the ISA of the noise and row kernels chosen at load time (scalar, avx2, avx512)");
   m.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 outputs for int64 offsets (debug)", py::arg("seed"),
         py::arg("offsets"));
+  m.def("box_muller_mismatches", [](int64_t first, int64_t count, int64_t step) {
+        TORCH_CHECK(first >= 0 && count >= 0 && step > 0 && first + (count > 0 ? (count - 1) * step : 0) < (int64_t{1} << 31),
+                    "box_muller_mismatches: uniform bits must stay below 2^31");
+        return flatlora::cpu_kernels().box_muller_mismatches(first, count, step);
+      },
+        "debug: uniforms whose FMA-based Box-Muller radius/angle differ from the double-form definition",
+        py::arg("first"), py::arg("count"), py::arg("step"));
   m.def("normal_rows", &normal_rows, "noise normals z for a row range (debug)", py::arg("seed"),
         py::arg("in_features"), py::arg("row_start"), py::arg("row_end"));
 }

@@ -35,11 +35,24 @@ inline float uniform_from_bits(uint32_t bits) {
   return static_cast<float>(folded) * kUniformScale;
 }
 
+// Box-Muller's radius and angle from uniform bits; kFused as in fast_math.h's multiply_add_as.
+template <bool kFused>
+inline float radius_from_bits(uint32_t bits) {
+  const float u1 = std::max(1.0e-7f, uniform_from_bits(bits));
+  return sqrt_nonnegative<kFused>(-2.0f * log_positive(u1));
+}
+
+template <bool kFused>
+inline void angle_from_bits(uint32_t bits, float* c, float* s) {
+  sincos_small<kFused>(kTwoPi * uniform_from_bits(bits), c, s);
+}
+
+constexpr bool kFusedMultiplyAdd = FLATLORA_ISA_HAS_FMA;
+
 inline void box_muller(uint32_t bits1, uint32_t bits2, float* z_cos, float* z_sin) {
-  const float u1 = std::max(1.0e-7f, uniform_from_bits(bits1));
-  const float radius = sqrt_nonnegative(-2.0f * log_positive(u1));
+  const float radius = radius_from_bits<kFusedMultiplyAdd>(bits1);
   float c, s;
-  sincos_small(kTwoPi * uniform_from_bits(bits2), &c, &s);
+  angle_from_bits<kFusedMultiplyAdd>(bits2, &c, &s);
   *z_cos = radius * c;
   *z_sin = radius * s;
 }
@@ -258,9 +271,31 @@ void round_to_bfloat16(const float* src, int64_t n, uint16_t* dst) {
   }
 }
 
+// Uniform bits b = first + i * step, i < count (b < 2^31: the folded values uniform_from_bits sees):
+// how many give a radius or angle that differs by a bit between this ISA's multiply-adds and the
+// double form. Zero over all 2^31 is what lets box_muller use FMA instructions.
+int64_t box_muller_mismatches(int64_t first, int64_t count, int64_t step) {
+  constexpr int64_t kChunk = 1024;
+  int64_t mismatches = 0;
+  alignas(64) float got[3][kChunk], want[3][kChunk];
+  for (int64_t i0 = 0; i0 < count; i0 += kChunk) {
+    const int64_t n = std::min(kChunk, count - i0);
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(first + (i0 + i) * step);
+      got[0][i] = radius_from_bits<kFusedMultiplyAdd>(bits);
+      angle_from_bits<kFusedMultiplyAdd>(bits, &got[1][i], &got[2][i]);
+      want[0][i] = radius_from_bits<false>(bits);
+      angle_from_bits<false>(bits, &want[1][i], &want[2][i]);
+    }
+    for (int row = 0; row < 3; ++row)
+      for (int64_t i = 0; i < n; ++i) mismatches += float_bits(got[row][i]) != float_bits(want[row][i]);
+  }
+  return mismatches;
+}
+
 const CpuKernels kTable = {FLATLORA_ISA_NAME, normal_row,     add_scaled_normal_row, philox_at,
                            add_low_rank_rows, row_squared_norm, widen_bfloat16,    add_bfloat16,
-                           round_to_bfloat16};
+                           round_to_bfloat16, box_muller_mismatches};
 
 }  // namespace FLATLORA_ISA_NS
 }  // namespace

@@ -30,16 +30,19 @@ static inline float multiply_add(float a, float b, float c) {
   return static_cast<float>(static_cast<double>(a) * b + c);
 }
 
-// multiply_add where the caller has shown that the exact a * b + c needs at most 53 bits, so the
-// double sum is exact and both forms round once: the same float. Then one FMA instruction does it
-// where the ISA has one (FLATLORA_ISA_HAS_FMA, set by the isa_*.cpp files): the double form's
-// conversions were most of the Box-Muller loop's instructions.
-static inline float multiply_add_exact_in_double(float a, float b, float c) {
-#if FLATLORA_ISA_HAS_FMA
-  return __builtin_fmaf(a, b, c);
-#else
-  return multiply_add(a, b, c);
-#endif
+// kFused: one FMA instruction (single rounding) instead. The generator uses it (kFused =
+// FLATLORA_ISA_HAS_FMA, set by the isa_*.cpp files; the double form's conversions were most of the
+// Box-Muller loop) only where it returns the same float as multiply_add on every input the generator
+// can produce: proved below where the exact result fits 53 bits (both forms then round once), and
+// checked exhaustively for the square root's correction (box_muller_mismatches in cpu_kernels.h,
+// run by tests/test_cpp_backend.py over all 2^31 uniforms). kFused = false is the definition.
+template <bool kFused>
+static inline float multiply_add_as(float a, float b, float c) {
+  if constexpr (kFused) {
+    return __builtin_fmaf(a, b, c);
+  } else {
+    return multiply_add(a, b, c);
+  }
 }
 
 // sqrt(v) for v >= 0, without std::sqrt: GCC wraps that in an errno branch (to libm's sqrtf) that
@@ -47,6 +50,7 @@ static inline float multiply_add_exact_in_double(float a, float b, float c) {
 // An rsqrt guess from the exponent bits, two Newton steps (rel. error < 5e-6), then one residual
 // correction with FMA, which squares that error: within 1 ulp of the correctly rounded root on every
 // float checked in [1e-30, 32] (exact on almost all), and 0 at 0.
+template <bool kFused>
 static inline float sqrt_nonnegative(float v) {
   const float safe = v > 1e-30f ? v : 1e-30f;  // v = 0 would make the rsqrt guess infinite
   float y = bits_float(0x5F3759DFu - (float_bits(safe) >> 1));
@@ -54,8 +58,9 @@ static inline float sqrt_nonnegative(float v) {
   y = y * (1.5f - 0.5f * safe * y * y);
   const float root = v * y;
   // The residual v - root^2 is exact in double (v: 24 bits, root^2: 48 bits, same binade to one
-  // bit). The correction's sum spans ~64 bits and can round twice: it stays multiply_add.
-  return multiply_add(0.5f * y, multiply_add_exact_in_double(-root, root, v), root);
+  // bit). The correction's sum spans ~64 bits and could round twice in general; on the radii
+  // -2 log u1 of the generator's 2^31 uniforms it does not (the exhaustive check).
+  return multiply_add_as<kFused>(0.5f * y, multiply_add_as<kFused>(-root, root, v), root);
 }
 
 // Natural log of a positive, normal, finite x.
@@ -77,6 +82,7 @@ static inline float log_positive(float x) {
 }
 
 // (cos t, sin t) for t in [0, 2pi] (any moderate t works; accuracy degrades for huge |t|).
+template <bool kFused>
 static inline void sincos_small(float t, float* cos_out, float* sin_out) {
   // Quadrant q = round(t / (pi/2)); y = t - q*pi/2 in [-pi/4, pi/4], pi/2 split in three parts (FMA).
   // Adding and subtracting 1.5 * 2^23 rounds to nearest in any SIMD width (nearbyint needs SSE4.1).
@@ -85,10 +91,10 @@ static inline void sincos_small(float t, float* cos_out, float* sin_out) {
   // of 2^-24 and |y| < 1, so y fits even a float; (2) y is a multiple of 2^-24, q*pi/2_mid one of
   // 2^-48, |sum| < 1; (3) y's lowest bit is at least 2^-51 (|y| > 2^-28 whenever q > 0), q*pi/2_lo's
   // 2^-73: exact in double when |y| < 2^-20, and above that the term is < 1/16 ulp of y, so both
-  // forms return y. Hence multiply_add_exact_in_double.
-  float y = multiply_add_exact_in_double(-q, 1.5707963705062866f, t);
-  y = multiply_add_exact_in_double(-q, -4.371138828673793e-08f, y);
-  y = multiply_add_exact_in_double(-q, -1.7151245100058819e-15f, y);
+  // forms return y. So a fused multiply-add gives multiply_add's float.
+  float y = multiply_add_as<kFused>(-q, 1.5707963705062866f, t);
+  y = multiply_add_as<kFused>(-q, -4.371138828673793e-08f, y);
+  y = multiply_add_as<kFused>(-q, -1.7151245100058819e-15f, y);
   const float y2 = y * y;
   // Taylor series; on |y| <= pi/4 the first omitted terms are below 2e-9.
   const float sin_y =

@@ -94,6 +94,16 @@ def test_fp64_gradcheck_at_sigma_zero(backend):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+def test_fma_box_muller_equals_its_double_form_on_every_uniform():
+    """The generator's FMA instructions return the double-form definition's floats (csrc/fast_math.h)
+    for each of the 2^31 uniforms it can draw: the proof behind eps being the same in every ISA build."""
+    if cpp.cpu_isa() == "scalar":
+        pytest.skip("the scalar build has no FMA: it runs the double form itself")
+    assert _C.box_muller_mismatches(0, 2**31, 1) == 0
+    with pytest.raises(RuntimeError, match="below 2"):
+        _C.box_muller_mismatches(2**31 - 5, 10, 1)
+
+
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_forced_isa_runs_the_same_stream(isa):
     """A subprocess per ISA (the choice is made once per process): integers bit-exact, floats ~1e-6."""
@@ -106,6 +116,7 @@ def test_forced_isa_runs_the_same_stream(isa):
         "off = torch.cat([torch.arange(100), torch.arange(2**32 - 40, 2**32 + 40)])\n"
         "assert all(torch.equal(a, b) for a, b in zip(cpp._C.philox4x32_10(7, off), noise.philox4x32_10(torch.tensor(7), off)))\n"
         "assert (cpp._C.normal_rows(7, 1027, 0, 5) - noise.normal_rows(7, 1027, 0, 5)).abs().max() <= 1e-6\n"
+        "assert cpp._C.box_muller_mismatches(123, 2**31 // 4099, 4099) == 0\n"
         "print(cpp.cpu_isa())"
     )
     env = dict(os.environ, FLATLORA_CPU_ISA=isa)
