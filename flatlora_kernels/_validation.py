@@ -72,6 +72,8 @@ def scalar_tensor(value: float | int | Tensor, dtype: torch.dtype, device: torch
     """A checked scalar argument (sigma, seed) as the 0-dim tensor the ops and the noise stream take:
     a tensor is detached and moved without a host sync, a Python number is wrapped."""
     if isinstance(value, Tensor):
+        if value.dtype == dtype and value.device == device and value.dim() == 0:
+            return value.detach()  # the usual case (module buffers): skip the no-op .to / .reshape
         return value.detach().to(device=device, dtype=dtype).reshape(())
     return torch.tensor(value, dtype=dtype, device=device)
 

@@ -60,13 +60,22 @@ def flat_lora_linear(
     device = x.device
     backend = resolve_backend(backend, device)
     # Autocast has no meta device; meta tensors (shape-only tracing) take the ops' fake kernels.
-    if device.type != "meta" and torch.is_autocast_enabled(device.type):
+    autocast_device = "cpu" if device.type == "meta" else device.type
+    autocast_on = torch.is_autocast_enabled(autocast_device)
+    if autocast_on and device.type != "meta":
         x = x.to(torch.get_autocast_dtype(device.type))
     sigma_t = scalar_tensor(sigma, torch.float32, device)
     seed_t = scalar_tensor(seed, torch.int64, device)
     out_features, in_features = weight.shape
-    with torch.autocast("cpu" if device.type == "meta" else device.type, enabled=False):
-        y, _ = torch.ops.flatlora.forward(
-            x.reshape(-1, in_features), weight, lora_A, lora_B, bias, float(scaling), sigma_t, seed_t, backend
-        )
-    return y.reshape(*x.shape[:-1], out_features)
+    # A 2-D x goes in as is: reshape would add a view node to the autograd graph (for nothing).
+    x_2d = x if x.dim() == 2 else x.reshape(-1, in_features)
+    args = (x_2d, weight, lora_A, lora_B, bias, float(scaling), sigma_t, seed_t, backend)
+    # Eager CPU calls skip torch.library's dispatch layers (ops.EagerCpp: same kernels, same results).
+    eager_cpp = backend == "cpp" and ops.eager_cpp_applies((x, weight, lora_A, lora_B, bias))
+    op = ops.EagerCpp.apply if eager_cpp else torch.ops.flatlora.forward
+    if autocast_on:
+        with torch.autocast(autocast_device, enabled=False):
+            y, _ = op(*args)
+    else:  # nothing to switch off: entering the context would only cost time
+        y, _ = op(*args)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)

@@ -115,9 +115,16 @@ def _backward(ctx, dy, _d_row_scale):
     x, weight, lora_A, lora_B, row_scale, seed = ctx.saved_tensors
     need_x, need_A, need_B, need_bias = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
     dy = dy.contiguous()
-    dx, d_lora_A, d_lora_B = torch.ops.flatlora.backward(
-        dy, x, weight, lora_A, lora_B, row_scale, ctx.scaling, seed, need_x, ctx.backend
-    )
+    if getattr(ctx, "eager_cpp", False) and not torch.is_grad_enabled():
+        # EagerCpp's plain backward: the same kernel without the dispatch layers. Under create_graph the
+        # op below runs instead, so differentiating its gradients raises _no_double_backward's error.
+        dx, d_lora_A, d_lora_B = get_backend("cpp").backward(
+            dy, x, weight, lora_A, lora_B, row_scale, ctx.scaling, seed, need_x
+        )
+    else:
+        dx, d_lora_A, d_lora_B = torch.ops.flatlora.backward(
+            dy, x, weight, lora_A, lora_B, row_scale, ctx.scaling, seed, need_x, ctx.backend
+        )
     # fp32 accumulation for 16-bit dy, the compute dtype's own for fp32/fp64.
     acc_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
     d_bias = dy.sum(0, dtype=acc_dtype).to(ctx.bias_dtype) if need_bias else None
@@ -135,6 +142,40 @@ def _backward(ctx, dy, _d_row_scale):
 
 
 forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class EagerCpp(torch.autograd.Function):
+    """``flatlora::forward`` with backend ``"cpp"`` for eager calls on plain CPU tensors (the caller,
+    ``functional.flat_lora_linear``, checks ``eager_cpp_applies``): the same kernels, saved tensors and
+    gradients, without torch.library's Python dispatch (a triton_op wrapping a custom_op, each way),
+    which cost more per call than the kernels at small shapes (docs/DESIGN.md). Compiled code, dispatch
+    modes, torch.func transforms and tensor subclasses keep going through the ops."""
+
+    # ctx-first forward, no setup_context: Function.apply then skips binding the arguments by signature.
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, sigma, seed, backend):
+        inputs = (x, weight, lora_A, lora_B, bias, scaling, sigma, seed, backend)
+        output = get_backend("cpp").forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed)
+        _setup_context(ctx, inputs, output)
+        ctx.eager_cpp = True
+        return output
+
+    backward = staticmethod(_backward)
+
+
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def eager_cpp_applies(tensors) -> bool:
+    """Whether ``EagerCpp`` may stand in for the ops: nothing that intercepts them (tracing, modes,
+    functorch, subclasses) is active; the caller has already resolved the backend to ``"cpp"``."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or any(type(t) not in _PLAIN_TENSOR_TYPES for t in tensors if t is not None)
+    )
 
 
 def _no_double_backward(ctx, *grads):

@@ -59,7 +59,7 @@ _DEVICE_WORDS = {"cpu": "CPU", "cuda": "CUDA"}
 def resolve(backend: str, device: torch.device) -> str:
     """Map ``"auto"`` to the fast path for ``device`` (the reference elsewhere); reject what cannot run."""
     if backend == "auto":
-        return next((spec.name for spec in REGISTRY.values() if device.type in spec.auto_for), "reference")
+        return _AUTO.get(device.type, "reference")
     spec = REGISTRY.get(backend) if isinstance(backend, str) else None
     if spec is None:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
@@ -72,7 +72,19 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
+# Looked up on every call, so derived once from REGISTRY (the first declaration wins, as before).
+_AUTO: dict[str, str] = {}
+for _spec in REGISTRY.values():
+    for _device_type in _spec.auto_for:
+        _AUTO.setdefault(_device_type, _spec.name)
+_MODULES: dict[str, ModuleType] = {}  # imported on first use: the C++ one raises if it is not built
+
+
 def get_backend(name: str) -> ModuleType:
+    module = _MODULES.get(name) if isinstance(name, str) else None
+    if module is not None:
+        return module
     if name not in REGISTRY:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS} or 'auto'")
-    return importlib.import_module(f"{__name__}.{REGISTRY[name].module}")
+    module = _MODULES[name] = importlib.import_module(f"{__name__}.{REGISTRY[name].module}")
+    return module
