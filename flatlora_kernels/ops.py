@@ -168,9 +168,12 @@ _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 def eager_cpp_applies(tensors) -> bool:
     """Whether ``EagerCpp`` may stand in for the ops: nothing that intercepts them (tracing, modes,
-    functorch, subclasses) is active; the caller has already resolved the backend to ``"cpp"``."""
+    functorch, forward-mode AD, jit tracing, subclasses) is active; the caller has already resolved the backend to
+    ``"cpp"``. (Under forward AD the ops give no tangent, where the Function would raise: kept as it was.)"""
     return not (
         torch.compiler.is_compiling()
+        or torch.autograd.forward_ad._current_level >= 0
+        or torch._C._get_tracing_state() is not None  # torch.jit.trace records the op, not the extension
         or torch._C._len_torch_dispatch_stack()
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._are_functorch_transforms_active()

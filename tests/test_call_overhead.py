@@ -4,6 +4,7 @@ result, and add nothing to the graph (no copies, no view nodes). No timings here
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -62,3 +63,26 @@ def test_matching_scalar_tensors_are_not_copied():
     assert moved.shape == () and int(moved) == 3
     cast = scalar_tensor(torch.tensor(0.5, dtype=torch.float64), torch.float32, torch.device("cpu"))
     assert cast.dtype == torch.float32 and float(cast) == 0.5
+
+
+def test_shortcut_steps_aside_for_whatever_intercepts_the_ops():
+    from flatlora_kernels.ops import eager_cpp_applies
+
+    x = torch.randn(2, 3)
+    assert eager_cpp_applies((x, torch.nn.Parameter(x), None))
+    with torch.autograd.forward_ad.dual_level():
+        assert not eager_cpp_applies((x,))
+    with _Passthrough():
+        assert not eager_cpp_applies((x,))
+    seen = []
+    with warnings.catch_warnings():  # torch.jit.trace is deprecated, still supported
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.trace(lambda t: seen.append(eager_cpp_applies((t,))) or t * 2, (x,), check_trace=False)
+    assert seen == [False]
+    with torch.overrides.TorchFunctionMode():
+        assert not eager_cpp_applies((x,))
+
+    class Subclass(torch.Tensor):
+        pass
+
+    assert not eager_cpp_applies((x.as_subclass(Subclass),))
