@@ -63,6 +63,9 @@ def test_matching_scalar_tensors_are_not_copied():
     assert moved.shape == () and int(moved) == 3
     cast = scalar_tensor(torch.tensor(0.5, dtype=torch.float64), torch.float32, torch.device("cpu"))
     assert cast.dtype == torch.float32 and float(cast) == 0.5
+    for value, dtype in ((0.1, torch.float32), (2**63 - 1, torch.int64)):  # numbers: torch.tensor's value
+        made = scalar_tensor(value, dtype, torch.device("cpu"))
+        assert made.shape == () and made.dtype == dtype and torch.equal(made, torch.tensor(value, dtype=dtype))
 
 
 def test_shortcut_steps_aside_for_whatever_intercepts_the_ops():
