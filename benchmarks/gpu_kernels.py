@@ -561,7 +561,7 @@ def main(argv=None):
         report["layers"][f"{M}x{N}x{K}"] = rows
         tables.append(markdown_table(f"(M, N, K) = ({M}, {N}, {K}), bf16, r={RANK}: medians", rows, ["ms", "p20", "p80", "x LoRA"]))
     report["kernels"] = time_kernels(*SQUARE_LAYER)
-    tables.append(markdown_table("Kernels alone, N = K = 4096", report["kernels"], ["ms", "G normals/s"]))
+    tables.append(markdown_table(f"Kernels alone, (N, K) = {SQUARE_LAYER}", report["kernels"], ["ms", "G normals/s"]))
     if not args.quick:
         report["crossover"] = crossover_sweep()
         tables.append(markdown_table("fwd+bwd by strategy over M (N = K = 4096)", report["crossover"], ["ms"]))

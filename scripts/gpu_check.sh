@@ -3,13 +3,16 @@
 #   call 1 (default, <= 480 s): noise-stream self-check, real-size GPU correctness tests, the timing
 #           of the first target shape, the regeneration rate, strip GEMMs vs one batched GEMM, memory;
 #           one summary table at the end;
-#   call 2 (--suite): the pytest-benchmark suite in full mode and its plots.
+#   call 2 (--suite): the pytest-benchmark suite in full mode and its plots;
+#   --dry-run (no GPU; before lending one): call 1's stages on CPU, the kernels in Triton's interpreter,
+#           gpu_kernels.py at tiny shapes with stub timers (tests/test_gpu_script_dry_run.py), so a
+#           Python error shows up here and not in device minutes. Its numbers mean nothing.
 # Every stage is bounded by a timeout and logged; correctness must pass before anything is timed.
 # Writes logs, JSON and markdown tables under $OUT (default out/gpu); copy the tables into
 # benchmarks/RESULTS.md afterwards. Runs with the machine's own python3 (torch + triton preinstalled,
 # no network): nothing is downloaded.
 #
-#     OUT=out/gpu bash scripts/gpu_check.sh [--suite]
+#     OUT=out/gpu bash scripts/gpu_check.sh [--suite | --dry-run]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
@@ -17,6 +20,15 @@ MODE=${1:-}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD
+KERNELS=("$PY" benchmarks/gpu_kernels.py)
+# The pytest stage's selection: every GPU-only real-size test, and the readiness tests
+# (tests/test_gpu_script_dry_run.py checks that this collects each test skipped without CUDA).
+GPU_TEST_FILES=(tests/test_gpu_readiness.py tests/test_triton_backend.py tests/test_ops.py)
+GPU_TEST_SELECTION="test_gpu_ or on_cuda or readiness"
+if [ "$MODE" = "--dry-run" ]; then
+  export TRITON_INTERPRET=1  # read when triton is imported: the kernels run on CPU tensors
+  KERNELS=("$PY" -m tests.test_gpu_script_dry_run)
+fi
 
 stage() {  # stage NAME SECONDS COMMAND...: run, log, and record the exit status; go on either way
   local name=$1 limit=$2
@@ -28,7 +40,8 @@ stage() {  # stage NAME SECONDS COMMAND...: run, log, and record the exit status
   return $rc
 }
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+{ if [ "$MODE" = "--dry-run" ]; then echo "dry run on CPU (interpreter, tiny shapes, stub timers)"
+  else nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; fi
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
@@ -55,16 +68,15 @@ summary() {
 }
 : >"$OUT/stages.txt"
 # 1. The noise stream first: a few Philox integers and normals vs noise.py. A mismatch stops everything.
-stage selfcheck 40 "$PY" benchmarks/gpu_kernels.py --selfcheck || { summary; exit 1; }
+stage selfcheck 40 "${KERNELS[@]}" --selfcheck || { summary; exit 1; }
 # 2. Real-size correctness: only the GPU-only tests (few kernel specialisations), stop at the first failure.
-stage gpu_tests 145 "$PY" -m pytest -q -x -p no:cacheprovider \
-  tests/test_gpu_readiness.py tests/test_triton_backend.py tests/test_ops.py -k "test_gpu_ or on_cuda or readiness" \
+stage gpu_tests 145 "$PY" -m pytest -q -x -p no:cacheprovider "${GPU_TEST_FILES[@]}" -k "$GPU_TEST_SELECTION" \
   || { summary; tail -n 40 "$OUT/gpu_tests.log"; exit 1; }
 # 3. Timings: the first target shape with its correctness gate, then the regeneration rate.
-stage gpu_kernels 140 "$PY" benchmarks/gpu_kernels.py --quick --json "$OUT/gpu_kernels.json"
-stage regen 60 "$PY" benchmarks/gpu_kernels.py --regen
+stage gpu_kernels 140 "${KERNELS[@]}" --quick --json "$OUT/gpu_kernels.json"
+stage regen 60 "${KERNELS[@]}" --regen
 # The streamed backward's four strip GEMMs vs one batched GEMM (triton_tuning.BATCHED_STRIP_GEMM).
-stage strips 25 "$PY" benchmarks/gpu_kernels.py --strips
+stage strips 25 "${KERNELS[@]}" --strips
 # 4. Memory of a 16-layer stack against LoRA's.
-stage memory 70 "$PY" benchmarks/gpu_kernels.py --memory
+stage memory 70 "${KERNELS[@]}" --memory
 summary

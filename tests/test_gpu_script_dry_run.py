@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.util
+import inspect
 import json
 import os
 import pathlib
+import re
+import shlex
+import subprocess
 import sys
 
 import pytest
@@ -32,7 +37,8 @@ import triton.testing  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernels.py"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_kernels.py"
 FAKE_MS = 1.0
 FAKE_PEAK_BYTES = 3 * 2**20
 
@@ -45,9 +51,16 @@ def load_script():
     return module
 
 
-def two_calls(fn, warmup=None, rep=None, grad_to_none=None, quantiles=None, **_):
-    """do_bench's interface: the closure runs twice (do_bench reruns it, so state carried between
-    calls must be right), gradients reset before each call as ``grad_to_none`` asks."""
+REAL_DO_BENCH = inspect.signature(triton.testing.do_bench)
+
+
+def two_calls(*args, **kwargs):
+    """do_bench's interface (the call must bind to the real signature): the closure runs twice
+    (do_bench reruns it, so state carried between calls must be right), gradients reset before each
+    call as ``grad_to_none`` asks."""
+    bound = REAL_DO_BENCH.bind(*args, **kwargs)
+    bound.apply_defaults()
+    fn, grad_to_none, quantiles = (bound.arguments[k] for k in ("fn", "grad_to_none", "quantiles"))
     for _call in range(2):
         for tensor in grad_to_none or ():
             tensor.grad = None
@@ -119,7 +132,7 @@ def test_quick_mode_writes_json_and_tables(script, tmp_path, capsys):
     assert "G normals/s" in report["kernels"]["in-register fwd GEMM, M=256"]
     assert "crossover" not in report and report["facts"]["device"] == "cpu (dry run)"
     titles = tables(capsys.readouterr().out)
-    assert titles[0].startswith("Correctness") and "Kernels alone, N = K = 4096" in titles, titles
+    assert titles[0].startswith("Correctness") and "Kernels alone, (N, K) = (64, 64)" in titles, titles
 
 
 def test_full_mode_runs_the_sweeps(script, tmp_path, capsys):
@@ -175,6 +188,30 @@ def test_memory_mode(script, capsys):
     script.main(["--memory"])
     out = capsys.readouterr().out
     assert "| Flat-LoRA (streamed, fixed 16 MiB chunks) |" in out and "| naive perturbation |" in out
+
+
+def test_gpu_check_pytest_stage_selects_every_gpu_only_test():
+    """The pytest stage of scripts/gpu_check.sh, collected with its own files and -k expression, holds
+    every test those files skip without CUDA (a skipif naming a CUDA device), and the whole readiness
+    file; nothing else."""
+    shell = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    files = shlex.split(re.search(r"^GPU_TEST_FILES=\((.*)\)$", shell, re.M).group(1))
+    selection = shlex.split(re.search(r"^GPU_TEST_SELECTION=(.*)$", shell, re.M).group(1))[0]
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files, "-k", selection],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    got = {line.split("[")[0] for line in collected.splitlines() if "::" in line}
+    expected = set()
+    for path in files:
+        module = importlib.import_module("tests." + pathlib.Path(path).stem)
+        for name, fn in vars(module).items():
+            if not name.startswith("test_"):
+                continue
+            needs_cuda = any("CUDA device" in mark.kwargs.get("reason", "") for mark in getattr(fn, "pytestmark", []))
+            if needs_cuda or path.endswith("readiness.py"):
+                expected.add(f"{path}::{name}")
+    assert len(expected) >= 6 + 6 + 3 and got == expected, (got ^ expected)
 
 
 if __name__ == "__main__":  # scripts/gpu_check.sh --dry-run: the script's own command line, dry
