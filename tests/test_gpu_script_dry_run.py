@@ -214,6 +214,19 @@ def test_gpu_check_pytest_stage_selects_every_gpu_only_test():
     assert len(expected) >= 6 + 6 + 3 and got == expected, (got ^ expected)
 
 
+def test_gpu_check_dry_run_end_to_end(tmp_path):
+    """``scripts/gpu_check.sh --dry-run``: every stage of the default call exits 0 through this module's
+    command line, and the summary holds each stage's table."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], env=env, capture_output=True, text=True)
+    stages = (tmp_path / "stages.txt").read_text().splitlines()
+    assert done.returncode == 0 and [line.split(":")[0] for line in stages] == [
+        "selfcheck", "gpu_tests", "gpu_kernels", "regen", "strips", "memory",
+    ] and all(": rc=0 " in line for line in stages), done.stdout + done.stderr  # fmt: skip
+    assert done.stdout.count("\n### ") == 1 + 1 + 2 + 1 + 1 + 1, done.stdout
+    assert json.loads((tmp_path / "gpu_kernels.json").read_text())["correctness"]
+
+
 if __name__ == "__main__":  # scripts/gpu_check.sh --dry-run: the script's own command line, dry
     with dry_run(load_script()) as dry:
         dry.main(sys.argv[1:])
