@@ -80,8 +80,9 @@ def test_auto_rule_keeps_each_pass_within_one_token_tile(monkeypatch):
             ]
 
 
-def _gpu_kernels_module():
-    """benchmarks/gpu_kernels.py (a standalone script, not a package module), imported by path."""
+def gpu_kernels_module():
+    """benchmarks/gpu_kernels.py (a standalone script, not a package module), imported by path: a fresh
+    module object on each call (tests/test_gpu_script_dry_run.py patches its attributes)."""
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernels.py"
     spec = importlib.util.spec_from_file_location("gpu_kernels_for_test", path)
     module = importlib.util.module_from_spec(spec)
@@ -91,7 +92,7 @@ def _gpu_kernels_module():
 
 def test_gpu_check_stream_self_check_passes_here():
     """The first stage of scripts/gpu_check.sh, run in the interpreter: every check reports ok."""
-    module = _gpu_kernels_module()
+    module = gpu_kernels_module()
     checks = module.stream_self_check(device=DEVICE)
     assert len(checks) == 4 and all(c["ok"] for c in checks), checks
 
@@ -99,7 +100,7 @@ def test_gpu_check_stream_self_check_passes_here():
 def test_resource_report_records_every_launch_with_full_signatures():
     """``gpu_kernels.py --resources`` compiles what the launchers pass: every recorded kernel call binds
     each kernel parameter exactly once (positional + constexpr keywords), for 16-bit and fp32 layers."""
-    module = _gpu_kernels_module()
+    module = gpu_kernels_module()
     for dtypes, rank in (((torch.bfloat16, torch.bfloat16, torch.float32), 70), ((torch.float32,) * 3, 16)):
         launches = module.recorded_launches(*dtypes, rank=rank, shape=(40, 96), token_counts=(16,))
         assert [label for label, *_ in launches] == [

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import importlib.util
 import inspect
 import json
 import os
@@ -35,22 +34,13 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import triton.testing  # noqa: E402
 
+from .test_gpu_readiness import gpu_kernels_module  # noqa: E402
+
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "gpu_kernels.py"
 FAKE_MS = 1.0
 FAKE_PEAK_BYTES = 3 * 2**20
-
-
-def load_script():
-    """benchmarks/gpu_kernels.py imported by path (a standalone script, not a package module)."""
-    spec = importlib.util.spec_from_file_location("gpu_kernels_dry_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 REAL_DO_BENCH = inspect.signature(triton.testing.do_bench)
 
 
@@ -103,12 +93,16 @@ def dry_run(module):
         mp.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: FAKE_PEAK_BYTES)
         mp.setattr(torch.cuda, "is_available", lambda: True)
         mp.setattr(torch.cuda, "get_device_name", lambda *a, **k: "cpu (dry run)")
-        yield module
+        tf32 = torch.backends.cuda.matmul.allow_tf32  # main() sets this process-wide flag: put it back
+        try:
+            yield module
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 @pytest.fixture
 def script():
-    with dry_run(load_script()) as module:
+    with dry_run(gpu_kernels_module()) as module:
         yield module
 
 
@@ -228,5 +222,5 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
 
 
 if __name__ == "__main__":  # scripts/gpu_check.sh --dry-run: the script's own command line, dry
-    with dry_run(load_script()) as dry:
+    with dry_run(gpu_kernels_module()) as dry:
         dry.main(sys.argv[1:])
