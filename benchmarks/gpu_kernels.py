@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_kernels.py [--quick] [--json results.json]
     python benchmarks/gpu_kernels.py --resources     # no GPU needed (TRITON_INTERPRET unset)
+    TRITON_INTERPRET=1 python -m tests.test_gpu_script_dry_run [--quick ...]   # CPU dry run, tiny shapes
 
 1. Correctness on fresh random data at real sizes, before any timing: forward and every gradient of
    ``flat_lora_linear(backend="triton")`` under each strategy, against the plain-PyTorch backend run
