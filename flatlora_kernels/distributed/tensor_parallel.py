@@ -158,28 +158,35 @@ class _ShardMath:
     def _group(self):
         raise NotImplementedError
 
-    def _row_scale(self, seed: Tensor) -> Tensor:
-        """``sigma_eff * ||W + s*B@A||_row / sqrt(K)`` for this shard's rows; rowwise: one all-reduce per step."""
-        layer = self._noise_state()
-        weight, lora_A, lora_B = self._local_tensors()
-        merged = weight.float() + layer.scaling * (lora_B.float() @ lora_A.float())
+    def _merged(self, weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> Tensor:
+        """This shard's block of ``W + s*B@A`` in fp32 (the unsharded layer's expression, so its row norms match)."""
+        return weight.float() + self._noise_state().scaling * (lora_B.float() @ lora_A.float())
+
+    def _row_norms(self, merged: Tensor) -> Tensor:
+        """``||W + s*B@A||_row`` of this shard's rows; rowwise: one all-reduce of squared partial norms per step."""
         if self.style == "colwise":
-            return layer.effective_sigma() * torch.linalg.vector_norm(merged, dim=1) / math.sqrt(layer.in_features)
+            return torch.linalg.vector_norm(merged, dim=1)
+        layer = self._noise_state()
         # In-place updates of a DTensor bump its own version counter, not its local tensor's: key on both.
-        versions = tuple(t._version for t in (self.lora_A, self.lora_B, lora_A, lora_B))
-        key = (int(seed), float(layer.noise_factor), *versions)
+        versions = tuple(t._version for t in (self.lora_A, self.lora_B, *self._local_tensors()[1:]))
+        key = (int(layer.effective_seed()), float(layer.noise_factor), *versions)
         if self._norm_cache is None or self._norm_cache[0] != key:
             squares = merged.square().sum(dim=1)
             dist.all_reduce(squares, group=self._group())
             self._norm_cache = (key, squares.sqrt())
-        return layer.effective_sigma() * self._norm_cache[1] / math.sqrt(layer.in_features)
+        return self._norm_cache[1]
 
-    def shard_eps(self) -> Tensor:
-        """This shard's block of the unsharded layer's eps (fp32)."""
-        seed, in_features = self._noise_state().effective_seed(), self._noise_state().in_features
-        device = self._local_tensors()[0].device  # the shard's, not the default (CPU) of normal_block
+    def shard_eps(self, merged: Tensor | None = None) -> Tensor:
+        """This shard's block of the unsharded layer's eps (fp32); ``merged``: the shard's ``W + s*B@A``
+        if the caller has it (the forward does), else it is formed here."""
+        layer = self._noise_state()
+        weight, lora_A, lora_B = self._local_tensors()
         with torch.no_grad():
-            return self._row_scale(seed)[:, None] * shard_noise(seed, in_features, self.rows, self.cols, device=device)
+            merged = self._merged(weight, lora_A, lora_B) if merged is None else merged.detach()
+            row_scale = layer.effective_sigma() * self._row_norms(merged) / math.sqrt(layer.in_features)
+            # On the shard's device, not normal_block's default (CPU).
+            z = shard_noise(layer.effective_seed(), layer.in_features, self.rows, self.cols, device=weight.device)
+            return row_scale[:, None] * z
 
     def _check_shared_seed(self) -> None:
         """Raise unless every rank of the group draws from the same seed (checked when the rank key changes)."""
@@ -213,9 +220,9 @@ class _ShardMath:
         layer = self._noise_state()
         if self.training:
             self._check_shared_seed()
-        merged = weight.float() + layer.scaling * (lora_B.float() @ lora_A.float())
+        merged = self._merged(weight, lora_A, lora_B)
         if self.training:
-            merged = merged + self.shard_eps()
+            merged = merged + self.shard_eps(merged)
         y = F.linear(x, merged.to(x.dtype))
         if self.training and layer.lora_dropout is not None:
             y = y + self._dropout_term(x, lora_A, lora_B, layer.lora_dropout).to(y.dtype)
