@@ -20,9 +20,11 @@ struct Avx2Philox {
   static Vec iota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
   static Vec add(Vec a, Vec b) { return _mm256_add_epi32(a, b); }
   static Vec mul_even(Vec a, Vec b) { return _mm256_mul_epu32(a, b); }
-  static Vec shift_right_64(Vec a, int bits) { return _mm256_srli_epi64(a, bits); }
-  static Vec blend_odd(Vec even, Vec odd) { return _mm256_blend_epi32(even, odd, 0xAA); }
-  static Vec mul_lo(Vec a, Vec b) { return _mm256_mullo_epi32(a, b); }
+  static Vec swap_pairs(Vec a) { return _mm256_shuffle_epi32(a, 0xB1); }
+  // 64-bit products of the even (`even`) and odd (`odd`) lanes -> their upper / lower 32-bit halves
+  // in lane order: a swap within each lane pair and a blend.
+  static Vec high_halves(Vec even, Vec odd) { return _mm256_blend_epi32(swap_pairs(even), odd, 0xAA); }
+  static Vec low_halves(Vec even, Vec odd) { return _mm256_blend_epi32(even, swap_pairs(odd), 0xAA); }
   static Vec bit_xor(Vec a, Vec b) { return _mm256_xor_si256(a, b); }
 };
 

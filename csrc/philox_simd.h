@@ -1,8 +1,8 @@
 // Philox4x32-10 on a register of counters at once (same bits as philox.h, which stays the
 // definition). GCC auto-vectorises the scalar version, but widens every 32x32->64 product through
 // lane-crossing shuffles; here each product is two unsigned 32x32->64 multiplies (even and odd
-// lanes) plus a shift and a blend. One template for every width: an ISA supplies its vector type
-// and seven operations as a `Simd` struct (philox_avx2.h, philox_avx512.h).
+// lanes) plus lane swaps and gathers. One template for every width: an ISA supplies its vector type
+// and eight operations as a `Simd` struct (philox_avx2.h, philox_avx512.h).
 #pragma once
 
 #include <cstdint>
@@ -33,16 +33,18 @@ static inline void philox4x32_10_simd(uint32_t ctr_lo, uint32_t ctr_hi, uint32_t
     const Vec key0 = Simd::set1(k0);
     const Vec key1 = Simd::set1(k1);
     for (int v = 0; v < kVectors; ++v) {
-      // hi / lo halves of multiplier * x: even lanes from one 32x32->64 multiply, odd lanes from
-      // another on x shifted down; lo by a plain 32-bit multiply (measured faster than rebuilding it).
+      // hi / lo halves of multiplier * x from two unsigned 32x32->64 multiplies: even lanes directly,
+      // odd lanes after swapping each pair of 32-bit lanes (a shuffle, not a shift: on Intel the
+      // 512-bit multiplies and shifts share one port); the halves are then gathered per lane
+      // (Simd::high_halves / low_halves). No 32-bit mullo: on Intel it is two multiply uops.
       const Vec prod_b_even = Simd::mul_even(c2[v], round_b);
-      const Vec prod_b_odd = Simd::mul_even(Simd::shift_right_64(c2[v], 32), round_b);
+      const Vec prod_b_odd = Simd::mul_even(Simd::swap_pairs(c2[v]), round_b);
       const Vec prod_a_even = Simd::mul_even(c0[v], round_a);
-      const Vec prod_a_odd = Simd::mul_even(Simd::shift_right_64(c0[v], 32), round_a);
-      const Vec hi_b = Simd::blend_odd(Simd::shift_right_64(prod_b_even, 32), prod_b_odd);
-      const Vec hi_a = Simd::blend_odd(Simd::shift_right_64(prod_a_even, 32), prod_a_odd);
-      const Vec lo_b = Simd::mul_lo(c2[v], round_b);
-      const Vec lo_a = Simd::mul_lo(c0[v], round_a);
+      const Vec prod_a_odd = Simd::mul_even(Simd::swap_pairs(c0[v]), round_a);
+      const Vec hi_b = Simd::high_halves(prod_b_even, prod_b_odd);
+      const Vec hi_a = Simd::high_halves(prod_a_even, prod_a_odd);
+      const Vec lo_b = Simd::low_halves(prod_b_even, prod_b_odd);
+      const Vec lo_a = Simd::low_halves(prod_a_even, prod_a_odd);
       c0[v] = Simd::bit_xor(Simd::bit_xor(hi_b, c1[v]), key0);
       c2[v] = Simd::bit_xor(Simd::bit_xor(hi_a, c3[v]), key1);
       c1[v] = lo_b;
