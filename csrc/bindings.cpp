@@ -41,25 +41,26 @@ at::Tensor normal_rows(int64_t seed, int64_t in_features, int64_t row_start, int
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Flat-LoRA fused CPU kernels (regenerated Philox noise, chunked perturbed weight)";
   m.def("forward", &flatlora::forward_cpu,
-        "y, row_scale = forward(x, W, A, B, bias, s, sigma, seed, chunk_bytes, parallel_grain)", py::arg("x"),
-        py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("bias"), py::arg("scaling"),
-        py::arg("sigma"), py::arg("seed"), py::arg("chunk_bytes"), py::arg("parallel_grain"));
+        "y, row_scale = forward(x, W, A, B, bias, s, sigma, seed, chunk_bytes, parallel_grain, workspace_bytes=0)",
+        py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("bias"), py::arg("scaling"),
+        py::arg("sigma"), py::arg("seed"), py::arg("chunk_bytes"), py::arg("parallel_grain"),
+        py::arg("workspace_bytes") = 0);
   m.def("backward", &flatlora::backward_cpu,
         "dx, dA, dB = backward(dy, x, W, A, B, row_scale, s, seed, compute_dx, fold_lora, chunk_bytes, "
-        "parallel_grain)",
+        "parallel_grain, workspace_bytes=0)",
         py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("row_scale"),
         py::arg("scaling"), py::arg("seed"), py::arg("compute_dx"), py::arg("fold_lora"), py::arg("chunk_bytes"),
-        py::arg("parallel_grain"));
+        py::arg("parallel_grain"), py::arg("workspace_bytes") = 0);
   m.def("cpu_isa", [] { return std::string(flatlora::cpu_kernels().isa); },
         "the ISA of the noise and row kernels chosen at load time (scalar, avx2, avx512)");
   m.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 outputs for int64 offsets (debug)", py::arg("seed"),
         py::arg("offsets"));
-  m.def("box_muller_mismatches", [](int64_t first, int64_t count, int64_t step) {
+  m.def("box_muller_max_error", [](int64_t first, int64_t count, int64_t step) {
         TORCH_CHECK(first >= 0 && count >= 0 && step > 0 && first + (count > 0 ? (count - 1) * step : 0) < (int64_t{1} << 31),
-                    "box_muller_mismatches: uniform bits must stay below 2^31");
-        return flatlora::cpu_kernels().box_muller_mismatches(first, count, step);
+                    "box_muller_max_error: uniform bits must stay below 2^31");
+        return flatlora::cpu_kernels().box_muller_max_error(first, count, step);
       },
-        "debug: uniforms whose FMA-based Box-Muller radius/angle differ from the double-form definition",
+        "debug: the largest |z| difference between the generator's Box-Muller and the double-precision definition",
         py::arg("first"), py::arg("count"), py::arg("step"));
   m.def("normal_rows", &normal_rows, "noise normals z for a row range (debug)", py::arg("seed"),
         py::arg("in_features"), py::arg("row_start"), py::arg("row_end"));

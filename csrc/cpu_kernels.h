@@ -23,9 +23,9 @@ struct CpuKernels {
   void (*widen_bfloat16)(const uint16_t* src, int64_t n, float* dst);
   void (*add_bfloat16)(const uint16_t* src, int64_t n, float* dst);
   void (*round_to_bfloat16)(const float* src, int64_t n, uint16_t* dst);
-  // Debug: radius/angle values of uniform bits first + i*step (i < count) where this ISA's FMA-based
-  // Box-Muller differs from the double-form definition (fast_math.h); must be 0.
-  int64_t (*box_muller_mismatches)(int64_t first, int64_t count, int64_t step);
+  // Debug: the largest |z| difference between this generator's Box-Muller and the double-precision
+  // definition over uniform bits first + i*step, i < count (cpu_kernels_impl.h).
+  double (*box_muller_max_error)(int64_t first, int64_t count, int64_t step);
 };
 
 // Rows that add_low_rank_rows keeps in registers at once (each load of A feeds this many FMAs): a

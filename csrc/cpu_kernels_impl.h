@@ -9,6 +9,7 @@
 // element-wise loop that GCC vectorises at the target's width (fast_math.h), then the strips are
 // emitted.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "cpu_kernels.h"
@@ -28,31 +29,29 @@ constexpr int64_t kBlock = 256;
 constexpr float kUniformScale = 4.6566127342e-10f;
 constexpr float kTwoPi = 6.283185307179586f;
 
-// Triton's uint_to_uniform_float: fold negative int32 to -x - 1, then scale into [0, 1).
+// Triton's uint_to_uniform_float: fold negative int32 to -x - 1, then scale into [0, 1). (The scale is
+// the float just below 2^-31, not a power of two, so it cannot be folded into later constants.)
 inline float uniform_from_bits(uint32_t bits) {
   const int32_t signed_bits = static_cast<int32_t>(bits);
   const int32_t folded = signed_bits < 0 ? ~signed_bits : signed_bits;  // ~x == -x - 1
   return static_cast<float>(folded) * kUniformScale;
 }
 
-// Box-Muller's radius and angle from uniform bits; kFused as in fast_math.h's multiply_add_as.
-template <bool kFused>
+// Box-Muller's radius and angle from uniform bits. Only IEEE operations (+ - * /, sqrt, FMA,
+// conversions), so every ISA build returns the same floats (fast_math.h).
 inline float radius_from_bits(uint32_t bits) {
   const float u1 = std::max(1.0e-7f, uniform_from_bits(bits));
-  return sqrt_nonnegative<kFused>(-2.0f * log_positive(u1));
+  return std::sqrt(minus_two_log_positive(u1));  // vsqrtps: setup.py builds with -fno-math-errno
 }
 
-template <bool kFused>
 inline void angle_from_bits(uint32_t bits, float* c, float* s) {
-  sincos_small<kFused>(kTwoPi * uniform_from_bits(bits), c, s);
+  sincos_small(kTwoPi * uniform_from_bits(bits), c, s);
 }
-
-constexpr bool kFusedMultiplyAdd = FLATLORA_ISA_HAS_FMA;
 
 inline void box_muller(uint32_t bits1, uint32_t bits2, float* z_cos, float* z_sin) {
-  const float radius = radius_from_bits<kFusedMultiplyAdd>(bits1);
+  const float radius = radius_from_bits(bits1);
   float c, s;
-  angle_from_bits<kFusedMultiplyAdd>(bits2, &c, &s);
+  angle_from_bits(bits2, &c, &s);
   *z_cos = radius * c;
   *z_sin = radius * s;
 }
@@ -271,31 +270,29 @@ void round_to_bfloat16(const float* src, int64_t n, uint16_t* dst) {
   }
 }
 
-// Uniform bits b = first + i * step, i < count (b < 2^31: the folded values uniform_from_bits sees):
-// how many give a radius or angle that differs by a bit between this ISA's multiply-adds and the
-// double form. Zero over all 2^31 is what lets box_muller use FMA instructions.
-int64_t box_muller_mismatches(int64_t first, int64_t count, int64_t step) {
-  constexpr int64_t kChunk = 1024;
-  int64_t mismatches = 0;
-  alignas(64) float got[3][kChunk], want[3][kChunk];
-  for (int64_t i0 = 0; i0 < count; i0 += kChunk) {
-    const int64_t n = std::min(kChunk, count - i0);
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t bits = static_cast<uint32_t>(first + (i0 + i) * step);
-      got[0][i] = radius_from_bits<kFusedMultiplyAdd>(bits);
-      angle_from_bits<kFusedMultiplyAdd>(bits, &got[1][i], &got[2][i]);
-      want[0][i] = radius_from_bits<false>(bits);
-      angle_from_bits<false>(bits, &want[1][i], &want[2][i]);
-    }
-    for (int row = 0; row < 3; ++row)
-      for (int64_t i = 0; i < n; ++i) mismatches += float_bits(got[row][i]) != float_bits(want[row][i]);
+// Uniform bits b = first + i * step, i < count (b < 2^31: the folded values uniform_from_bits sees)
+// as u1, paired with the scrambled b * 2654435761 as u2: the largest |z| difference between this
+// generator and the definition (noise.py: Box-Muller in double from the fp32 uniforms, theta rounded
+// to fp32, one rounding to fp32), over both outputs.
+double box_muller_max_error(int64_t first, int64_t count, int64_t step) {
+  double worst = 0.0;
+  for (int64_t i = 0; i < count; ++i) {
+    const uint32_t bits1 = static_cast<uint32_t>(first + i * step);
+    const uint32_t bits2 = bits1 * 2654435761u;
+    float z_cos, z_sin;
+    box_muller(bits1, bits2, &z_cos, &z_sin);
+    const double radius = std::sqrt(-2.0 * std::log(static_cast<double>(std::max(1.0e-7f, uniform_from_bits(bits1)))));
+    const double theta = static_cast<double>(kTwoPi * uniform_from_bits(bits2));
+    const float want_cos = static_cast<float>(radius * std::cos(theta));
+    const float want_sin = static_cast<float>(radius * std::sin(theta));
+    worst = std::max({worst, std::fabs(static_cast<double>(z_cos) - want_cos), std::fabs(static_cast<double>(z_sin) - want_sin)});
   }
-  return mismatches;
+  return worst;
 }
 
 const CpuKernels kTable = {FLATLORA_ISA_NAME, normal_row,     add_scaled_normal_row, philox_at,
                            add_low_rank_rows, row_squared_norm, widen_bfloat16,    add_bfloat16,
-                           round_to_bfloat16, box_muller_mismatches};
+                           round_to_bfloat16, box_muller_max_error};
 
 }  // namespace FLATLORA_ISA_NS
 }  // namespace

@@ -134,15 +134,26 @@ void PerturbedWeight::build_rows_fp64(int64_t row0, at::Tensor& chunk, float sig
   TORCH_CHECK(chunk.scalar_type() == at::kDouble, "flatlora: an fp64 build needs an fp64 chunk");
   const int64_t rows = chunk.size(0);
   const int64_t in_features = chunk.size(1);
-  // W' = W + (s*B) A in fp64 by BLAS (rank-r update of the chunk), then per row: norm and fp32 noise.
+  // Per row: W' = W + (s*B) A in fp64, norm, fp32 noise. The rank-r update is a fixed-order loop
+  // (k ascending per element), not BLAS: MKL's addmm_ on an Intel Xeon rounded a 1-row and a 2-row
+  // chunk differently (an ulp), and W' must not depend on the chunk size or thread count.
   chunk.copy_(weight_.narrow(0, row0, rows));
-  if (fold_lora) chunk.addmm_(lora_B_scaled_.narrow(0, row0, rows), lora_A_);
   double* data = chunk.data_ptr<double>();
+  const int64_t rank = lora_A_.size(0);
+  const double* lora_A = lora_A_.data_ptr<double>();
+  const double* lora_B = lora_B_scaled_.data_ptr<double>() + row0 * rank;
   const float sqrt_k = static_cast<float>(std::sqrt(static_cast<double>(in_features)));
   at::parallel_for(0, rows, grain_rows(in_features), [&](int64_t begin, int64_t end) {
     std::vector<float> z(in_features);
     for (int64_t i = begin; i < end; ++i) {
       double* row = data + i * in_features;
+      if (fold_lora) {
+        for (int64_t k = 0; k < rank; ++k) {
+          const double coef = lora_B[i * rank + k];
+          const double* a = lora_A + k * in_features;
+          for (int64_t j = 0; j < in_features; ++j) row[j] += coef * a[j];
+        }
+      }
       float scale;
       if (saved_scale != nullptr) {
         scale = saved_scale[i];

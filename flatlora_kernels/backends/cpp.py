@@ -23,6 +23,7 @@ from . import cpu_tuning
 chunk_bytes: int = cpu_tuning.CHUNK_BYTES
 chunk_grows_to_output: bool = cpu_tuning.CHUNK_GROWS_TO_OUTPUT
 parallel_grain: int = cpu_tuning.PARALLEL_GRAIN_ELEMENTS
+workspace_bytes: int = cpu_tuning.WORKSPACE_BYTES
 backward_fold_min_tokens_per_output: dict[str, float] = dict(cpu_tuning.BACKWARD_FOLD_MIN_TOKENS_PER_OUTPUT)
 
 
@@ -38,7 +39,7 @@ def _cap(output_elements: int, element_size: int) -> int:
 
 def forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
     cap = _cap(x.shape[0] * weight.shape[0], x.element_size())
-    return _C.forward(x, weight, lora_A, lora_B, bias, float(scaling), sigma, seed, cap, parallel_grain)
+    return _C.forward(x, weight, lora_A, lora_B, bias, float(scaling), sigma, seed, cap, parallel_grain, workspace_bytes)
 
 
 def backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx):
@@ -46,5 +47,6 @@ def backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx
     ratio = backward_fold_min_tokens_per_output.get(str(x.dtype).removeprefix("torch."), 0.0)
     fold_lora = x.shape[0] >= ratio * weight.shape[0]
     return _C.backward(
-        dy, x, weight, lora_A, lora_B, row_scale, float(scaling), seed, bool(compute_dx), fold_lora, cap, parallel_grain
+        dy, x, weight, lora_A, lora_B, row_scale, float(scaling), seed, bool(compute_dx), fold_lora, cap,
+        parallel_grain, workspace_bytes,
     )
