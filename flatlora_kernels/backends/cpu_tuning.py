@@ -9,9 +9,11 @@ from __future__ import annotations
 #: Cap on one regenerated chunk of the perturbed weight, in bytes (at least one row is built). The one
 #: definition for the CPU family (``backends/cpp.py: chunk_bytes`` reads it).
 #: Measured (AMD EPYC family 26, 2 threads, shared machine): splitting a 1024x1024 layer's GEMM in
-#: two cost ~5%, so the cap holds a whole 1024x1024 fp32 layer (256 rows of a 4096-wide one).
-#: The exact value between "one 1024^2 layer" and larger is a guess, not a sweep.
-CHUNK_BYTES: int = 4 << 20
+#: two cost ~5%. Measured (Intel Xeon with AMX, 2 threads, oneDNN 3.12 bf16): a 768x3072 bf16 layer
+#: (4.5 MiB) under a 4 MiB cap ran as two 384-row GEMMs of 1.33 ms each where one 768-row GEMM takes
+#: 1.64 ms (oneDNN's 2-thread split of N = 384 is slow; 256 rows take 0.59 ms), fused/LoRA 2.1-2.25x
+#: -> 1.5-1.7x at M=512 with 8 MiB. So the cap holds 768x3072 in bf16 and 1024x2048 in fp32; not a sweep.
+CHUNK_BYTES: int = 8 << 20
 
 #: A chunk may also grow to the size of its pass's output (y forward, dx backward): LoRA's own pass
 #: holds a second buffer of that size at the same moment, so the peak stays at LoRA's. Measured
@@ -21,8 +23,8 @@ CHUNK_GROWS_TO_OUTPUT: bool = True
 #: A chunk of at most this many bytes is built in a per-thread buffer kept across calls (one per
 #: calling thread, never per layer); bigger ones (the cap grown to the output's size) are allocated
 #: per pass. Measured (Intel Xeon with AMX, 2 threads, 1024x1024 bf16, M=512): a fresh 2 MiB chunk
-#: per pass cost ~0.3 ms per fwd+bwd in page faults (glibc returns the freed heap top to the OS, the
-#: next pass faults every page in again). Equal to CHUNK_BYTES so every capped chunk reuses it.
+#: per pass was faulted in page by page again (glibc returns the freed heap top to the OS): about a
+#: third of the fused step's kernel time. Equal to CHUNK_BYTES so every capped chunk reuses it.
 WORKSPACE_BYTES: int = CHUNK_BYTES
 
 #: About this many chunk elements per parallel task when a chunk is built (``at::parallel_for``
