@@ -131,7 +131,7 @@ void normal_row(uint64_t seed, int64_t row, int64_t in_features, float* out) {
 void add_scaled_normal_row(uint64_t seed, int64_t row, int64_t in_features, float scale, float* out) {
   for_each_row_strip(seed, row, in_features, [out, scale](int64_t column, const float* z, int64_t width) {
     float* __restrict dst = out + column;
-    for (int64_t t = 0; t < width; ++t) dst[t] += scale * z[t];
+    for (int64_t t = 0; t < width; ++t) dst[t] = fused_multiply_add(scale, z[t], dst[t]);  // one rounding, every ISA
   });
 }
 
@@ -185,8 +185,27 @@ inline void store_vec(float* p, Vec v) {
   std::memcpy(p, &v, sizeof v);
 }
 
+// acc + a * b lane by lane with one rounding each (fast_math.h's fused_multiply_add): the FMA
+// instruction on AVX2 / AVX-512, libm's fmaf in the scalar build, so the fold and the row norms have
+// the same bits on every ISA (the build has -ffp-contract=off: GCC fuses nothing on its own).
+template <typename Vec>
+inline Vec multiply_add_lanes(Vec a, Vec b, Vec acc) {
+#if FLATLORA_ISA_HAS_AVX512
+  if constexpr (sizeof(Vec) == 64)
+    return reinterpret_cast<Vec>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
+                                                 reinterpret_cast<__m512>(acc)));
+#endif
+#if FLATLORA_ISA_HAS_AVX2
+  if constexpr (sizeof(Vec) == 32)
+    return reinterpret_cast<Vec>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
+                                                 reinterpret_cast<__m256>(acc)));
+#endif
+  for (size_t l = 0; l < sizeof(Vec) / sizeof(float); ++l) acc[l] = fused_multiply_add(a[l], b[l], acc[l]);
+  return acc;
+}
+
 // kRows rows at once: a strip of each stays in registers across all k, and each load of A serves
-// every row. Per element: acc += coef[k] * A[k, j] for k = 0 .. rank - 1, as in a one-row loop.
+// every row. Per element: acc = fma(coef[k], A[k, j], acc) for k = 0 .. rank - 1, as in a one-row loop.
 template <int kRows>
 void add_low_rank_row_block(const float* coef, const float* lora_A, int64_t rank, int64_t n, float* rows) {
   constexpr int64_t kWidth = kFoldLanes * kFoldVectors;
@@ -200,7 +219,8 @@ void add_low_rank_row_block(const float* coef, const float* lora_A, int64_t rank
       for (int v = 0; v < kFoldVectors; ++v) a[v] = load_vec<FoldVec>(lora_A + k * n + j0 + kFoldLanes * v);
       for (int r = 0; r < kRows; ++r) {
         const float c = coef[r * rank + k];
-        for (int v = 0; v < kFoldVectors; ++v) acc[r][v] += c * a[v];
+        const FoldVec c_lanes = FoldVec{} + c;
+        for (int v = 0; v < kFoldVectors; ++v) acc[r][v] = multiply_add_lanes(c_lanes, a[v], acc[r][v]);
       }
     }
     for (int r = 0; r < kRows; ++r)
@@ -211,7 +231,7 @@ void add_low_rank_row_block(const float* coef, const float* lora_A, int64_t rank
       const float c = coef[r * rank + k];
       const float* a = lora_A + k * n;
       float* row = rows + r * n;
-      for (int64_t j = j0; j < n; ++j) row[j] += c * a[j];
+      for (int64_t j = j0; j < n; ++j) row[j] = fused_multiply_add(c, a[j], row[j]);
     }
   }
 }
@@ -232,11 +252,12 @@ double row_squared_norm(const float* row, int64_t n) {
 #pragma GCC unroll 8
     for (int v = 0; v < kStripVectors; ++v) {
       const FloatVec x = load_vec<FloatVec>(row + j0 + kLanes * v);
-      strip_squares += x * x;
+      strip_squares = multiply_add_lanes(x, x, strip_squares);
     }
     for (int l = 0; l < kLanes; ++l) lane_sums[l] += strip_squares[l];  // fp32 within a strip, fp64 across
   }
   double total = 0.0;
+  // (The double product of two floats is exact, so fused or not this rounds once.)
   for (int64_t j = j0; j < n; ++j) total += static_cast<double>(row[j]) * row[j];
   for (int l = 0; l < kLanes; ++l) total += lane_sums[l];
   return total;

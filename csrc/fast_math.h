@@ -27,8 +27,8 @@ static inline float bits_float(uint32_t bits) {
 
 // a * b + c rounded once: an FMA instruction where the target has one, libm's correctly rounded fmaf
 // where it has not (the scalar x86-64 build). Either way the IEEE result, so every ISA build computes
-// the same floats; GCC vectorises it. (ISO C++ mode keeps GCC from contracting plain a * b + c
-// itself, which would make floats depend on the target.)
+// the same floats; GCC vectorises it. (setup.py's -ffp-contract=off keeps GCC from fusing a plain
+// a * b + c itself, which it otherwise does wherever the target has FMA: floats would depend on it.)
 static inline float fused_multiply_add(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 
 // -2 log x for a positive, normal, finite x: Box-Muller's squared radius. (The factor -2 is folded

@@ -124,12 +124,15 @@ def _run_with_isa(isa, code):
 
 
 # The ISA's name and a hash of the bits of normals of a ragged row width, rows whose counters cross
-# 2^32, and a bulk block.
+# 2^32, a bulk block, and a perturbed weight W' (x = I: the fold, the row norms and the noise).
 _ISA_AND_NORMALS_DIGEST = (
     "import hashlib, torch; from flatlora_kernels.backends import cpp\n"
+    "from flatlora_kernels import flat_lora_linear; from flatlora_kernels.baselines import make_layer\n"
+    "W, A, B, _ = make_layer(13, 67, 16, dtype=torch.float32, seed=3)\n"
+    "with torch.no_grad(): w_eff = flat_lora_linear(torch.eye(67), W, A, B, None, scaling=2.0, sigma=0.3, seed=5)\n"
     "z = torch.cat([cpp._C.normal_rows(7, 1027, 0, 40).flatten(),\n"
     "               cpp._C.normal_rows(9, 21, 2**32 // 6 - 2, 2**32 // 6 + 3).flatten(),\n"
-    "               cpp._C.normal_rows(2**63 - 1, 1024, 0, 256).flatten()])\n"
+    "               cpp._C.normal_rows(2**63 - 1, 1024, 0, 256).flatten(), w_eff.flatten()])\n"
     "print(cpp.cpu_isa(), hashlib.sha256(z.view(torch.int32).numpy().tobytes()).hexdigest())\n"
 )
 
@@ -142,7 +145,8 @@ def _default_isa_digest():
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_forced_isa_runs_the_same_stream(isa):
     """A subprocess per ISA (the choice is made once per process): integers bit-exact, floats within
-    1e-6 of the reference and bit-identical to the default ISA's (only IEEE single-rounding operations)."""
+    1e-6 of the reference; normals and W' bit-identical to the default ISA's (IEEE single-rounding
+    operations only, FMA included)."""
     code = (
         "import torch; from flatlora_kernels.backends import cpp; from flatlora_kernels import noise\n"
         "off = torch.cat([torch.arange(100), torch.arange(2**32 - 40, 2**32 + 40)])\n"
@@ -152,7 +156,7 @@ def test_forced_isa_runs_the_same_stream(isa):
     ) + _ISA_AND_NORMALS_DIGEST
     got_isa, digest = _run_with_isa(isa, code)
     assert got_isa == isa
-    assert digest == _default_isa_digest(), f"{isa} normals differ in bits from the default ISA's"
+    assert digest == _default_isa_digest(), f"{isa} normals or W' differ in bits from the default ISA's"
 
 
 def test_unknown_isa_override_is_a_clear_error():
