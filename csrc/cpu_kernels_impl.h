@@ -131,7 +131,7 @@ void normal_row(uint64_t seed, int64_t row, int64_t in_features, float* out) {
 void add_scaled_normal_row(uint64_t seed, int64_t row, int64_t in_features, float scale, float* out) {
   for_each_row_strip(seed, row, in_features, [out, scale](int64_t column, const float* z, int64_t width) {
     float* __restrict dst = out + column;
-    for (int64_t t = 0; t < width; ++t) dst[t] = fused_multiply_add(scale, z[t], dst[t]);  // one rounding, every ISA
+    for (int64_t t = 0; t < width; ++t) dst[t] = fused_multiply_add(scale, z[t], dst[t]);  // same bits on every ISA
   });
 }
 
@@ -302,11 +302,12 @@ double box_muller_max_error(int64_t first, int64_t count, int64_t step) {
     const uint32_t bits2 = bits1 * 2654435761u;
     float z_cos, z_sin;
     box_muller(bits1, bits2, &z_cos, &z_sin);
-    const double radius = std::sqrt(-2.0 * std::log(static_cast<double>(std::max(1.0e-7f, uniform_from_bits(bits1)))));
+    const double u1 = static_cast<double>(std::max(1.0e-7f, uniform_from_bits(bits1)));
+    const double radius = std::sqrt(-2.0 * std::log(u1));
     const double theta = static_cast<double>(kTwoPi * uniform_from_bits(bits2));
-    const float want_cos = static_cast<float>(radius * std::cos(theta));
-    const float want_sin = static_cast<float>(radius * std::sin(theta));
-    worst = std::max({worst, std::fabs(static_cast<double>(z_cos) - want_cos), std::fabs(static_cast<double>(z_sin) - want_sin)});
+    const double want_cos = static_cast<float>(radius * std::cos(theta));
+    const double want_sin = static_cast<float>(radius * std::sin(theta));
+    worst = std::max({worst, std::fabs(z_cos - want_cos), std::fabs(z_sin - want_sin)});
   }
   return worst;
 }

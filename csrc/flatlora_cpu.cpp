@@ -61,9 +61,10 @@ at::ScalarType chunk_dtype(at::ScalarType compute) { return compute; }
 // The chunk buffer of one pass, [rows, k] of dtype. Up to workspace_bytes it is this thread's reused
 // workspace (held for the thread's lifetime, never returned to the caller, one pass at a time):
 // a fresh multi-MB buffer per pass made the kernel fault in and zero every page again, because glibc
-// hands a freed heap top back to the OS. Measured (Intel Xeon, 2 threads, 1024x1024 bf16, M=512):
-// ~40% of the fused step's kernel time, 0.3 ms per fwd+bwd. Larger chunks (grown to the output's
-// size) are allocated per pass, as before: holding those would raise every later layer's peak.
+// hands a freed heap top back to the OS. Measured (Intel Xeon, 2 threads, 1024x1024 bf16, M=512,
+// perf): about a third of the fused step's kernel time, which fell from 29.5% to 18.2% of its CPU
+// time (benchmarks/RESULTS.md). Larger chunks (grown to the output's size) are allocated per pass,
+// as before: holding those would raise every later layer's peak.
 at::Tensor chunk_workspace(int64_t rows, int64_t k, at::ScalarType dtype, int64_t workspace_bytes,
                            const at::TensorOptions& options) {
   struct Workspace {
