@@ -51,6 +51,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("row_scale"),
         py::arg("scaling"), py::arg("seed"), py::arg("compute_dx"), py::arg("fold_lora"), py::arg("chunk_bytes"),
         py::arg("parallel_grain"), py::arg("workspace_bytes") = 0);
+  m.def("release_chunk_workspace", &flatlora::release_chunk_workspace,
+        "frees the calling thread's reused chunk buffer (memory measurements count its next allocation)");
   m.def("cpu_isa", [] { return std::string(flatlora::cpu_kernels().isa); },
         "the ISA of the noise and row kernels chosen at load time (scalar, avx2, avx512)");
   m.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 outputs for int64 offsets (debug)", py::arg("seed"),

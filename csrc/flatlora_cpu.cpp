@@ -6,9 +6,6 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
-#include <cstdlib>
-#include <memory>
-
 #include "cpu_kernels.h"
 #include "perturbed_chunk.h"
 
@@ -58,6 +55,9 @@ at::ScalarType gemm_dtype(const at::Tensor& x) {
 // the memory), fp64 chunks are built in fp64 (float64 is exact to float64), fp16 runs fp32.
 at::ScalarType chunk_dtype(at::ScalarType compute) { return compute; }
 
+// This thread's reusable chunk buffer (bytes, from c10's CPU allocator, so memory profilers see it).
+thread_local at::Tensor chunk_workspace_bytes;
+
 // The chunk buffer of one pass, [rows, k] of dtype. Up to workspace_bytes it is this thread's reused
 // workspace (held for the thread's lifetime, never returned to the caller, one pass at a time):
 // a fresh multi-MB buffer per pass made the kernel fault in and zero every page again, because glibc
@@ -67,20 +67,14 @@ at::ScalarType chunk_dtype(at::ScalarType compute) { return compute; }
 // as before: holding those would raise every later layer's peak.
 at::Tensor chunk_workspace(int64_t rows, int64_t k, at::ScalarType dtype, int64_t workspace_bytes,
                            const at::TensorOptions& options) {
-  struct Workspace {
-    std::unique_ptr<void, decltype(&std::free)> data{nullptr, &std::free};
-    size_t bytes = 0;
-  };
-  thread_local Workspace workspace;
-  const size_t bytes = static_cast<size_t>(rows * k) * c10::elementSize(dtype);
-  if (static_cast<int64_t>(bytes) > workspace_bytes) return at::empty({rows, k}, options.dtype(dtype));
-  if (workspace.bytes < bytes) {
-    const size_t rounded = (bytes + 63) / 64 * 64;  // aligned_alloc wants a multiple of the alignment
-    workspace.data.reset(std::aligned_alloc(64, rounded));
-    TORCH_CHECK(workspace.data != nullptr, "flatlora cpp backend: out of memory for a ", bytes, "-byte chunk");
-    workspace.bytes = rounded;
+  const int64_t bytes = rows * k * static_cast<int64_t>(c10::elementSize(dtype));
+  if (bytes > workspace_bytes) return at::empty({rows, k}, options.dtype(dtype));
+  at::Tensor& workspace = chunk_workspace_bytes;
+  if (!workspace.defined() || workspace.numel() < bytes) {
+    workspace = at::Tensor();  // free the smaller one first
+    workspace = at::empty({bytes}, options.dtype(at::kByte));
   }
-  return at::from_blob(workspace.data.get(), {rows, k}, options.dtype(dtype));
+  return at::from_blob(workspace.data_ptr(), {rows, k}, options.dtype(dtype));
 }
 
 uint64_t seed_value(const at::Tensor& seed) { return static_cast<uint64_t>(seed.item<int64_t>()); }
@@ -129,6 +123,8 @@ at::Tensor bfloat16_dx_over_chunks(const PerturbedWeight& perturbed, const at::T
 }
 
 }  // namespace
+
+void release_chunk_workspace() { chunk_workspace_bytes = at::Tensor(); }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                const at::Tensor& lora_A, const at::Tensor& lora_B,

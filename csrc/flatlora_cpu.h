@@ -29,4 +29,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& dy
                                                             bool fold_lora, int64_t chunk_bytes, int64_t parallel_grain,
                                                             int64_t workspace_bytes);
 
+// Frees this thread's reused chunk buffer (the next pass allocates it again): for memory
+// measurements that should count it (flatlora_kernels/memory.py).
+void release_chunk_workspace();
+
 }  // namespace flatlora

@@ -7,7 +7,8 @@
   block down: measure memory and time in separate runs.
 
 Both report the peak *above* what was allocated when the block started (activations, gradients and
-temporaries; not the model already in memory).
+temporaries; not the model already in memory). On CPU the C++ backend's per-thread chunk buffer,
+which outlives calls, is freed on entry, so the block's first pass allocates (and counts) it again.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ def _quiet_native_stderr():
         os.close(saved)
 
 
+def _release_cpp_chunk_workspace() -> None:
+    try:
+        from .backends import cpp
+    except ImportError:  # the C++ extension is not built: nothing held
+        return
+    cpp._C.release_chunk_workspace()
+
+
 class PeakMemory:
     """``with PeakMemory(device) as peak: ...`` then ``peak.bytes`` / ``peak.mib``."""
 
@@ -54,6 +63,7 @@ class PeakMemory:
             self._start = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.device.type == "cpu":
+            _release_cpp_chunk_workspace()
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             with _quiet_native_stderr():
                 self._profiler.__enter__()

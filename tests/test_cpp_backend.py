@@ -232,6 +232,21 @@ def test_reused_chunk_workspace_changes_no_bit(monkeypatch, dtype):
     assert all(torch.equal(a, b) for a, b in zip(before, reused[0]))
 
 
+def test_peak_memory_counts_the_reused_chunk_buffer():
+    """PeakMemory frees the per-thread chunk buffer on entry, so a pass measured after another one
+    still counts its chunk (without that the second measurement would drop by the chunk's size)."""
+    from flatlora_kernels.memory import PeakMemory
+
+    x, weight, lora_A, lora_B, bias = _layer_and_input(M=4, N=256, K=512, r=4)
+    peaks = []
+    for _ in range(2):
+        with PeakMemory("cpu") as peak, torch.no_grad():
+            flat_lora_linear(x, weight, lora_A, lora_B, bias, scaling=2.0, sigma=0.1, seed=1, backend="cpp")
+        peaks.append(peak.bytes)
+    chunk_bytes = 256 * 512 * 4
+    assert peaks[0] == peaks[1] and peaks[0] >= chunk_bytes, peaks
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fold", [True, False])
 def test_folded_and_unfolded_backward_match_reference(monkeypatch, dtype, fold):
