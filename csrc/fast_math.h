@@ -41,7 +41,7 @@ static inline float minus_two_log_positive(float x) {
   const int32_t e = static_cast<int32_t>(bits - 0x3F3504F3u) >> 23;
   const float m = bits_float(bits - static_cast<uint32_t>(e) * (1u << 23));
   // log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172: the odd series to s^9 is exact to 1e-9.
-  // (The one division is cheap: the divider runs beside the FMA units, which the rest keeps busy.)
+  // (One division: the divider is a separate unit, beside the FMA pipes the rest of the loop fills.)
   const float s = (m - 1.0f) / (m + 1.0f);
   const float s2 = s * s;
   const float series = fused_multiply_add(
