@@ -24,6 +24,24 @@ std::vector<at::Tensor> philox4x32_10(int64_t seed, const at::Tensor& offsets) {
   return lanes;
 }
 
+// The generator's Box-Muller of Philox words (int64 tensors holding uint32 values, same shape):
+// (z_cos, z_sin) fp32, for comparison with flatlora_kernels.noise's definition.
+std::vector<at::Tensor> box_muller(const at::Tensor& bits1, const at::Tensor& bits2) {
+  TORCH_CHECK(bits1.scalar_type() == at::kLong && bits2.scalar_type() == at::kLong && bits1.device().is_cpu() &&
+                  bits2.device().is_cpu() && bits1.sizes() == bits2.sizes(),
+              "box_muller: bits1 and bits2 must be CPU int64 tensors of one shape");
+  const at::Tensor words = at::stack({bits1.reshape({-1}), bits2.reshape({-1})});
+  TORCH_CHECK(words.numel() == 0 || (words.min().item<int64_t>() >= 0 && words.max().item<int64_t>() < (int64_t{1} << 32)),
+              "box_muller: words must lie in [0, 2^32)");
+  // The same 32 bits as int32 (two's complement), without relying on a narrowing cast's wrap-around.
+  const at::Tensor narrow = at::where(words >= (int64_t{1} << 31), words - (int64_t{1} << 32), words).to(at::kInt);
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(narrow.data_ptr<int32_t>());
+  const int64_t n = bits1.numel();
+  at::Tensor z_cos = at::empty(bits1.sizes(), at::kFloat), z_sin = at::empty(bits1.sizes(), at::kFloat);
+  flatlora::cpu_kernels().box_muller_words(w, w + n, n, z_cos.data_ptr<float>(), z_sin.data_ptr<float>());
+  return {z_cos, z_sin};
+}
+
 // z(seed, i, j) for rows [row_start, row_end), fp32 [rows, K], like flatlora_kernels.noise.normal_rows.
 at::Tensor normal_rows(int64_t seed, int64_t in_features, int64_t row_start, int64_t row_end) {
   TORCH_CHECK(in_features > 0 && row_start >= 0 && row_end >= row_start, "bad normal_rows arguments");
@@ -57,13 +75,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the ISA of the noise and row kernels chosen at load time (scalar, avx2, avx512)");
   m.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 outputs for int64 offsets (debug)", py::arg("seed"),
         py::arg("offsets"));
-  m.def("box_muller_max_error", [](int64_t first, int64_t count, int64_t step) {
-        TORCH_CHECK(first >= 0 && count >= 0 && step > 0 && first + (count > 0 ? (count - 1) * step : 0) < (int64_t{1} << 31),
-                    "box_muller_max_error: uniform bits must stay below 2^31");
-        return flatlora::cpu_kernels().box_muller_max_error(first, count, step);
-      },
-        "debug: the largest |z| difference between the generator's Box-Muller and the double-precision definition",
-        py::arg("first"), py::arg("count"), py::arg("step"));
+  m.def("box_muller", &box_muller, "debug: the generator's (z_cos, z_sin) of Philox words bits1, bits2",
+        py::arg("bits1"), py::arg("bits2"));
   m.def("normal_rows", &normal_rows, "noise normals z for a row range (debug)", py::arg("seed"),
         py::arg("in_features"), py::arg("row_start"), py::arg("row_end"));
 }

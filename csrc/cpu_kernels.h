@@ -23,9 +23,10 @@ struct CpuKernels {
   void (*widen_bfloat16)(const uint16_t* src, int64_t n, float* dst);
   void (*add_bfloat16)(const uint16_t* src, int64_t n, float* dst);
   void (*round_to_bfloat16)(const float* src, int64_t n, uint16_t* dst);
-  // Debug: the largest |z| difference between this generator's Box-Muller and the double-precision
-  // definition over uniform bits first + i*step, i < count (cpu_kernels_impl.h).
-  double (*box_muller_max_error)(int64_t first, int64_t count, int64_t step);
+  // Debug: this generator's Box-Muller of Philox words (z_cos[i], z_sin[i] from bits1[i], bits2[i]);
+  // tests compare it with the definition in flatlora_kernels/noise.py.
+  void (*box_muller_words)(const uint32_t* bits1, const uint32_t* bits2, int64_t count, float* z_cos,
+                           float* z_sin);
 };
 
 // Rows that add_low_rank_rows keeps in registers at once (each load of A feeds this many FMAs): a

@@ -291,30 +291,13 @@ void round_to_bfloat16(const float* src, int64_t n, uint16_t* dst) {
   }
 }
 
-// Uniform bits b = first + i * step, i < count (b < 2^31: the folded values uniform_from_bits sees)
-// as u1, paired with the scrambled b * 2654435761 as u2: the largest |z| difference between this
-// generator and the definition (noise.py: Box-Muller in double from the fp32 uniforms, theta rounded
-// to fp32, one rounding to fp32), over both outputs.
-double box_muller_max_error(int64_t first, int64_t count, int64_t step) {
-  double worst = 0.0;
-  for (int64_t i = 0; i < count; ++i) {
-    const uint32_t bits1 = static_cast<uint32_t>(first + i * step);
-    const uint32_t bits2 = bits1 * 2654435761u;
-    float z_cos, z_sin;
-    box_muller(bits1, bits2, &z_cos, &z_sin);
-    const double u1 = static_cast<double>(std::max(1.0e-7f, uniform_from_bits(bits1)));
-    const double radius = std::sqrt(-2.0 * std::log(u1));
-    const double theta = static_cast<double>(kTwoPi * uniform_from_bits(bits2));
-    const double want_cos = static_cast<float>(radius * std::cos(theta));
-    const double want_sin = static_cast<float>(radius * std::sin(theta));
-    worst = std::max({worst, std::fabs(z_cos - want_cos), std::fabs(z_sin - want_sin)});
-  }
-  return worst;
+void box_muller_words(const uint32_t* bits1, const uint32_t* bits2, int64_t count, float* z_cos, float* z_sin) {
+  for (int64_t i = 0; i < count; ++i) box_muller(bits1[i], bits2[i], &z_cos[i], &z_sin[i]);
 }
 
 const CpuKernels kTable = {FLATLORA_ISA_NAME, normal_row,     add_scaled_normal_row, philox_at,
                            add_low_rank_rows, row_squared_norm, widen_bfloat16,    add_bfloat16,
-                           round_to_bfloat16, box_muller_max_error};
+                           round_to_bfloat16, box_muller_words};
 
 }  // namespace FLATLORA_ISA_NS
 }  // namespace

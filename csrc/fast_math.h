@@ -4,7 +4,7 @@
 // whose bits differ between AVX2 and AVX-512), so every ISA build computes the same floats.
 //
 // Accuracy is ~1 ulp on the ranges Box-Muller feeds them (log on [1e-7, 1], sincos on [0, 2pi]),
-// which keeps the normals within 1e-6 of the double-precision definition (box_muller_max_error).
+// which keeps the normals within 1e-6 of the double-precision definition (tests/test_cpp_backend.py).
 #pragma once
 
 #include <cmath>

@@ -5,7 +5,7 @@ import functools
 import pytest
 import torch
 
-from flatlora_kernels import flat_lora_linear
+from flatlora_kernels import flat_lora_linear, noise
 from flatlora_kernels.backends import cpp
 from flatlora_kernels.noise import counters_per_row, normal_rows, philox4x32_10
 from flatlora_kernels.baselines import lora_linear, naive_flat_lora_linear
@@ -96,14 +96,24 @@ def test_fp64_gradcheck_at_sigma_zero(backend):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+def _box_muller_error(bits1):
+    """Largest |z| difference between the C++ Box-Muller and noise.py's float64 definition, for Philox
+    words bits1 paired with the scrambled bits1 * 2654435761 mod 2^32."""
+    bits2 = (bits1 * 2654435761) % 2**32
+    got = _C.box_muller(bits1, bits2)
+    want = noise._box_muller(noise._uniform(bits1), noise._uniform(bits2))
+    return max((g - w).abs().max().item() for g, w in zip(got, want))
+
+
 def test_box_muller_within_one_ulp_of_the_double_definition():
-    """The generator's float Box-Muller against the float64 definition (noise.py), computed in C++:
-    a sweep over the whole uniform range, and every uniform of the tail (u1 < 3e-5, the largest
-    radii, where an ulp of z is largest). 4.77e-7 is one ulp at |z| in [4, 8)."""
-    assert _C.box_muller_max_error(0, 2**31 // 4099, 4099) <= 4.8e-7
-    assert _C.box_muller_max_error(0, 2**16, 1) <= 4.8e-7
-    with pytest.raises(RuntimeError, match="below 2"):
-        _C.box_muller_max_error(2**31 - 5, 10, 1)
+    """The generator's float Box-Muller against the float64 definition: a sweep over the whole word
+    range, and every word of the tail (u1 < 3e-5, the largest radii, where an ulp of z is largest).
+    4.77e-7 is one ulp at |z| in [4, 8)."""
+    assert _box_muller_error(torch.arange(0, 2**32, 8191)) <= 4.8e-7
+    assert _box_muller_error(torch.arange(0, 2**16)) <= 4.8e-7
+    assert _box_muller_error(torch.arange(2**32 - 2**16, 2**32)) <= 4.8e-7  # negative int32: folded
+    with pytest.raises(RuntimeError, match=r"\[0, 2\^32\)"):
+        _C.box_muller(torch.tensor([2**32]), torch.tensor([0]))
 
 
 def _run_with_isa(isa, code):
@@ -152,7 +162,9 @@ def test_forced_isa_runs_the_same_stream(isa):
         "off = torch.cat([torch.arange(100), torch.arange(2**32 - 40, 2**32 + 40)])\n"
         "assert all(torch.equal(a, b) for a, b in zip(cpp._C.philox4x32_10(7, off), noise.philox4x32_10(torch.tensor(7), off)))\n"
         "assert (cpp._C.normal_rows(7, 1027, 0, 5) - noise.normal_rows(7, 1027, 0, 5)).abs().max() <= 1e-6\n"
-        "assert cpp._C.box_muller_max_error(123, 2**31 // 40999, 40999) <= 4.8e-7\n"
+        "b1 = torch.arange(123, 2**32, 40999); b2 = b1 * 2654435761 % 2**32\n"
+        "want = noise._box_muller(noise._uniform(b1), noise._uniform(b2))\n"
+        "assert max((g - w).abs().max().item() for g, w in zip(cpp._C.box_muller(b1, b2), want)) <= 4.8e-7\n"
     ) + _ISA_AND_NORMALS_DIGEST
     got_isa, digest = _run_with_isa(isa, code)
     assert got_isa == isa
