@@ -193,6 +193,18 @@ def _no_double_backward(ctx, *grads):
 
 
 backward.register_autograd(_no_double_backward)
-# Meta tensors (shape-only model construction and tracing): the fakes are exact about shapes and dtypes.
-forward.register_kernel("meta")(_forward_fake)
-backward.register_kernel("meta")(_backward_fake)
+
+
+def _register_meta(op, fake) -> None:
+    """Meta tensors (shape-only model construction and tracing) get the exact fake. torch 2.11's
+    ``triton_op`` already claims the Meta key with its body as the fake and refuses a second kernel; there
+    the body runs on meta tensors instead (the reference backend, shape-exact too: tested)."""
+    try:
+        op.register_kernel("meta")(fake)
+    except RuntimeError as error:
+        if "already a kernel registered from python" not in str(error):
+            raise
+
+
+_register_meta(forward, _forward_fake)
+_register_meta(backward, _backward_fake)

@@ -63,6 +63,12 @@ STRATEGY_ENV = "FLATLORA_TRITON_STRATEGY"
 STRATEGIES = ("auto", "streamed", "in_register")
 
 
+def _traceable(kernel):
+    """``wrap_triton(kernel)`` (so Inductor traces into it), or the kernel itself under the interpreter:
+    torch 2.13's ``wrap_triton`` returns an interpreted kernel unchanged, torch 2.11's refuses it."""
+    return kernel if INTERPRETING else wrap_triton(kernel)
+
+
 def _tile_table() -> dict:
     return triton_tuning.INTERPRETER_TILES if INTERPRETING else triton_tuning.GPU_TILES
 
@@ -226,7 +232,7 @@ def row_scale(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, si
     scale = torch.empty(out_features, dtype=torch.float32, device=weight.device)
     tiles = _tiles("row_scale")
     grid = (triton.cdiv(out_features, tiles["BLOCK_ROWS"]),)
-    wrap_triton(row_scale_kernel)[grid](
+    _traceable(row_scale_kernel)[grid](
         *_layer_args(weight, lora_A, lora_B, scaling), sigma, scale, out_features, in_features, math.sqrt(in_features),
         **tiles, **_factor_constexprs(lora_A, lora_B, compute_dtype),
     )  # fmt: skip
@@ -254,7 +260,7 @@ def regenerate_perturbed_weight(
         triton.cdiv(row_end - row_start, tiles["BLOCK_ROWS"]),
         triton.cdiv(counter_end - counter_start, tiles["BLOCK_COUNTERS"]),
     )
-    wrap_triton(perturbed_weight_kernel)[grid](
+    _traceable(perturbed_weight_kernel)[grid](
         *_layer_args(weight, lora_A, lora_B, scaling), row_scales, seed, out, row_start, row_end, counter_start, counter_end,
         in_features, counters_per_row(in_features), stride_out_row, stride_out_strip,
         **tiles, **_factor_constexprs(lora_A, lora_B, out.dtype),
@@ -279,7 +285,7 @@ def normal_rows(seed: Tensor, in_features: int, row_start: int, row_end: int, dt
     out = torch.empty((row_end - row_start, in_features), dtype=dtype, device=seed.device)
     tiles = _tiles("normal_rows")
     grid = (triton.cdiv(row_end - row_start, tiles["BLOCK_ROWS"]), triton.cdiv(kq, tiles["BLOCK_COUNTERS"]))
-    wrap_triton(normal_rows_kernel)[grid](seed, out, row_start, row_end - row_start, in_features, kq, in_features, **tiles)
+    _traceable(normal_rows_kernel)[grid](seed, out, row_start, row_end - row_start, in_features, kq, in_features, **tiles)
     return out
 
 
@@ -375,7 +381,7 @@ def _forward_in_register(x, weight, lora_A, lora_B, bias, scaling, row_scales, s
         "fused_forward", n_tokens, (out_features, "BLOCK_OUT"), (kq, "BLOCK_COUNTERS"), out_features, x.dtype, x.device
     )
     splits = grid[2]
-    wrap_triton(fused_forward_kernel)[grid](
+    _traceable(fused_forward_kernel)[grid](
         *_layer_args(weight, lora_A, lora_B, scaling), x, row_scales, seed, row_scales if bias is None else bias, out,
         n_tokens, out_features, in_features, kq, counters_per_split, *x.stride(), *out_strides,
         HAS_BIAS=bias is not None and splits == 1, **tiles, **_fused_constexprs(lora_A, lora_B, x.dtype),
@@ -395,7 +401,7 @@ def _input_grad_in_register(dy, weight, lora_A, lora_B, row_scales, scaling, see
     tiles, grid, rows_per_split, out, out_strides = _fused_launch(
         "fused_input_grad", n_tokens, (kq, "BLOCK_COUNTERS"), (out_features, "BLOCK_OUT"), in_features, dy.dtype, dy.device
     )
-    wrap_triton(fused_input_grad_kernel)[grid](
+    _traceable(fused_input_grad_kernel)[grid](
         *_layer_args(weight, lora_A, lora_B, scaling), dy, row_scales, seed, out,
         n_tokens, out_features, in_features, kq, rows_per_split, *dy.stride(), *out_strides,
         **tiles, **_fused_constexprs(lora_A, lora_B, dy.dtype),
