@@ -148,7 +148,7 @@ def recorded_launches(compute_dtype, weight_dtype, factor_dtype, rank=RANK, shap
     N, K = shape
     calls = []
 
-    class Recorder:  # stands in for torch.library.wrap_triton: kernel[grid](*args, **kwargs) is recorded
+    class Recorder:  # stands in for triton_backend._traceable (wrap_triton): kernel[grid](*args, **kwargs) is recorded
         def __init__(self, kernel):
             self.kernel = kernel
 
@@ -159,7 +159,7 @@ def recorded_launches(compute_dtype, weight_dtype, factor_dtype, rank=RANK, shap
     weight, lora_A, lora_B = zeros(N, K, dtype=weight_dtype), zeros(rank, K, dtype=factor_dtype), zeros(N, rank, dtype=factor_dtype)
     seed, sigma, scales, bias = zeros((), dtype=torch.int64), zeros(()), zeros(N), zeros(N, dtype=compute_dtype)
     labels = []
-    with patched(tb, "wrap_triton", Recorder):
+    with patched(tb, "_traceable", Recorder):
         tb.row_scale(weight, lora_A, lora_B, SCALING, sigma, compute_dtype)
         labels.append("row_scale")
         tb.perturbed_weight_rows(weight, lora_A, lora_B, scales, SCALING, seed, 0, N, compute_dtype)

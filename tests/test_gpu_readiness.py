@@ -10,6 +10,7 @@ import inspect
 import os
 import pathlib
 
+import numpy
 import pytest
 import torch
 
@@ -23,6 +24,7 @@ if not (INTERPRETING or HAS_CUDA):
     pytest.skip("needs a CUDA device or TRITON_INTERPRET=1 (set before triton is imported)", allow_module_level=True)
 
 from flatlora_kernels.backends import triton_backend, triton_tuning  # noqa: E402
+from flatlora_kernels.kernels.noise_tile import MAX_ULPS_FROM_DEFINITION  # noqa: E402
 
 DEVICE = "cpu" if INTERPRETING else "cuda"
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -45,7 +47,26 @@ def test_normals_of_rows_past_2_pow_32_match_reference():
     seed = torch.tensor(77, dtype=torch.int64, device=DEVICE)
     got = triton_backend.normal_rows(seed, K, row_start, row_start + 3)
     expected = noise.normal_rows(77, K, row_start, row_start + 3)
-    torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=2e-6)
+    assert_normals_within_ulp_bound(got, expected)
+
+
+def assert_normals_within_ulp_bound(got, expected):
+    """Normals of the z tile vs ``noise.py``'s, in ulps of the definition's fp32 values (an absolute
+    tolerance would be loose near 0 and tight near 5); the bound: ``noise_tile.MAX_ULPS_FROM_DEFINITION``."""
+    assert got.dtype == expected.dtype == torch.float32 and got.shape == expected.shape
+    numpy.testing.assert_array_max_ulp(got.cpu().numpy(), expected.cpu().numpy(), maxulp=MAX_ULPS_FROM_DEFINITION)
+
+
+def test_ulp_bound_rejects_a_normal_off_by_more():
+    """The check above fails for one normal moved past the bound (and passes at the bound)."""
+    expected = noise.normal_rows(5, 40, 0, 3)
+    moved = expected.clone()
+    for _ in range(MAX_ULPS_FROM_DEFINITION):
+        moved[1, 7] = torch.nextafter(moved[1, 7], torch.tensor(10.0))
+    assert_normals_within_ulp_bound(moved, expected)
+    moved[1, 7] = torch.nextafter(moved[1, 7], torch.tensor(10.0))
+    with pytest.raises(AssertionError):
+        assert_normals_within_ulp_bound(moved, expected)
 
 
 @pytest.mark.parametrize("strategy", ["streamed", "in_register"])

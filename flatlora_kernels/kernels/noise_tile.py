@@ -11,6 +11,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+#: Largest distance of a normal of this tile from ``flatlora_kernels.noise`` (its float64 Box-Muller
+#: rounded once to fp32), in units in the last place of the definition's fp32 value. The documented
+#: CUDA errors add up to 4 ulps (logf 1 ulp, halved by the square root; sqrt_rn 0.5; sinf/cosf 2; the
+#: product 0.5; the reference's own rounding 0.5); the bound doubles that, so a check against it
+#: cannot fail by chance. The interpreter (numpy's fp32 log/cos/sin) measured at most 4 ulps on 2**20
+#: normals (AMD EPYC). The Philox integers themselves are bit-exact.
+MAX_ULPS_FROM_DEFINITION = 8
+
 
 @triton.jit
 def philox_offsets(rows, counters, counters_per_row):
@@ -27,7 +35,9 @@ def _uniform(bits):
 
 @triton.jit
 def _box_muller(u1, u2):
-    radius = tl.sqrt(-2.0 * tl.log(tl.maximum(u1, 1.0e-7)))
+    # sqrt_rn, not tl.sqrt: on NVIDIA GPUs tl.sqrt lowers to an approximate square root
+    # (sqrt.approx.ftz.f32), which the interpreter (numpy's exact sqrt) cannot show.
+    radius = tl.sqrt_rn(-2.0 * tl.log(tl.maximum(u1, 1.0e-7)))
     theta = 6.283185307179586 * u2
     return radius * tl.cos(theta), radius * tl.sin(theta)
 
