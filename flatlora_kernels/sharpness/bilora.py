@@ -1,0 +1,192 @@
+"""Bi-LoRA (arXiv 2508.19564, ICLR 2026): SAM's adversarial weight perturbation carried by an
+auxiliary low-rank module that is trained by gradient *ascent* in the same backward as the LoRA
+adapter, so a step costs one forward/backward (LoRA's), not SAM's two.
+
+Per adapted layer the training forward uses
+
+    W = W0 + s * B1 @ A1 + s * B2 @ A2
+
+where ``(B1, A1)`` is the LoRA adapter (trained by the base optimizer, gradient descent) and
+``(B2, A2)`` the auxiliary module (held here, not in the model). One optimizer step, after the
+user's ``backward`` at that W:
+
+1. the base optimizer steps on ``(B1, A1)`` (descent);
+2. the auxiliary optimizer (AdamW with ``maximize=True``, no weight decay) steps on ``(B2, A2)``
+   (ascent), at ``ascent_lr_scale`` times the base optimizer's current learning rate (the paper
+   uses the same rate, and a scheduler on the wrapper then moves both);
+3. global clip: with ``c = sqrt(sum_layers ||s * B2 @ A2||_F^2)``, if ``c > rho`` every ``B2`` and
+   ``A2`` is multiplied by ``sqrt(rho / c)``, so the whole perturbation has norm <= rho.
+
+``||B2 @ A2||_F^2`` is computed from the two r x r Gram matrices, never an ``out x in`` matrix.
+The auxiliary module is added by a forward hook in training mode only: ``model.eval()`` (and every
+saved adapter) is the plain LoRA model ``W0 + s * B1 @ A1``; the paper discards the module after
+training. Initialisation (our choice; the paper's text does not fix it): like a LoRA adapter,
+``A2`` Kaiming-uniform from ``seed``, ``B2 = 0``, so the first step trains at the unperturbed point.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._validation import check_integer, check_real
+from .optimizer_wrapper import LoraSharpnessOptimizer
+
+__all__ = ["BiLoRA"]
+
+
+class BiLoRA(LoraSharpnessOptimizer):
+    """Wraps an optimizer; use it like the optimizer itself (one pass per step)::
+
+        opt = BiLoRA(model, torch.optim.AdamW(trainable_params, lr=1e-4), rho=0.05)
+        for x, y in loader:
+            loss_fn(model(x), y).backward()   # model.train(): the forward includes s * B2 @ A2
+            opt.step()                          # descent on the adapter, ascent on the module, clip
+            opt.zero_grad()
+        model.eval(); evaluate(model)           # eval forwards never include the module
+
+    Args:
+        model: the module holding the LoRA layers (``FlatLoraLinear``, anything with ``lora_A``
+            ``[r, in]``, ``lora_B`` ``[out, r]`` and ``scaling``, or PEFT LoRA linear layers with one
+            active adapter); their factors must be in ``base_optimizer``.
+        base_optimizer: the optimizer of the LoRA adapter (and anything else it holds).
+        rho: the radius of the global clip (Frobenius norm of the whole perturbation), >= 0.
+        rank: the auxiliary module's rank (default: each layer's LoRA rank).
+        ascent_lr_scale: the auxiliary learning rate as a multiple of the base optimizer's first
+            group's current learning rate (default 1, the paper's setting).
+        seed: seed of the auxiliary ``A2`` initialisation.
+        rho_schedule, total_steps: as ``FMLoRA`` (a schedule of the radius).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        base_optimizer: torch.optim.Optimizer,
+        rho: float = 0.05,
+        *,
+        rank: int | None = None,
+        ascent_lr_scale: float = 1.0,
+        seed: int = 0,
+        rho_schedule: str | Callable[[int], float] = "constant",
+        total_steps: int | None = None,
+    ) -> None:
+        rank = check_integer("rank", rank, minimum=1, optional=True)
+        self.ascent_lr_scale = check_real("ascent_lr_scale", ascent_lr_scale, low=0)
+        seed = check_integer("seed", seed, minimum=0)
+        super().__init__(model, base_optimizer, rho, rho_schedule=rho_schedule, total_steps=total_steps)
+        generator = torch.Generator().manual_seed(seed)
+        self.aux_A: list[nn.Parameter] = []
+        self.aux_B: list[nn.Parameter] = []
+        for layer in self.layers:
+            A, B = layer.lora_A, layer.lora_B
+            r = rank or A.shape[0]
+            dtype = torch.promote_types(A.dtype, torch.float32)
+            aux_A = torch.empty(r, A.shape[1], dtype=dtype)
+            bound = 1.0 / math.sqrt(A.shape[1])  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT's lora_A
+            aux_A.uniform_(-bound, bound, generator=generator)
+            self.aux_A.append(nn.Parameter(aux_A.to(A.device)))
+            self.aux_B.append(nn.Parameter(torch.zeros(B.shape[0], r, dtype=dtype, device=B.device)))
+        group = base_optimizer.param_groups[0]
+        self.ascent_optimizer = torch.optim.AdamW(
+            [p for pair in zip(self.aux_A, self.aux_B) for p in pair],
+            lr=self._ascent_lr(),
+            betas=group.get("betas", (0.9, 0.999)),
+            eps=group.get("eps", 1e-8),
+            weight_decay=0.0,
+            maximize=True,
+        )
+        self._hooks = [
+            layer.module.register_forward_hook(self._hook(index), with_kwargs=True) for index, layer in enumerate(self.layers)
+        ]
+
+    # --- the auxiliary branch -------------------------------------------------------------------
+
+    def _hook(self, index: int):
+        def add_perturbation(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+            if not module.training:
+                return output
+            x = args[0] if args else kwargs["x"]
+            A2, B2 = self.aux_A[index], self.aux_B[index]
+            branch = F.linear(F.linear(x, A2.to(x.dtype)), B2.to(x.dtype)) * self.layers[index].scaling
+            return output + branch.to(output.dtype)
+
+        return add_perturbation
+
+    def remove(self) -> None:
+        """Take the auxiliary branch out of the model's forward for good (the hooks are removed)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    @torch.no_grad()
+    def perturbation(self, index: int) -> Tensor:
+        """``s * B2 @ A2`` of layer ``index`` (materialised: for tests and inspection only)."""
+        return self.layers[index].scaling * (self.aux_B[index] @ self.aux_A[index])
+
+    @torch.no_grad()
+    def perturbation_norm(self) -> Tensor:
+        """``sqrt(sum ||s * B2 @ A2||_F^2)`` from r x r Grams: ``||BA||^2 = sum((B^T B) * (A A^T))``."""
+        total = None
+        for layer, A2, B2 in zip(self.layers, self.aux_A, self.aux_B):
+            sq = (layer.scaling**2) * ((B2.T @ B2) * (A2 @ A2.T)).sum()
+            total = sq if total is None else total + sq.to(total.device)
+        return total.clamp_min(0).sqrt()
+
+    # --- the step -------------------------------------------------------------------------------
+
+    def _ascent_lr(self) -> float:
+        return self.ascent_lr_scale * float(self.base_optimizer.param_groups[0]["lr"])
+
+    @torch.no_grad()
+    def _clip(self, rho: float) -> None:
+        norm = self.perturbation_norm()
+        # sqrt(rho / c) on both factors scales the product by rho / c; decided on the device (no sync).
+        factor = torch.where(norm > rho, torch.sqrt(rho / torch.where(norm > 0, norm, 1.0)), 1.0)
+        for A2, B2 in zip(self.aux_A, self.aux_B):
+            A2.mul_(factor.to(A2.device, A2.dtype))
+            B2.mul_(factor.to(B2.device, B2.dtype))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None):
+        """One Bi-LoRA step from the gradients already in ``.grad`` (or those ``closure`` computes)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        step = self.steps_done + 1
+        self.base_optimizer.step()
+        for group in self.ascent_optimizer.param_groups:
+            group["lr"] = self._ascent_lr()
+        self.ascent_optimizer.step()
+        self._clip(self.rho_at(step))
+        self.steps_done = step
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+        self.ascent_optimizer.zero_grad(set_to_none=set_to_none)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def _wrapper_state(self) -> dict:
+        return {
+            "steps_done": self.steps_done,
+            "aux_A": [p.detach().clone() for p in self.aux_A],
+            "aux_B": [p.detach().clone() for p in self.aux_B],
+            "ascent_optimizer": self.ascent_optimizer.state_dict(),
+        }
+
+    def _load_wrapper_state(self, state: dict) -> None:
+        for name in ("aux_A", "aux_B"):
+            saved, mine = state[name], getattr(self, name)
+            if len(saved) != len(mine) or any(s.shape != p.shape for s, p in zip(saved, mine)):
+                raise ValueError(f"the checkpoint's {name} shapes do not match this model's auxiliary module")
+            with torch.no_grad():
+                for s, p in zip(saved, mine):
+                    p.copy_(s)
+        self.ascent_optimizer.load_state_dict(state["ascent_optimizer"])
+        self.steps_done = int(state["steps_done"])
