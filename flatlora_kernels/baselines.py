@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .noise import filter_noise, perturbation_row_scale
+from .noise import filter_noise, merge_dtype, merged_weight, perturbation_row_scale
 
 __all__ = [
     "make_layer",
@@ -71,13 +71,8 @@ def dense_perturbed_weight(
     """``W + s*B@A + eps`` in fp32 (fp64 when any of W, A, B is fp64), differentiable in A and B (eps,
     fp32 by definition, is a constant)."""
     eps = filter_noise(weight, lora_A, lora_B, scaling=scaling, sigma=sigma, seed=seed)
-    dtype = merge_dtype(weight, lora_A, lora_B)
-    return weight.to(dtype) + scaling * (lora_B.to(dtype) @ lora_A.to(dtype)) + eps.to(dtype)
-
-
-def merge_dtype(*tensors: Tensor) -> torch.dtype:
-    """The dtype ``W + s*B@A`` is formed in: fp64 if any input is fp64, else fp32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    merged = merged_weight(weight, lora_A, lora_B, scaling)
+    return merged + eps.to(merged.dtype)
 
 
 def naive_flat_lora_linear(

@@ -9,8 +9,9 @@ Definition
 For a frozen weight ``W: [N, K]`` (N = out_features, K = in_features), LoRA factors
 ``A: [r, K]``, ``B: [N, r]`` and scaling ``s``::
 
-    W'        = W + s * B @ A                           (in fp32)
-    row_scale = sigma * ||W'[i, :]||_2 / sqrt(K)        (fp32, one per output row i)
+    W'        = W + s * B @ A                           (in fp32; in fp64 when W, A or B is fp64)
+    row_scale = sigma * fp32(||W'[i, :]||_2) / sqrt(K)  (the norm in W''s precision, rounded once to
+                                                         fp32; the product and quotient in fp32)
     eps[i, j] = row_scale[i] * z(seed, i, j)
 
 ``eps`` is a constant of the step: no gradient flows through it (nor through ``row_scale``), as in
@@ -66,7 +67,9 @@ __all__ = [
     "counters_per_row",
     "philox4x32_10",
     "normal_rows",
-    "normal_block",
+    "normal_submatrix",
+    "merge_dtype",
+    "merged_weight",
     "perturbation_row_scale",
     "filter_noise",
 ]
@@ -164,7 +167,7 @@ def normal_rows(
     return torch.cat(lanes, dim=1)[:, :in_features]
 
 
-def normal_block(
+def normal_submatrix(
     seed: int | Tensor,
     in_features: int,
     rows: tuple[int, int],
@@ -184,14 +187,28 @@ def normal_block(
     return lanes.gather(0, lane.expand(len(i), len(j))[None]).squeeze(0)
 
 
+def merge_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype ``W + s*B@A`` is formed in: fp64 if any input is fp64, else fp32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def merged_weight(
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype | None = None
+) -> Tensor:
+    """``W + s*B@A`` (``[N, K]``, no noise) in ``dtype`` (default ``merge_dtype(W, A, B)``): the one place
+    outside the kernels where the merged weight is written out (noise row norms, merging, shards)."""
+    dtype = dtype or merge_dtype(weight, lora_A, lora_B)
+    return weight.to(dtype) + scaling * (lora_B.to(dtype) @ lora_A.to(dtype))
+
+
 def perturbation_row_scale(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling: float, sigma: float | Tensor
 ) -> Tensor:
     """``sigma * ||W + s*B@A||_row / sqrt(K)`` in fp32, shape ``[N]`` (forms ``B@A`` whole: reference only)."""
     with torch.no_grad():
-        merged = weight.float() + scaling * (lora_B.float() @ lora_A.float())
+        norms = torch.linalg.vector_norm(merged_weight(weight, lora_A, lora_B, scaling), dim=1).float()
         sigma_t = torch.as_tensor(sigma, dtype=torch.float32, device=weight.device)
-        return sigma_t * torch.linalg.vector_norm(merged, dim=1) / math.sqrt(weight.shape[1])
+        return sigma_t * norms / math.sqrt(weight.shape[1])
 
 
 def filter_noise(

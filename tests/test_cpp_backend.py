@@ -85,6 +85,20 @@ def test_fp64_input():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_fp64_row_scales_are_one_definition():
+    """fp64 layers: the row norm is taken of the fp64 merged weight and rounded once to fp32, by the
+    reference and the C++ backend alike, so their row scales (hence eps) are equal, not ~1e-7 apart."""
+    from flatlora_kernels.backends import get_backend
+
+    for seed in range(3):
+        x, weight, lora_A, lora_B, bias = _layer_and_input(M=5, N=37, K=53, r=4, dtype=torch.float64, seed=seed)
+        sigma, noise_seed = torch.tensor(0.3), torch.tensor(7)
+        _, cpp_scale = get_backend("cpp").forward(x, weight, lora_A, lora_B, bias, 2.0, sigma, noise_seed)
+        _, ref_scale = get_backend("reference").forward(x, weight, lora_A, lora_B, bias, 2.0, sigma, noise_seed)
+        assert torch.equal(cpp_scale, ref_scale)
+        assert torch.equal(ref_scale, noise.perturbation_row_scale(weight, lora_A, lora_B, scaling=2.0, sigma=sigma))
+
+
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_fp64_gradcheck_at_sigma_zero(backend):
     x, weight, lora_A, lora_B, bias = _layer_and_input(M=4, N=5, K=6, r=2, dtype=torch.float64)

@@ -115,9 +115,9 @@ def test_row_norms_are_fp32_for_low_precision_weights(dtype):
 
 
 @pytest.mark.parametrize("K", [5, 13, 100])
-def test_normal_block_is_a_slice_of_the_rows(K):
-    from flatlora_kernels.noise import normal_block
+def test_normal_submatrix_is_a_slice_of_the_rows(K):
+    from flatlora_kernels.noise import normal_submatrix
 
     whole = normal_rows(11, K, 0, 9)
     for cols in [(0, K), (1, K - 1), (K // 4, K // 2 + 1)]:
-        assert torch.equal(normal_block(11, K, (2, 7), cols), whole[2:7, cols[0] : cols[1]])
+        assert torch.equal(normal_submatrix(11, K, (2, 7), cols), whole[2:7, cols[0] : cols[1]])

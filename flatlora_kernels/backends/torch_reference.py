@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..noise import normal_rows, perturbation_row_scale
-from ..baselines import merge_dtype
+from ..noise import merge_dtype, merged_weight, normal_rows, perturbation_row_scale
 
 
 def perturbed_weight_from_scales(
@@ -21,17 +20,13 @@ def perturbed_weight_from_scales(
     out_features, in_features = weight.shape
     z = normal_rows(seed, in_features, 0, out_features, device=weight.device)
     eps = scale[:, None] * z
-    return weight.to(dtype) + scaling * (lora_B.to(dtype) @ lora_A.to(dtype)) + eps.to(dtype)
-
-
-def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
-    return merge_dtype(x, weight)
+    return merged_weight(weight, lora_A, lora_B, scaling, dtype) + eps.to(dtype)
 
 
 def forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
     with torch.no_grad():
         scale = perturbation_row_scale(weight, lora_A, lora_B, scaling=scaling, sigma=sigma)
-        dtype = _compute_dtype(x, weight)
+        dtype = merge_dtype(x, weight)
         w_eff = perturbed_weight_from_scales(weight, lora_A, lora_B, scaling, scale, seed, dtype)
         y = x.to(dtype) @ w_eff.t()
         if bias is not None:
@@ -41,7 +36,7 @@ def forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
 
 def backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx):
     with torch.no_grad():
-        dtype = _compute_dtype(x, weight)
+        dtype = merge_dtype(x, weight)
         dy_c, x_c = dy.to(dtype), x.to(dtype)
         if compute_dx:
             w_eff = perturbed_weight_from_scales(weight, lora_A, lora_B, scaling, row_scale, seed, dtype)

@@ -46,7 +46,7 @@ from ..kernels import (
     philox_words_kernel,
     row_scale_kernel,
 )
-from ..noise import counters_per_row
+from ..noise import counters_per_row, merge_dtype, perturbation_row_scale
 from . import triton_tuning
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -228,6 +228,8 @@ def _chunk_length(total: int, bytes_per_unit: int, output_bytes: int) -> int:
 
 def row_scale(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, sigma: Tensor, compute_dtype) -> Tensor:
     """fp32 ``[N]``: ``sigma * ||W + s*B@A||_row / sqrt(K)``."""
+    if merge_dtype(weight, lora_A, lora_B) == torch.float64:  # the definition's fp64 norm; the kernel sums in fp32
+        return perturbation_row_scale(weight, lora_A, lora_B, scaling=scaling, sigma=sigma)
     out_features, in_features = weight.shape
     scale = torch.empty(out_features, dtype=torch.float32, device=weight.device)
     tiles = _tiles("row_scale")

@@ -49,7 +49,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from ..modules import FlatLoraLinear, dropout_correction
-from ..noise import normal_block
+from ..noise import normal_submatrix
 
 __all__ = [
     "FlatLoraColwiseParallel",
