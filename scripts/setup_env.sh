@@ -6,32 +6,52 @@
 # * A machine whose python3 already has torch and triton (e.g. a GPU image without network):
 #   a venv that reuses them (--system-site-packages) and downloads nothing.
 # Safe to run again: it only installs what is missing.
+#
+# Another stack in another venv: VENV=.venv-torch2.11 REQUIREMENTS=requirements-torch2.11.txt PYTHON=python3.12
+# (scripts/test_torch211.sh does this): REQUIREMENTS' pins replace the same packages' lines of
+# requirements-cpu.txt. The C++ extension is built per venv (its file name carries the Python version).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+REQUIREMENTS=${REQUIREMENTS:-requirements-cpu.txt}
 
-if [ ! -x .venv/bin/python ]; then
-  if "$PYTHON" -c "import torch, triton" >/dev/null 2>&1; then
+if [ ! -x "$VENV/bin/python" ]; then
+  if [ "$REQUIREMENTS" = requirements-cpu.txt ] && "$PYTHON" -c "import torch, triton" >/dev/null 2>&1; then
     echo "[setup] using the torch/triton already installed for $PYTHON"
-    "$PYTHON" -m venv --system-site-packages .venv
-    touch .venv/.system-stack
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+    touch "$VENV/.system-stack"
   else
-    "$PYTHON" -m venv .venv
+    "$PYTHON" -m venv "$VENV"
   fi
 fi
 
-if [ ! -e .venv/.system-stack ] && ! cmp -s requirements-cpu.txt .venv/.requirements-installed; then
-  echo "[setup] installing requirements-cpu.txt into .venv"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-cpu.txt
-  cp requirements-cpu.txt .venv/.requirements-installed
+# requirements-cpu.txt, with the lines of the packages that $REQUIREMENTS pins replaced by its pins.
+wanted="$VENV/.requirements-wanted"
+"$VENV/bin/python" - "$REQUIREMENTS" > "$wanted" <<'PY'
+import re, sys
+def lines(path):
+    return [l.strip() for l in open(path) if l.strip() and not l.lstrip().startswith("#")]
+name = lambda line: re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0].lower().replace("_", "-")
+override = lines(sys.argv[1]) if sys.argv[1] != "requirements-cpu.txt" else []
+pinned = {name(l) for l in override}
+print("\n".join([l for l in lines("requirements-cpu.txt") if name(l) not in pinned] + override))
+PY
+
+if [ ! -e "$VENV/.system-stack" ] && ! cmp -s "$wanted" "$VENV/.requirements-installed"; then
+  echo "[setup] installing $REQUIREMENTS into $VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$wanted"
+  cp "$wanted" "$VENV/.requirements-installed"
 fi
 
-# Rebuild only when the extension is missing or a build input is newer than it (a build takes ~1 min).
-built=$(ls flatlora_kernels/_C*.so 2>/dev/null | head -n 1 || true)
-if [ -n "$built" ] && [ -z "$(find csrc setup.py pyproject.toml -newer "$built" 2>/dev/null | head -n 1)" ] \
-   && (cd / && "$OLDPWD/.venv/bin/python" -c "import flatlora_kernels._C") >/dev/null 2>&1; then  # installed, not just in cwd
+# Rebuild only when this venv's extension is missing or a build input is newer than it (a build takes ~1 min).
+suffix=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+built=flatlora_kernels/_C$suffix
+venv_python=$(cd "$VENV" && pwd)/bin/python
+if [ -e "$built" ] && [ -z "$(find csrc setup.py pyproject.toml -newer "$built" 2>/dev/null | head -n 1)" ] \
+   && (cd / && "$venv_python" -c "import flatlora_kernels._C") >/dev/null 2>&1; then  # installed, not just in cwd
   echo "[setup] flatlora_kernels C++ extension is up to date"
 else
-  echo "[setup] building flatlora_kernels (C++ extension) into .venv"
-  .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+  echo "[setup] building flatlora_kernels (C++ extension) into $VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 fi
