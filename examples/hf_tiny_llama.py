@@ -22,7 +22,7 @@ import tempfile
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from flatlora_kernels.model_helpers import apply_flat_lora, flat_lora_layers, load_adapter, save_adapter
+from flatlora_kernels import apply_flat_lora, flat_lora_layers, load_adapter, save_adapter
 from flatlora_kernels.schedule import FlatLoraSchedule
 
 VOCAB = 97

@@ -4,82 +4,31 @@ In training mode the layer computes ``y = x (W + s*B@A + eps)^T + bias`` with th
 (``flatlora_kernels.functional.flat_lora_linear``); eps is regenerated from a seed, never stored,
 and the base weight is never written to. In eval mode it is plain LoRA (no noise).
 
-Noise state
------------
-Two non-persistent buffers hold what changes between optimizer steps, so that updating them never
-recompiles under ``torch.compile`` and never syncs the device:
-
-* ``noise_seed`` (0-dim int64): the draw of the current optimizer step;
-* ``noise_factor`` (0-dim fp32): the schedule's factor; the effective noise level is
-  ``sigma * noise_factor``.
-
-A ``FlatLoraSchedule`` writes both once per optimizer step. **Default (no schedule): factor 0 and
-seed 0, i.e. plain LoRA.** That is exactly the state the cosine schedule prescribes before the first
-optimizer step, and it never silently trains against one frozen perturbation (which a fixed seed
-with factor 1 would do). A training forward of an undriven layer with ``sigma > 0`` warns once.
-Call ``set_noise(seed, factor)`` to drive a layer by hand.
-
-Data-parallel ranks draw different noise through ``noise_rank_key``, a plain int (not a buffer)
-mixed into the seed in forward: DistributedDataParallel broadcasts buffers from rank 0 before every
-forward, which would otherwise give every rank rank 0's noise.
-
-LoRA dropout
-------------
-PEFT applies dropout to the LoRA branch input only: ``y = W x + s*B A dropout(x)``. The fused op
-folds the branch into the weight, so it sees the same ``x`` for both terms. With ``lora_dropout > 0``
-the layer runs the fused op on ``x`` and adds the correction ``s*B A (dropout(x) - x)``: the result
-(and every gradient) is exactly PEFT's, the noise is unchanged (its row norms still come from
-``W + s*B@A``), and the price is one LoRA branch, which is what PEFT pays for its branch anyway.
-With the default ``lora_dropout=0`` no branch is computed.
+Noise state, dropout and the training forward: ``flatlora_kernels.step_noise`` (shared with patched
+PEFT layers). Without a schedule the noise factor is 0 (plain LoRA) and a training forward warns once.
 
 Merging
 -------
 ``merge()`` replaces the base weight's data by the noise-free ``W + s*B@A`` (rounded once to W's
 dtype) and keeps the original tensor aside; ``unmerge()`` puts that tensor back. Nothing is
 subtracted, so unmerge is bit-exact in bf16, at the cost of a second weight copy while merged
-(``flatlora_kernels.model_helpers.merge_and_unload`` keeps no copy).
+(``flatlora_kernels.model_conversion.merge_and_unload`` keeps no copy).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import sys
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._validation import check_integer, check_real
-from .functional import flat_lora_linear
+from .layer_support import UnsupportedLayerError, check_base_layer
+from . import noise
 from .step_noise import StepNoise
 
 __all__ = ["FlatLoraLinear"]
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
-
-
-def _is_library_file(filename: str) -> bool:
-    path = os.path.abspath(filename)
-    return path.startswith((_PACKAGE_DIR, _TORCH_DIR)) or any(
-        part in path for part in ("site-packages", "dist-packages", "<frozen")
-    )
-
-
-def user_stacklevel() -> int:
-    """The ``warnings.warn`` stacklevel of the first caller outside installed libraries and this package
-    (the user's ``model(x)`` line rather than torch's or transformers' module plumbing)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and _is_library_file(frame.f_code.co_filename):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _is_conv1d(module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2 family): ``y = x @ W + b`` with ``W: [in, out]``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 def _check_config(r, lora_alpha, sigma, lora_dropout) -> None:
@@ -87,13 +36,6 @@ def _check_config(r, lora_alpha, sigma, lora_dropout) -> None:
     check_real("lora_alpha", lora_alpha, low=0, low_open=True)
     check_real("sigma", sigma, low=0)
     check_real("lora_dropout", lora_dropout, low=0, high=1, high_open=True)
-
-
-def dropout_correction(x: Tensor, dropout: nn.Module, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
-    """``s*B@A@(dropout(x) - x)``: added to the fused output (which holds ``s*B@A@x``) it gives PEFT's
-    branch ``s*B@A@dropout(x)`` exactly, with the same noise (see the module docstring)."""
-    xa = x.to(lora_A.dtype)
-    return F.linear(F.linear(dropout(xa) - xa, lora_A), lora_B) * scaling
 
 
 class FlatLoraLinear(StepNoise):
@@ -157,10 +99,14 @@ class FlatLoraLinear(StepNoise):
         use_rslora: bool = False,
         lora_dtype=None,
     ) -> "FlatLoraLinear":
-        """Wrap an ``nn.Linear`` (or transformers' ``Conv1D``): weight and bias are shared (not copied), frozen."""
-        conv1d = _is_conv1d(linear)
-        if not (isinstance(linear, nn.Linear) or conv1d):
-            raise TypeError(f"from_linear expects an nn.Linear or transformers Conv1D, got {type(linear).__name__}")
+        """Wrap an ``nn.Linear`` (or transformers' ``Conv1D``): weight and bias are shared (not copied), frozen.
+        Any other layer raises ``UnsupportedLayerError`` (``flatlora_kernels.layer_support``)."""
+        kind = check_base_layer("FlatLoraLinear.from_linear", type(linear).__name__, linear)
+        if kind.flat_layer is not None:
+            raise UnsupportedLayerError(
+                f"FlatLoraLinear.from_linear: a {kind.name} base is run by {kind.flat_layer.__qualname__}, not FlatLoraLinear"
+            )
+        conv1d = kind.fan_in_fan_out
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         in_features, out_features = linear.weight.shape if conv1d else (linear.in_features, linear.out_features)
@@ -203,8 +149,6 @@ class FlatLoraLinear(StepNoise):
         self._init_step_noise(device)
         # The original base weight while merged (a buffer so that .to() moves it along).
         self.register_buffer("_unmerged_weight", None, persistent=False)
-        # Shared by all layers of one apply_flat_lora call, so the no-schedule warning fires once per model.
-        self._warn_group = {"warned": False}
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -212,9 +156,7 @@ class FlatLoraLinear(StepNoise):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    # --- noise state --------------------------------------------------------------------------
-
-    # set_noise, effective_seed, effective_sigma: see step_noise.StepNoise.
+    # --- noise state: set_noise, effective_seed, effective_sigma (step_noise.StepNoise) ---------
 
     @property
     def linear_weight(self) -> Tensor:
@@ -236,17 +178,6 @@ class FlatLoraLinear(StepNoise):
         branch_input = x if self.lora_dropout is None else self.lora_dropout(x)
         return y + self._lora_branch(branch_input).to(y.dtype)
 
-    def _warn_if_undriven(self) -> None:
-        if self._noise_driven or self._warn_group["warned"] or self.sigma == 0 or torch.compiler.is_compiling():
-            return
-        self._warn_group["warned"] = True
-        warnings.warn(
-            "FlatLoraLinear is training with no noise: no FlatLoraSchedule (or set_noise call) drives it, "
-            "so its noise factor is 0 and it trains as plain LoRA. Create "
-            "flatlora_kernels.FlatLoraSchedule(model, total_steps) and call .step() after each optimizer step.",
-            stacklevel=user_stacklevel(),
-        )
-
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             if self.training:
@@ -254,27 +185,9 @@ class FlatLoraLinear(StepNoise):
             return F.linear(x, self.linear_weight, self.bias)
         if not self.training:
             return self._plain_lora(x)  # evaluation: no noise
-        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            # What nn.Linear does (and this layer does in eval), rather than training in a silent cast.
-            raise RuntimeError(
-                f"FlatLoraLinear: input dtype {x.dtype} differs from the layer's weight dtype {self.weight.dtype} "
-                "(cast the input, the model, or run under torch.autocast)"
-            )
-        self._warn_if_undriven()
-        y = flat_lora_linear(
-            x,
-            self.linear_weight,
-            self.lora_A,
-            self.lora_B,
-            self.bias,
-            scaling=self.scaling,
-            sigma=self.effective_sigma(),
-            seed=self.effective_seed(),
-            backend=self.backend,
+        return self.noisy_linear(
+            x, self.linear_weight, self.lora_A, self.lora_B, self.bias, self.scaling, self.lora_dropout, self
         )
-        if self.lora_dropout is not None:
-            y = y + dropout_correction(x, self.lora_dropout, self.lora_A, self.lora_B, self.scaling).to(y.dtype)
-        return y
 
     # --- merging ------------------------------------------------------------------------------
 
@@ -288,11 +201,14 @@ class FlatLoraLinear(StepNoise):
         if self.merged:
             return
         original = self.weight.data
-        delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())
-        if self.fan_in_fan_out:
-            delta = delta.t()
         self._unmerged_weight = original
-        self.weight.data = (original.float() + delta).to(original.dtype)
+        self.weight.data = self.merged_weight().to(original.dtype)
+
+    @torch.no_grad()
+    def merged_weight(self) -> Tensor:
+        """The noise-free ``W + s*B@A`` in the weight's storage layout (fp32; fp64 for fp64 layers)."""
+        merged = noise.merged_weight(self.linear_weight, self.lora_A, self.lora_B, self.scaling)
+        return merged.t() if self.fan_in_fan_out else merged
 
     @torch.no_grad()
     def unmerge(self) -> None:

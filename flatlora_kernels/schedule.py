@@ -47,8 +47,7 @@ from torch import distributed as dist
 from torch import nn
 
 from ._validation import check_integer
-from .modules import FlatLoraLinear
-from .peft_native import PeftNoiseState
+from .step_noise import StepNoise
 
 __all__ = ["FlatLoraSchedule", "cosine_factor", "derive_seed", "step_seed", "rank_key"]
 
@@ -98,13 +97,14 @@ def derive_seed(seed: int, step: int, layer_index: int, rank: int = 0) -> int:
 
 
 class FlatLoraSchedule:
-    """Drives the noise of every ``FlatLoraLinear`` in ``model``: call ``.step()`` once per optimizer step.
+    """Drives the noise of every Flat-LoRA layer in ``model``: call ``.step()`` once per optimizer step.
 
     Args:
         model: the model (or a DDP/FSDP wrapper of it) holding the Flat-LoRA layers; their order in
             ``model.modules()`` gives the layer indices.
         total_steps: T, the number of optimizer steps of the run. ``None`` leaves it to be filled in
-            later (``FlatLoraCallback`` takes ``TrainerState.max_steps``); the factor is 0 until then.
+            later (``FlatLoraCallback`` takes ``TrainerState.max_steps``); the factor is 0 until then,
+            a training forward warns, and ``step()`` raises while it is still None.
         seed: base seed of the noise stream (use the same on every rank).
         rank: data-parallel rank; ``None`` reads ``torch.distributed.get_rank()`` (0 without a group),
             which is right for pure data parallelism only: under tensor parallelism pass the
@@ -121,8 +121,7 @@ class FlatLoraSchedule:
         rank: int | None = None,
         per_rank_seeds: bool = True,
     ) -> None:
-        # FlatLoraLinear layers and PEFT layers patched by enable_flat_lora share the set_noise protocol.
-        self.layers = [module for module in model.modules() if isinstance(module, (FlatLoraLinear, PeftNoiseState))]
+        self.layers = [module for module in model.modules() if isinstance(module, StepNoise)]
         if not self.layers:
             raise ValueError(
                 "FlatLoraSchedule: the model has no Flat-LoRA layers "
@@ -160,11 +159,18 @@ class FlatLoraSchedule:
     def _apply(self) -> None:
         factor = self.factor
         key = rank_key(self.seed, self.data_parallel_rank()) if self.per_rank_seeds else 0
+        known = self.total_steps is not None
         for index, layer in enumerate(self.layers):
-            layer.set_noise(step_seed(self.seed, self.step_count, index), factor, rank_key=key)
+            layer.set_noise(step_seed(self.seed, self.step_count, index), factor, rank_key=key, total_steps_known=known)
 
     def step(self) -> None:
         """Advance to the next optimizer step: new factor, fresh draw for every layer."""
+        if self.total_steps is None:
+            raise RuntimeError(
+                "FlatLoraSchedule.step(): total_steps is None, so the noise factor would stay 0 (training as "
+                "plain LoRA). Pass FlatLoraSchedule(model, total_steps=<optimizer steps>), set schedule.total_steps, "
+                "or let FlatLoraCallback fill it in from the Trainer"
+            )
         self.step_count += 1
         self._apply()
 

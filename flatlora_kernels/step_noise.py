@@ -1,37 +1,102 @@
-"""The per-step noise state shared by ``FlatLoraLinear`` and patched PEFT layers.
+"""The per-step noise state and the one training forward, shared by ``FlatLoraLinear`` and patched PEFT layers.
 
 A layer holds ``noise_seed`` (0-dim int64) and ``noise_factor`` (0-dim fp32) as non-persistent
 buffers, written in place by the schedule (so compiled graphs keep their inputs), plus
-``noise_rank_key``, a plain int mixed into the seed so data-parallel ranks can draw different noise.
+``noise_rank_key``, a plain int mixed into the seed so data-parallel ranks can draw different noise:
+DistributedDataParallel broadcasts buffers from rank 0 before every forward, which would otherwise
+give every rank rank 0's noise. ``noise_factor`` stays fp32 when the model is cast (``model.to(bf16)``
+would round sigma by up to 0.4%).
+
+Default (no schedule): factor 0 and seed 0, i.e. plain LoRA, the state the cosine schedule prescribes
+before the first optimizer step; a training forward of such a layer with ``sigma > 0`` warns once
+per model (the layers of one conversion share a ``WarnOnce``).
+
+LoRA dropout: PEFT applies dropout to the LoRA branch input only, ``y = W x + s*B A dropout(x)``. The
+fused op folds the branch into the weight, so it sees the same ``x`` for both terms; with dropout
+the forward adds ``s*B A (dropout(x) - x)`` (``dropout_correction``): the result and every gradient
+are PEFT's, the noise is unchanged, and the price is one LoRA branch, which PEFT pays anyway.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["StepNoise"]
+from .functional import flat_lora_linear
+
+__all__ = ["StepNoise", "WarnOnce", "dropout_correction", "user_stacklevel"]
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _is_library_file(filename: str) -> bool:
+    path = os.path.abspath(filename)
+    return path.startswith((_PACKAGE_DIR, _TORCH_DIR)) or any(
+        part in path for part in ("site-packages", "dist-packages", "<frozen")
+    )
+
+
+def user_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel of the first caller outside installed libraries and this package
+    (the user's ``model(x)`` line rather than torch's or transformers' module plumbing)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and _is_library_file(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def dropout_correction(x: Tensor, dropout, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """``s*B@A@(dropout(x) - x)`` in the adapter's dtype (PEFT's rule): added to the fused output, which
+    holds ``s*B@A@x``, it gives PEFT's branch ``s*B@A@dropout(x)``."""
+    xa = x.to(lora_A.dtype)
+    return F.linear(F.linear(dropout(xa) - xa, lora_A), lora_B) * scaling
+
+
+class WarnOnce:
+    """A flag shared by the layers of one model, so the no-noise warning fires once per model. A plain
+    object: pickling and ``copy.deepcopy`` carry it with the model (a copy warns on its own)."""
+
+    def __init__(self) -> None:
+        self.fired = False
+
+
+_STEP_NOISE_ATTRIBUTES = ("noise_rank_key", "noise_warning", "_noise_driven", "_noise_waits_for_total_steps")
 
 
 class StepNoise(nn.Module):
-    """Mixin: call ``_init_step_noise(device)`` in ``__init__``; needs a ``sigma`` attribute."""
+    """Mixin: call ``_init_step_noise(device)``; needs ``sigma`` (float) and ``fused`` (bool) attributes."""
 
     sigma: float
+    fused: bool
 
-    def _init_step_noise(self, device) -> None:
+    def _init_step_noise(self, device, warn_once: WarnOnce | None = None) -> None:
         self.register_buffer("noise_seed", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("noise_factor", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
         self.noise_rank_key = 0
+        self.noise_warning = warn_once or WarnOnce()
         self._noise_driven = False
+        self._noise_waits_for_total_steps = False
+
+    def _remove_step_noise(self) -> None:
+        for name in ("noise_seed", "noise_factor", *_STEP_NOISE_ATTRIBUTES):
+            delattr(self, name)
 
     @torch.no_grad()
-    def set_noise(self, seed: int, factor: float, rank_key: int | None = None) -> None:
-        """Set this step's draw: written in place, so the buffers keep their identity (and graphs stay valid)."""
+    def set_noise(self, seed: int, factor: float, rank_key: int | None = None, *, total_steps_known: bool = True) -> None:
+        """Set this step's draw: written in place, so the buffers keep their identity (and graphs stay valid).
+        ``total_steps_known=False``: a schedule without T set it (factor 0 until T is known)."""
         self.noise_seed.fill_(int(seed))
         self.noise_factor.fill_(float(factor))
         if rank_key is not None:
             self.noise_rank_key = int(rank_key)
         self._noise_driven = True
+        self._noise_waits_for_total_steps = not total_steps_known
 
     def effective_seed(self) -> Tensor:
         """The seed the op uses: the step's seed, mixed with this rank's key."""
@@ -42,3 +107,76 @@ class StepNoise(nn.Module):
     def effective_sigma(self) -> Tensor:
         """``sigma * factor`` as a 0-dim fp32 tensor (no host sync, no recompile when the factor moves)."""
         return self.noise_factor * self.sigma
+
+    def _apply(self, fn, *args, **kwargs):
+        factor = self.noise_factor
+        result = super()._apply(fn, *args, **kwargs)
+        if self.noise_factor.dtype != torch.float32:  # a dtype cast: keep the fp32 value, take the new device
+            self.noise_factor = factor.to(self.noise_factor.device)
+        return result
+
+    def _warn_if_undriven(self) -> None:
+        undriven = not self._noise_driven or self._noise_waits_for_total_steps
+        if not undriven or self.noise_warning.fired or self.sigma == 0 or torch.compiler.is_compiling():
+            return
+        self.noise_warning.fired = True
+        if self._noise_waits_for_total_steps:
+            cause = (
+                "its FlatLoraSchedule has total_steps=None, which only FlatLoraCallback fills in (from the "
+                "Trainer), so the noise factor stays 0. Pass FlatLoraSchedule(model, total_steps=<optimizer steps>) "
+                "in a plain training loop, or add callbacks=[FlatLoraCallback(schedule)] to the Trainer."
+            )
+        else:
+            cause = (
+                "no FlatLoraSchedule (or set_noise call) drives it, so its noise factor is 0. Create "
+                "flatlora_kernels.FlatLoraSchedule(model, total_steps) and call .step() after each optimizer step."
+            )
+        warnings.warn(
+            f"{type(self).__name__} is training with no noise (as plain LoRA): {cause}", stacklevel=user_stacklevel()
+        )
+
+    def noisy_linear(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        lora_A: Tensor,
+        lora_B: Tensor,
+        bias: Tensor | None,
+        scaling: float,
+        dropout: nn.Module | None,
+        weight_owner: nn.Module,
+    ) -> Tensor:
+        """The training forward: ``x (W + s*B@A + eps)^T + bias`` plus the dropout correction.
+
+        ``weight`` is ``[out, in]`` (a view for ``[in, out]`` storage); the factors stay in their own
+        dtype (PEFT's rule: the adapter is computed from its own values and gets gradients in its
+        dtype). ``weight_owner`` registers the weight: whether it is frozen is read from that
+        Parameter, not from ``weight``, which a wrapper (FSDP1) may replace by a view that requires grad.
+        """
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            # What nn.Linear (and PEFT's forward) does, rather than training in a silent cast.
+            raise RuntimeError(
+                f"{type(self).__name__}: input dtype {x.dtype} differs from the layer's weight dtype {weight.dtype} "
+                "(cast the input or the model, or run under torch.autocast)"
+            )
+        registered = weight_owner._parameters.get("weight")
+        if registered is not None and registered.requires_grad:
+            raise ValueError(
+                f"{type(self).__name__}: the base weight requires grad; Flat-LoRA trains only the adapter "
+                "(freeze the base weight: weight.requires_grad_(False))"
+            )
+        self._warn_if_undriven()
+        y = flat_lora_linear(
+            x,
+            weight.detach() if weight.requires_grad else weight,
+            lora_A,
+            lora_B,
+            bias,
+            scaling=scaling,
+            sigma=self.effective_sigma(),
+            seed=self.effective_seed(),
+            backend="auto" if self.fused else "reference",
+        )
+        if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            y = y + dropout_correction(x, dropout, lora_A, lora_B, scaling).to(y.dtype)
+        return y

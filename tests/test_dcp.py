@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 from flatlora_kernels.distributed import load_checkpoint, save_checkpoint
-from flatlora_kernels.model_helpers import apply_flat_lora, flat_lora_layers
+from flatlora_kernels.model_conversion import apply_flat_lora, flat_lora_layers
 from flatlora_kernels.schedule import FlatLoraSchedule
 
 from ._dist_utils import full_tensor, save_from_rank_zero, spawn, train_step

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flatlora_kernels.model_helpers import apply_flat_lora, flat_lora_layers
+from flatlora_kernels.model_conversion import apply_flat_lora, flat_lora_layers
 from flatlora_kernels.schedule import FlatLoraSchedule
 
 from ._dist_utils import spawn

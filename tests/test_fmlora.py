@@ -672,9 +672,9 @@ def test_wrapper_shares_param_groups_with_the_base_optimizer():
 
 
 def test_model_built_with_apply_flat_lora():
-    model_helpers = pytest.importorskip("flatlora_kernels.model_helpers")
+    model_conversion = pytest.importorskip("flatlora_kernels.model_conversion")
     model = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 5))
-    model_helpers.apply_flat_lora(model, r=4, lora_alpha=8, sigma=0.0, fused=False)
+    model_conversion.apply_flat_lora(model, r=4, lora_alpha=8, sigma=0.0, fused=False)
     opt = FMLoRA(model, torch.optim.AdamW(trainable(model), lr=1e-2))
     x, y = make_batch(torch.float32)
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from flatlora_kernels.model_helpers import apply_flat_lora, flat_lora_layers
+from flatlora_kernels.model_conversion import apply_flat_lora, flat_lora_layers
 from flatlora_kernels.schedule import FlatLoraSchedule
 
 from ._dist_utils import full_tensor, spawn, train_step

@@ -18,7 +18,7 @@ from flatlora_kernels import FlatLoraSchedule, apply_flat_lora, flat_lora_layers
 from flatlora_kernels import load_adapter, merge_and_unload, merge_flat_lora, save_adapter, unmerge_flat_lora  # noqa: E402
 
 from .conftest import undriven_warnings  # noqa: E402
-from flatlora_kernels.peft_export import load_peft_adapter, save_peft_adapter  # noqa: E402
+from flatlora_kernels.peft import load_peft_adapter, save_peft_adapter  # noqa: E402
 
 BERT_CFG = dict(
     vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,

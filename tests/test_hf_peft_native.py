@@ -10,7 +10,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from flatlora_kernels import FlatLoraSchedule, filter_noise  # noqa: E402
-from flatlora_kernels.peft_native import disable_flat_lora, enable_flat_lora, peft_noise_states  # noqa: E402
+from flatlora_kernels.peft import disable_flat_lora, enable_flat_lora, patched_layers  # noqa: E402
 
 from .conftest import undriven_warnings  # noqa: E402
 
@@ -70,8 +70,8 @@ def test_noise_is_the_filter_noise_of_the_transposed_weight(build, targets):
     schedule = FlatLoraSchedule(model, total_steps=2, seed=3)
     schedule.step()  # factor 0.5 * (1 - cos(pi/2)) = 0.5
     model.train()
-    layer = next(m for _, m in model.named_modules() if hasattr(m, "flatlora_noise"))
-    state = layer.flatlora_noise
+    layer = next(m for _, m in model.named_modules() if hasattr(m, "flat_lora_adapter"))
+    state = layer
     base = layer.get_base_layer()
     weight = base.weight.t() if layer.fan_in_fan_out else base.weight
     x = torch.randn(5, weight.shape[1])
@@ -118,7 +118,7 @@ def test_disabled_merged_and_disable_restore():
     torch.testing.assert_close(model(IDS).logits, ref, rtol=1e-5, atol=1e-5)
     model.unmerge_adapter()
     disable_flat_lora(model)
-    assert not peft_noise_states(model)
+    assert not patched_layers(model)
     model.train()
     torch.testing.assert_close(model(IDS).logits, ref, rtol=1e-5, atol=1e-5)  # PEFT forward again, no noise
 
@@ -136,7 +136,7 @@ def test_multiple_adapters_only_the_enabled_one_is_patched():
     model = peft_wrap(tiny_llama(), ["q_proj"])
     model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
     enable_flat_lora(model, sigma=0.2)
-    assert {s.adapter for s in peft_noise_states(model)} == {"default"}
+    assert {layer.flat_lora_adapter for _, layer in patched_layers(model)} == {"default"}
     FlatLoraSchedule(model, total_steps=1).step()
     model.train()
     model.set_adapter("other")
@@ -156,11 +156,11 @@ def test_state_dict_unchanged_autocast_dtype_errors_and_merge_and_unload():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(IDS).logits
     assert torch.isfinite(out).all()
-    layer = next(m for _, m in model.named_modules() if hasattr(m, "flatlora_noise"))
+    layer = next(m for _, m in model.named_modules() if hasattr(m, "flat_lora_adapter"))
     with pytest.raises(RuntimeError, match="dtype"):
         layer(torch.randn(2, 32, dtype=torch.bfloat16))
     merged = model.merge_and_unload()
-    assert not peft_noise_states(merged)
+    assert not patched_layers(merged)
     torch.testing.assert_close(merged.eval()(IDS).logits, ref, rtol=1e-5, atol=1e-5)
 
 

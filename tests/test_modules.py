@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from flatlora_kernels import filter_noise, flat_lora_linear
+from flatlora_kernels import UnsupportedLayerError, filter_noise, flat_lora_linear
 from flatlora_kernels.modules import FlatLoraLinear
 from flatlora_kernels.baselines import lora_linear
 from flatlora_kernels.schedule import FlatLoraSchedule
@@ -98,7 +98,7 @@ def test_from_linear_shares_and_freezes_the_base_weight():
     assert layer.lora_A.shape == (2, 12) and layer.lora_B.shape == (10, 2)
     no_bias = FlatLoraLinear.from_linear(nn.Linear(12, 10, bias=False), lora_dtype=torch.float64)
     assert no_bias.bias is None and no_bias.lora_A.dtype == torch.float64
-    with pytest.raises(TypeError, match="nn.Linear"):
+    with pytest.raises(UnsupportedLayerError, match="convolution"):
         FlatLoraLinear.from_linear(nn.Conv1d(3, 3, 1))
 
 

@@ -6,9 +6,9 @@ from torch import nn
 
 peft = pytest.importorskip("peft")
 
-from flatlora_kernels.model_helpers import flat_lora_layers  # noqa: E402
+from flatlora_kernels.model_conversion import flat_lora_layers  # noqa: E402
 from flatlora_kernels.modules import FlatLoraLinear  # noqa: E402
-from flatlora_kernels.peft_interop import from_peft  # noqa: E402
+from flatlora_kernels.peft import from_peft  # noqa: E402
 from flatlora_kernels.schedule import FlatLoraSchedule  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def test_unsupported_layers_raise():
     two.add_adapter("second", peft.LoraConfig(r=2, target_modules=["up"]))
     with pytest.raises(ValueError, match="exactly one"):
         from_peft(two)
-    with pytest.raises(ValueError, match="no peft"):
+    with pytest.raises(ValueError, match="no PEFT LoRA layer"):
         from_peft(Mlp())
 
 

@@ -2,6 +2,7 @@
 optimizer step, checkpoint safety, resume, no global-RNG use, no recompiles; the Trainer callback."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flatlora_kernels import filter_noise
-from flatlora_kernels.model_helpers import apply_flat_lora, flat_lora_layers
+from flatlora_kernels.model_conversion import apply_flat_lora, flat_lora_layers
 from flatlora_kernels.noise import normal_rows
 from flatlora_kernels.schedule import FlatLoraSchedule, cosine_factor, derive_seed
 
@@ -203,8 +204,25 @@ def test_bad_arguments():
         with pytest.raises(ValueError, match=match):
             FlatLoraSchedule(model, **kwargs)
     pending = FlatLoraSchedule(model, total_steps=None)
-    pending.step()
-    assert pending.factor == 0.0  # no T yet: stays noise-free until someone sets it
+    assert pending.factor == 0.0  # no T yet: noise-free until someone sets it
+
+
+def test_schedule_without_total_steps_is_loud_outside_the_trainer():
+    """README's PEFT snippet leaves T to FlatLoraCallback; reused in a plain loop without the callback,
+    the factor would stay 0 for ever: the first training forward warns (naming the cause) and step() raises."""
+    model = make_model()
+    schedule = FlatLoraSchedule(model, total_steps=None, seed=0)
+    model.train()
+    with pytest.warns(UserWarning, match=r"total_steps=None.*FlatLoraCallback"):
+        model(torch.randn(4, 16))
+    with pytest.raises(RuntimeError, match=r"total_steps is None"):
+        schedule.step()
+    schedule.total_steps = 10  # what the callback does at on_train_begin
+    schedule.step()
+    assert schedule.factor > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(4, 16))  # driven now: no warning
 
 
 def test_hf_callback_steps_once_per_optimizer_step(tmp_path):

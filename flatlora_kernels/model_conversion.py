@@ -1,4 +1,4 @@
-"""Whole-model helpers: put Flat-LoRA into a model, find its layers, merge them, save the adapter.
+"""Whole models: put Flat-LoRA into a model (``apply_flat_lora``), find its layers, merge it back out.
 
 ``target_modules`` follows PEFT's conventions:
 
@@ -15,15 +15,14 @@ that a pretrained checkpoint does not hold, so by default (``modules_to_save="au
 in full and stored with the adapter; ``lm_head`` stays frozen. Pass a list of names, or ``[]``, to
 choose yourself. The choice is logged and kept in ``model.flatlora_modules_to_save``.
 
-Adapter files are safetensors holding ``<layer name>.lora_A`` / ``.lora_B`` (and the heads' tensors),
-with each layer's configuration (and, optionally, the schedule's state) as JSON in the metadata.
+Which layers can be converted is decided by ``flatlora_kernels.layer_support`` (the check every entry
+point shares); adapter files: ``flatlora_kernels.peft.adapter_files``.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
-import json
 import logging
 import re
 from typing import Iterable
@@ -31,7 +30,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .modules import FlatLoraLinear, _is_conv1d
+from .layer_support import base_layer_problem, looks_linear, refuse_or_skip
+from .modules import FlatLoraLinear
+from .step_noise import WarnOnce
 
 __all__ = [
     "apply_flat_lora",
@@ -39,23 +40,16 @@ __all__ = [
     "merge_flat_lora",
     "unmerge_flat_lora",
     "merge_and_unload",
-    "save_adapter",
-    "load_adapter",
     "modules_to_save_of",
+    "unwrap_model",
+    "replace_submodule",
 ]
 
 _HEAD_NAMES = ("classifier", "score")  # top-level classification heads that "all-linear" leaves alone
-_METADATA_LAYERS = "flatlora.layers"
-_METADATA_SCHEDULE = "flatlora.schedule"
-_METADATA_HEADS = "flatlora.modules_to_save"
 _log = logging.getLogger("flatlora_kernels")
 
 
-def _is_linear(module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The user's model inside DDP / DataParallel / torch.compile wrappers, so names have no prefix."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -68,7 +62,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def flat_lora_layers(model: nn.Module) -> list[tuple[str, FlatLoraLinear]]:
     """``(qualified name, layer)`` for every ``FlatLoraLinear``, in module order."""
-    return [(name, m) for name, m in _unwrap(model).named_modules() if isinstance(m, FlatLoraLinear)]
+    return [(name, m) for name, m in unwrap_model(model).named_modules() if isinstance(m, FlatLoraLinear)]
 
 
 def _name_matches(spec: str | Iterable[str], name: str) -> bool:
@@ -116,41 +110,41 @@ def _owned_by_multihead_attention(model: nn.Module) -> set[str]:
     }
 
 
-def _select_targets(model: nn.Module, target_modules, exclude_modules) -> list[str]:
+def _select_targets(model: nn.Module, target_modules, exclude_modules, skip_unsupported: bool) -> list[str]:
+    """The names to convert; every candidate the shared layer check refuses is named (or skipped)."""
     mha_owned = _owned_by_multihead_attention(model)
     if isinstance(target_modules, str) and target_modules == "all-linear":
         skipped = _output_head_names(model) | mha_owned
-        targets = [n for n, m in model.named_modules() if _is_linear(m) and n not in skipped]
+        candidates = [(n, m) for n, m in model.named_modules() if looks_linear(m) and n not in skipped]
     else:
         _check_spec("target_modules", target_modules)
-        targets = []
-        for name, module in model.named_modules():
-            if not name or not _name_matches(target_modules, name):
-                continue
-            if isinstance(module, FlatLoraLinear):
-                continue  # already converted
-            if not _is_linear(module) or name in mha_owned:
-                why = "it belongs to nn.MultiheadAttention, which reads its weight directly" if name in mha_owned else (
-                    f"it is a {type(module).__name__}"
-                )
-                raise TypeError(
-                    f"target_modules matched {name!r}, but Flat-LoRA wraps nn.Linear / Conv1D layers only and {why}"
-                )
-            targets.append(name)
+        candidates = [
+            (n, m)
+            for n, m in model.named_modules()
+            if n and _name_matches(target_modules, n) and not isinstance(m, FlatLoraLinear)
+        ]
     if exclude_modules is not None:
         _check_spec("exclude_modules", exclude_modules)
-        targets = [n for n in targets if not _name_matches(exclude_modules, n)]
+        candidates = [(n, m) for n, m in candidates if not _name_matches(exclude_modules, n)]
+    problems = {}
+    for name, module in candidates:
+        if name in mha_owned:
+            problems[name] = "it belongs to nn.MultiheadAttention, which reads its weight directly"
+        elif (problem := base_layer_problem(module)) is not None:
+            problems[name] = problem
+    refuse_or_skip("apply_flat_lora", problems.items(), skip_unsupported)
+    targets = [name for name, _ in candidates if name not in problems]
     if not targets:
-        linear_names = [n for n, m in model.named_modules() if _is_linear(m)]
+        linear_names = [n for n, m in model.named_modules() if looks_linear(m)]
         shown = ", ".join(linear_names[:8]) + (", ..." if len(linear_names) > 8 else "")
         raise ValueError(
             f"apply_flat_lora: target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matched no "
-            f"nn.Linear layer; the model's Linear layers are: {shown or 'none'}"
+            f"convertible layer; the model's linear layers are: {shown or 'none'}"
         )
     return targets
 
 
-def _replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child_name = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child_name, new)
 
@@ -194,6 +188,7 @@ def apply_flat_lora(
     fused: bool = True,
     exclude_modules: str | list[str] | None = None,
     modules_to_save: str | list[str] = "auto",
+    skip_unsupported: bool = False,
     **layer_kwargs,
 ) -> nn.Module:
     """Swap the matching ``nn.Linear`` / ``Conv1D`` layers of ``model`` for ``FlatLoraLinear`` in place.
@@ -202,30 +197,33 @@ def apply_flat_lora(
     ``modules_to_save`` (by default a top-level ``classifier`` / ``score`` head, trained in full and
     saved with the adapter; see the module docstring). Base weights are shared, not copied.
     ``layer_kwargs`` go to ``FlatLoraLinear.from_linear`` (``lora_dropout``, ``use_rslora``,
-    ``lora_dtype``). Returns ``model``. Raises when the model is already converted.
+    ``lora_dtype``). Returns ``model``. Raises when the model is already converted, and
+    ``UnsupportedLayerError`` naming every targeted layer Flat-LoRA cannot run (quantized, embedding,
+    ...: ``flatlora_kernels.layer_support``) unless ``skip_unsupported=True``, which leaves those
+    layers as they are (frozen) with a warning that names them.
 
     Then create a ``FlatLoraSchedule(model, total_steps)`` and call ``.step()`` after every optimizer
     step: without it the layers train as plain LoRA.
     """
     public = [p for p in inspect.signature(apply_flat_lora).parameters if p not in ("model", "layer_kwargs")]
     _check_layer_kwargs("apply_flat_lora", layer_kwargs, public)
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     if flat_lora_layers(inner):
         raise ValueError(
             "apply_flat_lora: the model is already converted (it holds FlatLoraLinear layers); "
             "apply it once, with every target in one call"
         )
-    targets = _select_targets(inner, target_modules, exclude_modules)
+    targets = _select_targets(inner, target_modules, exclude_modules, skip_unsupported)
     heads = _resolve_heads(inner, modules_to_save, targets)
     for parameter in inner.parameters():
         parameter.requires_grad_(False)
-    warn_group = {"warned": False}  # one no-schedule warning per model
+    warn_once = WarnOnce()  # one no-schedule warning per model
     for name in targets:
         linear = inner.get_submodule(name)
         layer = FlatLoraLinear.from_linear(linear, r=r, lora_alpha=lora_alpha, sigma=sigma, fused=fused, **layer_kwargs)
         layer.train(linear.training)
-        layer._warn_group = warn_group
-        _replace_submodule(inner, name, layer)
+        layer.noise_warning = warn_once
+        replace_submodule(inner, name, layer)
     for head in heads:
         inner.get_submodule(head).requires_grad_(True)
     inner.flatlora_modules_to_save = heads
@@ -241,7 +239,7 @@ def apply_flat_lora(
 
 def modules_to_save_of(model: nn.Module) -> list[str]:
     """The heads ``apply_flat_lora`` trains in full and saves with the adapter."""
-    return list(getattr(_unwrap(model), "flatlora_modules_to_save", []))
+    return list(getattr(unwrap_model(model), "flatlora_modules_to_save", []))
 
 
 def merge_flat_lora(model: nn.Module) -> nn.Module:
@@ -260,98 +258,19 @@ def unmerge_flat_lora(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every Flat-LoRA layer by a plain ``nn.Linear`` holding ``W + s*B@A`` (no copy kept)."""
-    inner = _unwrap(model)
+    """Replace every Flat-LoRA layer by a plain ``nn.Linear`` (or ``Conv1D``) holding ``W + s*B@A`` (no copy kept)."""
+    inner = unwrap_model(model)
     for name, layer in flat_lora_layers(inner):
         layer.unmerge()
-        weight = layer.weight
-        delta = layer.scaling * (layer.lora_B.float() @ layer.lora_A.float())
+        dtype = layer.weight.dtype
         if layer.fan_in_fan_out:
             from transformers.pytorch_utils import Conv1D  # only a Conv1D-based layer gets here
 
-            linear = Conv1D(layer.out_features, layer.in_features).to(device="meta", dtype=weight.dtype)
-            delta = delta.t()
+            plain = Conv1D(layer.out_features, layer.in_features).to(device="meta", dtype=dtype)
         else:
-            linear = nn.Linear(
-                layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=weight.dtype
-            )
-        linear.weight = nn.Parameter((weight.float() + delta).to(weight.dtype), requires_grad=False)
-        linear.bias = layer.bias
-        linear.train(layer.training)
-        _replace_submodule(inner, name, linear)
-    return model
-
-
-def _layer_config(layer: FlatLoraLinear) -> dict:
-    return {
-        "r": layer.r,
-        "lora_alpha": layer.lora_alpha,
-        "use_rslora": layer.use_rslora,
-        "scaling": layer.scaling,
-        "sigma": layer.sigma,
-    }
-
-
-def save_adapter(model: nn.Module, path: str, schedule=None) -> None:
-    """Write the LoRA factors (and, if given, the schedule's state) to a safetensors file."""
-    from safetensors.torch import save_file
-
-    layers = flat_lora_layers(model)
-    if not layers:
-        raise ValueError("save_adapter: the model has no FlatLoraLinear layers")
-    tensors, config = {}, {}
-    for name, layer in layers:
-        tensors[f"{name}.lora_A"] = layer.lora_A.detach().cpu().contiguous()
-        tensors[f"{name}.lora_B"] = layer.lora_B.detach().cpu().contiguous()
-        config[name] = _layer_config(layer)
-    heads = modules_to_save_of(model)
-    for head in heads:
-        for key, tensor in _unwrap(model).get_submodule(head).state_dict().items():
-            tensors[f"{head}.{key}"] = tensor.detach().cpu().contiguous()
-    metadata = {_METADATA_LAYERS: json.dumps(config), _METADATA_HEADS: json.dumps(heads)}
-    if schedule is not None:
-        metadata[_METADATA_SCHEDULE] = json.dumps(schedule.state_dict())
-    save_file(tensors, path, metadata=metadata)
-
-
-@torch.no_grad()
-def load_adapter(model: nn.Module, path: str, schedule=None) -> nn.Module:
-    """Load LoRA factors saved by ``save_adapter`` into ``model`` (in place: Parameters keep their identity).
-
-    The file must cover exactly the model's Flat-LoRA layers, with the same ranks and scalings. When
-    ``schedule`` is given and the file holds a schedule state, the schedule resumes from it.
-    """
-    from safetensors import safe_open
-
-    layers = dict(flat_lora_layers(model))
-    with safe_open(path, framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if _METADATA_LAYERS not in metadata:
-            raise ValueError(f"load_adapter: {path} is not a Flat-LoRA adapter file (no '{_METADATA_LAYERS}' metadata)")
-        saved_config = json.loads(metadata[_METADATA_LAYERS])
-        missing = sorted(set(layers) - set(saved_config))
-        unexpected = sorted(set(saved_config) - set(layers))
-        if missing or unexpected:
-            raise ValueError(
-                f"load_adapter: layer names differ between {path} and the model; "
-                f"missing from the file: {missing[:5]}, not in the model: {unexpected[:5]}"
-            )
-        for name, layer in layers.items():
-            saved, mine = saved_config[name], _layer_config(layer)
-            if any(saved[key] != mine[key] for key in ("r", "lora_alpha", "use_rslora", "scaling")):  # sigma may differ
-                raise ValueError(f"load_adapter: layer {name!r} was saved with {saved}, the model has {mine}")
-            for attr in ("lora_A", "lora_B"):
-                target = getattr(layer, attr)
-                tensor = handle.get_tensor(f"{name}.{attr}")
-                if tensor.shape != target.shape:
-                    raise ValueError(
-                        f"load_adapter: {name}.{attr} has shape {tuple(tensor.shape)} in the file, "
-                        f"{tuple(target.shape)} in the model"
-                    )
-                target.copy_(tensor)
-        for head in json.loads(metadata.get(_METADATA_HEADS, "[]")):
-            module = _unwrap(model).get_submodule(head)
-            module.load_state_dict({key: handle.get_tensor(f"{head}.{key}") for key in module.state_dict()})
-    if schedule is not None and _METADATA_SCHEDULE in metadata:
-        schedule.load_state_dict(json.loads(metadata[_METADATA_SCHEDULE]))
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=dtype)
+        plain.weight = nn.Parameter(layer.merged_weight().to(dtype), requires_grad=False)
+        plain.bias = layer.bias
+        plain.train(layer.training)
+        replace_submodule(inner, name, plain)
     return model

@@ -1,0 +1,207 @@
+"""Which layers Flat-LoRA can run: the one check behind every entry point.
+
+``apply_flat_lora``, ``FlatLoraLinear.from_linear``, ``from_peft``, ``enable_flat_lora``, the
+tensor-parallel styles and FMLoRA/EFMLoRA all ask this module, so they accept and refuse the same
+layers, and a refusal names the layer, says why and lists what is supported (README's
+"What is and is not supported" is this module's list).
+
+Base layers are recognised by the kinds in ``BASE_LAYER_KINDS`` (first match wins). A kind that
+is not there is refused with the most specific reason found: a quantized layer (bitsandbytes
+``Linear4bit`` / ``Linear8bitLt``, torchao, integer or float8 weights; recognised by class, module
+or weight dtype, without importing bitsandbytes), an embedding, a convolution, or another module.
+
+To support a new base kind (e.g. a 4-bit bitsandbytes base routed to a Flat-QLoRA layer), register
+it with ``register_base_layer_kind``: its ``flat_layer`` builds the Flat-LoRA layer that
+``apply_flat_lora`` / ``from_peft`` put in the base's place, and ``patch_in_place`` says whether
+``enable_flat_lora``'s in-place forward (``flat_lora_linear`` on ``weight``) can run it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "UnsupportedLayerError",
+    "BaseLayerKind",
+    "BASE_LAYER_KINDS",
+    "register_base_layer_kind",
+    "base_layer_kind",
+    "looks_linear",
+    "base_layer_problem",
+    "check_base_layer",
+    "peft_lora_layer_problem",
+    "refuse_or_skip",
+    "supported_layers",
+]
+
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer Flat-LoRA cannot run; the message names it and lists what is supported."""
+
+
+@dataclass(frozen=True)
+class BaseLayerKind:
+    """One kind of base layer Flat-LoRA runs.
+
+    ``name`` is how messages and README call it; ``matches(module)`` recognises it; ``fan_in_fan_out``
+    says the weight is stored ``[in, out]`` (the op gets ``weight.t()``, a view); ``base_forward`` is
+    the class's forward the fused path replaces (a subclass overriding it is refused: its forward
+    would be skipped); ``flat_layer(base, **config)`` builds the replacing layer (None:
+    ``FlatLoraLinear.from_linear``); ``patch_in_place``: ``enable_flat_lora`` can run it.
+    """
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    fan_in_fan_out: bool = False
+    base_forward: Callable | None = None
+    flat_layer: Callable[..., nn.Module] | None = None
+    patch_in_place: bool = True
+
+
+def quantization_of(module: nn.Module) -> str | None:
+    """What makes ``module`` a quantized layer (class, module or weight), or None."""
+    cls = type(module)
+    if cls.__module__.split(".")[0] in ("bitsandbytes", "torchao") or cls.__name__ in ("Linear4bit", "Linear8bitLt"):
+        return f"a quantized layer ({cls.__module__}.{cls.__name__})"
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor):
+        wcls = type(weight)
+        if wcls.__module__.split(".")[0] in ("bitsandbytes", "torchao") or "quant" in wcls.__name__.lower():
+            return f"a quantized weight ({wcls.__module__}.{wcls.__name__})"
+        if weight.dtype not in _WEIGHT_DTYPES:
+            return f"a {weight.dtype} weight (quantized?)"
+    if "quant" in cls.__module__.lower() or "quant" in cls.__name__.lower():
+        return f"a quantized layer ({cls.__module__}.{cls.__name__})"
+    return None
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2 family), ``y = x @ W + b`` with W: [in, out]; recognised without importing it.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(getattr(module, "weight", None), Tensor)
+
+
+LINEAR = BaseLayerKind(
+    "nn.Linear", lambda m: isinstance(m, nn.Linear) and quantization_of(m) is None, base_forward=nn.Linear.forward
+)
+CONV1D = BaseLayerKind("transformers Conv1D (GPT-2)", lambda m: _is_conv1d(m) and quantization_of(m) is None, True)
+
+#: Recognised base-layer kinds, first match wins (``register_base_layer_kind`` puts new ones first).
+BASE_LAYER_KINDS: list[BaseLayerKind] = [LINEAR, CONV1D]
+
+
+def register_base_layer_kind(kind: BaseLayerKind) -> None:
+    """Accept a new kind of base layer everywhere (it is tried before the built-in kinds)."""
+    BASE_LAYER_KINDS.insert(0, kind)
+
+
+def base_layer_kind(module: nn.Module) -> BaseLayerKind | None:
+    return next((kind for kind in BASE_LAYER_KINDS if kind.matches(module)), None)
+
+
+def looks_linear(module: nn.Module) -> bool:
+    """A layer ``target_modules="all-linear"`` considers: a known kind, or any linear layer, quantized
+    ones included (which the check then refuses by name rather than leaving them out silently)."""
+    return base_layer_kind(module) is not None or isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def supported_layers() -> str:
+    """The supported set, as every refusal states it."""
+    kinds = ", ".join(kind.name for kind in BASE_LAYER_KINDS)
+    return (
+        f"supported: plain LoRA (no DoRA or other variant, no lora_bias) over a frozen base layer of kind {kinds}, "
+        "with float weights (fp32/bf16/fp16/fp64), no forward hooks and no forward of its own"
+    )
+
+
+def _not_a_kind(module: nn.Module) -> str:
+    quantized = quantization_of(module)
+    if quantized is not None:
+        return f"it is {quantized}"
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return f"it is an embedding ({type(module).__name__})"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return f"it is a convolution ({type(module).__name__})"
+    return f"it is a {type(module).__name__}, not a linear layer"
+
+
+def base_layer_problem(
+    module: nn.Module, *, require_frozen: bool = False, bypasses_forward: bool = True, in_place: bool = False
+) -> str | None:
+    """Why Flat-LoRA cannot run over ``module`` as a base layer, or None.
+
+    ``require_frozen``: the caller does not freeze the weight itself (PEFT models);
+    ``bypasses_forward``: the caller never calls the module's forward (the fused paths), so hooks
+    and overridden forwards would be skipped; ``in_place``: ``enable_flat_lora``'s patch.
+    """
+    kind = base_layer_kind(module)
+    if kind is None:
+        return _not_a_kind(module)
+    if in_place and not kind.patch_in_place:
+        return f"its kind ({kind.name}) is converted by apply_flat_lora / from_peft, not patched in place"
+    if bypasses_forward:
+        if kind.base_forward is not None and type(module).forward is not kind.base_forward:
+            return f"it is a {type(module).__name__} with a forward of its own, which the fused op would skip"
+        if "forward" in vars(module):
+            return "its forward is replaced on the instance (e.g. an accelerate hook), which the fused op would skip"
+        if module._forward_hooks or module._forward_pre_hooks:
+            return "it has forward hooks, which the fused op would skip (it never calls the layer's forward)"
+    if require_frozen and getattr(module, "weight", None) is not None and module.weight.requires_grad:
+        return "its weight requires grad (Flat-LoRA trains only the adapter: freeze the base weight)"
+    return None
+
+
+def check_base_layer(entry: str, name: str, module: nn.Module, **options) -> BaseLayerKind:
+    """The kind of ``module``; raises ``UnsupportedLayerError`` naming it when it cannot be run."""
+    problem = base_layer_problem(module, **options)
+    if problem is not None:
+        raise UnsupportedLayerError(f"{entry}: cannot run {name!r}: {problem}; {supported_layers()}")
+    return base_layer_kind(module)
+
+
+def peft_lora_layer_problem(layer: nn.Module, adapter: str, **options) -> str | None:
+    """Why Flat-LoRA cannot run PEFT LoRA layer ``layer``'s adapter ``adapter``, or None
+    (``options`` as ``base_layer_problem``'s, for its base layer)."""
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else None
+    if base is not None and base is not layer:
+        problem = base_layer_problem(base, **options)
+        if problem is not None:
+            return f"its base layer: {problem}"
+    from peft.tuners.lora import Linear as PeftLinear  # a PEFT layer is here: peft is installed
+
+    if type(layer) is not PeftLinear:
+        if adapter in getattr(layer, "lora_embedding_A", {}):
+            return f"it is a PEFT LoRA {type(layer).__name__} (LoRA on an embedding)"
+        return f"it is a PEFT {type(layer).__name__} (only LoRA Linear layers over a supported base run)"
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is not None:
+        return f"it uses a LoRA variant ({type(variant).__name__}, e.g. DoRA)"
+    if getattr(layer, "lora_bias", {}).get(adapter, False):
+        return "it has a LoRA bias (lora_bias=True)"
+    return None
+
+
+def refuse_or_skip(entry: str, problems: Iterable[tuple[str, str]], skip_unsupported: bool) -> None:
+    """Raise one error naming every unsupported layer, or (``skip_unsupported=True``) warn once, naming
+    the layers that keep training without Flat-LoRA."""
+    problems = list(problems)
+    if not problems:
+        return
+    listed = "; ".join(f"{name!r}: {why}" for name, why in problems)
+    if not skip_unsupported:
+        raise UnsupportedLayerError(
+            f"{entry}: cannot run {len(problems)} layer(s): {listed}. {supported_layers()}. "
+            "Pass skip_unsupported=True to convert the supported layers and leave these as they are"
+        )
+    warnings.warn(
+        f"{entry}: skip_unsupported=True: {len(problems)} layer(s) are left as they are and train without "
+        f"Flat-LoRA: {listed}",
+        UserWarning,
+        stacklevel=3,
+    )
