@@ -18,7 +18,7 @@ from flatlora_kernels.demo.flatness import loss_under_noise, mean_nll  # noqa: E
 from flatlora_kernels.demo.digits_mlp import DigitsMLP  # noqa: E402
 from flatlora_kernels.demo.stats import paired_difference  # noqa: E402
 
-TINY = ["--steps", "4", "--seeds", "2", "--select-seeds", "1", "--sigma-grid", "0.1,0.3", "--pretrain-steps", "10",
+TINY = ["--steps", "4", "--seeds", "2", "--select-seeds", "1", "--pretrain-steps", "10", "--max-extensions", "1",
         "--noise-draws", "1", "--workers", "1", "--cost-tokens", "16", "--cost-width", "32", "--no-progress"]
 TIMING = {"step_ms", "peak_memory_mib"}
 
@@ -32,13 +32,24 @@ def test_tiny_demo_prints_every_measure_and_reproduces(tmp_path, capsys):
     printed = capsys.readouterr().out
     for method in METHODS:
         assert re.search(rf"^\| {method} +\|", printed, re.MULTILINE), f"the table has no row for {method}"
-    for column in ("accuracy %", "corrupted acc %", "test NLL", "loss under noise", "naive perturbation", "p="):
+    for column in ("accuracy %", "corrupted acc %", "test NLL", "loss under noise", "naive perturbation", "bi-lora", "p=",
+                   "time vs lora [min-max]", "load average", "knobs chosen on the validation split"):
         assert column in printed
     for plot in ("loss_under_noise.png", "training_loss.png", "accuracy.png"):
         assert (tmp_path / "a" / plot).stat().st_size > 1000
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     assert saved["machine"]["torch"] == torch.__version__ and saved["settings"]["seeds"] == 2
-    assert saved["settings"]["config"]["sigma"] in (0.1, 0.3)  # chosen from the grid
+    assert saved["machine"]["cpu"] and len(saved["machine"]["load average at start"]) == 3
+    config, selection = saved["settings"]["config"], saved["selection"]
+    for method, knob in (("lora", "lora_dropout"), ("flat-lora", "sigma"), ("efmlora", "efm_rho"), ("bilora", "bilora_rho")):
+        chosen = selection[method]
+        assert chosen["knob"] == knob and config[knob] == chosen["choice"]
+        assert chosen["initial grid"] == [0.05, 0.1, 0.2, 0.4] if method in ("lora", "flat-lora") else [0.025, 0.05, 0.1, 0.2]
+        assert len(chosen["validation NLL"]) == 4 + len(chosen["extensions"]) and chosen["status"]
+        assert min(chosen["validation NLL"].values()) == chosen["validation NLL"][str(chosen["choice"])]
+    cost = saved["cost"]
+    assert [r["method"] for r in cost["rows"]] == ["lora", "flat-lora (fused)", "naive perturbation", "bi-lora"]
+    assert len(cost["load average before"]) == 3 and all(r["ratio min"] <= r["time vs lora"] <= r["ratio max"] for r in cost["rows"])
     runs = saved["runs"]
     assert sorted((r["method"], r["seed"]) for r in runs) == sorted((m, s) for m in METHODS for s in range(2))
     for run in runs:
@@ -48,6 +59,7 @@ def test_tiny_demo_prints_every_measure_and_reproduces(tmp_path, capsys):
 
     # same seeds and threads: the same numbers, bit for bit, also when the runs go to 2 spawned workers
     main([*TINY, "--workers", "2", "--cost-tokens", "0", "--out", str(tmp_path / "b")])
+    assert saved["selection"] == json.loads((tmp_path / "b" / "results.json").read_text())["selection"]
     assert _runs(tmp_path / "a") == _runs(tmp_path / "b")
 
 
@@ -81,3 +93,7 @@ def test_demo_rejects_bad_arguments():
         main(["--seeds", "1"])
     with pytest.raises(SystemExit):
         main(["--sigma-grid", "0,-1"])
+    with pytest.raises(SystemExit):  # unequal grids: not the same search budget for every method
+        main(["--sigma-grid", "0.1,0.2,0.4"])
+    with pytest.raises(SystemExit):
+        main(["--dropout-grid", "0.5,1.0,2.0,4.0"])

@@ -16,7 +16,7 @@ handwritten digits ship inside scikit-learn (1,797 real 8x8 scans), so nothing i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +37,13 @@ class DigitsTask:
     source_train: Split
     source_test: Split
     target_train: Split
-    target_val: Split  # for choosing sigma and the regime; never the test set
-    target_test: Split
-    target_test_corrupted: dict[str, Split]  # "noise-1", ..., "dropout-3"
+    target_val: Split  # for every choice; never the test set
+    target_test: Split | None
+    target_test_corrupted: dict[str, Split] | None  # "noise-1", ..., "dropout-3"
+
+    def without_test(self) -> DigitsTask:
+        """The task the validation search sees: no test split to touch by mistake."""
+        return replace(self, target_test=None, target_test_corrupted=None)
 
 
 def _load_digits() -> tuple[Tensor, Tensor]:

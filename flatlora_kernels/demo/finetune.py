@@ -2,7 +2,10 @@
 
 Every method gets the same pretrained weights, the same batches (same seed), the same optimizer,
 cosine learning-rate schedule, rank and number of optimizer steps; they differ only in what the
-method adds. Each run ends with its measures: accuracy, corrupted accuracy, NLL, loss under noise.
+method adds, each with its own knob (``KNOBS``): LoRA's ``lora_dropout`` (PEFT's), Flat-LoRA's
+sigma, EFMLoRA's rho, Bi-LoRA's rho. A run on a task without its test split (``DigitsTask.without_test``,
+the validation search) measures the validation split only; a reported run ends with its test
+measures: accuracy, corrupted accuracy, NLL, loss under noise.
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..memory import PeakMemory
-from ..model_helpers import apply_flat_lora
-from ..schedule import FlatLoraSchedule
+from .. import FlatLoraSchedule, apply_flat_lora
 from .data import DigitsTask
 from .flatness import loss_under_noise, mean_nll
 from .digits_mlp import accuracy
 
-METHODS = ("lora", "flat-lora", "efmlora")
+METHODS = ("lora", "flat-lora", "efmlora", "bilora")
+KNOBS = {"lora": "lora_dropout", "flat-lora": "sigma", "efmlora": "efm_rho", "bilora": "bilora_rho"}  # method -> its knob
 TARGET_MODULES = ["fc1", "fc2", "fc3", "head"]
 
 
@@ -34,8 +37,10 @@ class FinetuneConfig:
     lr: float = 3e-3  # peak; cosine decay to 0 over ``steps`` (the paper's recipes)
     rank: int = 8
     lora_alpha: float = 16.0
+    lora_dropout: float = 0.0  # LoRA's knob (only the lora method uses it)
     sigma: float = 0.1
     efm_rho: float = 0.05
+    bilora_rho: float = 0.05
     efm_beta: float = 0.9
     eval_every: int = 50
     noise_sigmas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)  # sigma' of the loss-under-noise curve
@@ -50,7 +55,8 @@ class RunResult:
     corrupted_accuracy: dict[str, float]
     losses: list[float] = field(default_factory=list)
     eval_steps: list[int] = field(default_factory=list)
-    eval_accuracy: list[float] = field(default_factory=list)
+    eval_accuracy: list[float] = field(default_factory=list)  # validation accuracy at eval_steps
+    knob: float = 0.0  # the value of the method's own knob in this run
     step_ms: float = 0.0
     peak_memory_mib: float | None = None
     test_nll: float = 0.0
@@ -67,8 +73,10 @@ class RunResult:
 def _build(pretrained: nn.Module, method: str, config: FinetuneConfig) -> nn.Module:
     model = copy.deepcopy(pretrained).train()
     sigma = config.sigma if method == "flat-lora" else 0.0
+    dropout = config.lora_dropout if method == "lora" else 0.0
     return apply_flat_lora(
-        model, target_modules=TARGET_MODULES, r=config.rank, lora_alpha=config.lora_alpha, sigma=sigma, fused=True
+        model, target_modules=TARGET_MODULES, r=config.rank, lora_alpha=config.lora_alpha, sigma=sigma, fused=True,
+        lora_dropout=dropout,
     )
 
 
@@ -96,10 +104,14 @@ def finetune(
         from ..sharpness import EFMLoRA
 
         sharpness = EFMLoRA(model, optimizer, rho=config.efm_rho, beta=config.efm_beta)
+    elif method == "bilora":
+        from ..sharpness.bilora import BiLoRA
+
+        sharpness = BiLoRA(model, optimizer, rho=config.bilora_rho, seed=seed)
 
     generator = torch.Generator().manual_seed(seed)  # identical batches for every method
     train = task.target_train
-    result = RunResult(method=method, seed=seed, accuracy=0.0, corrupted_accuracy={})
+    result = RunResult(method=method, seed=seed, accuracy=0.0, corrupted_accuracy={}, knob=getattr(config, KNOBS[method]))
 
     def train_step(images, labels) -> float:
         loss = F.cross_entropy(model(images), labels)
@@ -129,17 +141,19 @@ def finetune(
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             with _unperturbed(sharpness):
                 result.eval_steps.append(step + 1)
-                result.eval_accuracy.append(accuracy(model, task.target_test))
+                result.eval_accuracy.append(accuracy(model, task.target_val))
                 result.eval_val_nll.append(mean_nll(model, task.target_val))
         if progress is not None:
             progress.update(1)
     result.step_ms = 1000 * step_seconds / max(1, config.steps - 1)
     with _unperturbed(sharpness):
+        result.val_nll = mean_nll(model, task.target_val)
+        result.val_accuracy = accuracy(model, task.target_val)
+        if task.target_test is None:  # the validation search: the test split is not there to touch
+            return result
         result.accuracy = accuracy(model, task.target_test)
         result.corrupted_accuracy = {name: accuracy(model, split) for name, split in task.target_test_corrupted.items()}
         result.test_nll = mean_nll(model, task.target_test)
-        result.val_nll = mean_nll(model, task.target_val)
-        result.val_accuracy = accuracy(model, task.target_val)
         sigmas = sorted({*config.noise_sigmas, config.sigma} - {0.0})
         curve = loss_under_noise(model, task.target_test, sigmas, draws=config.noise_draws)
         result.loss_under_noise = {str(k): v for k, v in curve.items()}
@@ -147,10 +161,11 @@ def finetune(
 
 
 class _unperturbed:
-    """Evaluate EFMLoRA at its unperturbed adapter (it otherwise keeps B + E_hat applied between steps)."""
+    """Evaluate EFMLoRA at its unperturbed adapter (it otherwise keeps B + E_hat applied between steps);
+    Bi-LoRA's auxiliary module is off in eval mode by itself."""
 
     def __init__(self, sharpness):
-        self.sharpness = sharpness
+        self.sharpness = sharpness if hasattr(sharpness, "unperturbed") else None
 
     def __enter__(self):
         if self.sharpness is not None:

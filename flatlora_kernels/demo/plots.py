@@ -59,3 +59,40 @@ def _finish(plt, figure, axis, path: Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def save_lm_plots(results, methods, out: Path) -> list[Path]:
+    """The lm task's figures: loss under noise vs sigma', training loss, test NLL per method (95% CIs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_method = {m: [r for r in results if r.method == m] for m in methods}
+    paths = []
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    for method, runs in by_method.items():
+        sigmas = sorted(runs[0].loss_under_noise, key=float)
+        stats = [mean_interval([r.loss_under_noise[s] for r in runs]) for s in sigmas]
+        axis.errorbar([float(s) for s in sigmas], [m for m, _ in stats], yerr=[h for _, h in stats], label=method, capsize=3, marker="o")
+    axis.set(title="lm: loss under noise (test, 95% CI)", xlabel="sigma' (filter-wise)", ylabel="test NLL increase (nats/byte)")
+    paths.append(_finish(plt, figure, axis, out / "lm_loss_under_noise.png"))
+
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    for method, runs in by_method.items():
+        losses = torch.tensor([r.losses for r in runs]).mean(0)
+        axis.plot(range(1, len(losses) + 1), losses, label=method, marker=".")
+    axis.set(title="lm: training loss (mean over seeds)", xlabel="Trainer logging step", ylabel="cross-entropy (nats/byte)")
+    paths.append(_finish(plt, figure, axis, out / "lm_training_loss.png"))
+
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    stats = [mean_interval([r.test_nll for r in by_method[m]]) for m in methods]
+    axis.bar(methods, [m for m, _ in stats], yerr=[h for _, h in stats], capsize=5, color="C0")
+    axis.set_ylim(min(m - h for m, h in stats) - 0.02, max(m + h for m, h in stats) + 0.02)
+    axis.set(title="lm: test NLL (95% CI)", ylabel="nats/byte")
+    axis.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    figure.savefig(out / "lm_test_nll.png", dpi=110)
+    plt.close(figure)
+    paths.append(out / "lm_test_nll.png")
+    return paths

@@ -1,25 +1,84 @@
 """The demo's worker processes (a module of their own: spawned workers cannot unpickle functions
-defined in ``__main__``). Each builds the task itself (deterministic) and gets the pretrained weights."""
+defined in ``__main__``). Each builds its task itself (deterministic) and gets the pretrained weights.
+
+A job is ``(method, seed, config, search)``; a ``search`` job (the validation search) runs on the
+task without its test split, so a choice cannot see the test set even by mistake.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import sys
+import time
+
 import torch
 
-from .data import make_digits_task
-from .finetune import finetune
-from .digits_mlp import DigitsMLP
+from . import data
 
 _WORKER = {}
 
 
-def init_worker(state_dict, train_images, threads):
+def init_worker(task_name, payload, threads):
     torch.set_num_threads(threads)
-    _WORKER["task"] = make_digits_task(target_train_size=train_images)
-    model = DigitsMLP()
-    model.load_state_dict(state_dict)
-    _WORKER["base"] = model.eval()
+    _WORKER["name"] = task_name
+    if task_name == "digits":
+        from .digits_mlp import DigitsMLP
+
+        state_dict, train_images = payload
+        _WORKER["task"] = data.make_digits_task(target_train_size=train_images)
+        model = DigitsMLP()
+        model.load_state_dict(state_dict)
+        _WORKER["base"] = model.eval()
+    elif task_name == "lm":
+        from .lm_task import make_lm_task, tiny_gpt
+
+        state_dict, settings = payload
+        _WORKER["task"] = make_lm_task(settings)
+        model = tiny_gpt(settings)
+        model.load_state_dict(state_dict)
+        _WORKER["base"] = model.eval()
+    else:
+        raise ValueError(f"unknown task {task_name!r}")
 
 
 def run_indexed(item):
-    index, (method, seed, config) = item
-    return index, finetune(_WORKER["base"], _WORKER["task"], method, seed=seed, config=config, device=torch.device("cpu"))
+    index, (method, seed, config, search) = item
+    task = _WORKER["task"].without_test() if search else _WORKER["task"]
+    if _WORKER["name"] == "digits":
+        from .finetune import finetune
+
+        return index, finetune(_WORKER["base"], task, method, seed=seed, config=config, device=torch.device("cpu"))
+    from .lm_finetune import finetune_lm
+
+    return index, finetune_lm(_WORKER["base"], task, method, seed=seed, config=config)
+
+
+def run_all(jobs, *, task_name, payload, workers, threads, label, progress=True):
+    """Run jobs in a spawn pool (``threads`` torch threads each); results come back in job order."""
+    started = time.perf_counter()
+    results = [None] * len(jobs)
+    interactive = sys.stdout.isatty() and progress
+    bar = None
+    if interactive:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc=label, unit="run", file=sys.stdout)
+    items = list(enumerate(jobs))
+    with contextlib.ExitStack() as stack:
+        if workers == 1:  # in this process: no worker start-up (tests, debugging)
+            init_worker(task_name, payload, threads)
+            finished = map(run_indexed, items)
+        else:
+            context = multiprocessing.get_context("spawn")  # fork after torch's thread pools can hang
+            pool = stack.enter_context(context.Pool(min(workers, len(jobs)), init_worker, (task_name, payload, threads)))
+            finished = pool.imap_unordered(run_indexed, items)
+        for done, (index, result) in enumerate(finished, 1):
+            results[index] = result
+            if bar is not None:
+                bar.update(1)
+            elif progress and (done % max(1, len(jobs) // 5) == 0 or done == len(jobs)):
+                print(f"  {label}: {done}/{len(jobs)} runs, {time.perf_counter() - started:.0f} s", flush=True)  # piped: a few plain lines
+    if bar is not None:
+        bar.close()
+    return results

@@ -1,0 +1,136 @@
+"""One fine-tuning run of the language-model task, the way a user runs it: PEFT LoRA on a GPT-2,
+``transformers.Trainer`` with its own AdamW and cosine schedule, and per method:
+
+* ``lora``: ``LoraConfig(lora_dropout=...)`` (its knob);
+* ``flat-lora``: ``enable_flat_lora(model, sigma=...)`` + ``FlatLoraSchedule(total_steps=None)`` +
+  ``FlatLoraCallback`` (README's path);
+* ``bilora`` / ``efmlora``: the Trainer's AdamW wrapped by ``BiLoRA`` / ``EFMLoRA`` (one pass per step).
+
+Every method gets the same pretrained weights, LoRA initialisation (``seed``), batches (the
+Trainer's ``data_seed``), learning rate, schedule and steps. The run measures the validation split
+and, unless the task has no test split (the validation search), the test split: NLL and loss
+under weight noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .flatness import peft_loss_under_noise
+from .lm_task import LmTask, mean_nll
+
+LM_KNOBS = {"lora": "lora_dropout", "flat-lora": "sigma", "efmlora": "efm_rho", "bilora": "bilora_rho"}
+TARGET_MODULES = ["c_attn", "c_proj", "c_fc"]  # every linear (Conv1D) layer of GPT-2's blocks
+
+
+@dataclass
+class LmConfig:
+    steps: int = 120
+    batch_size: int = 16
+    lr: float = 2e-3
+    rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    sigma: float = 0.1
+    efm_rho: float = 0.05
+    bilora_rho: float = 0.05
+    noise_sigmas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
+    noise_draws: int = 4
+
+
+@dataclass
+class LmRunResult:
+    method: str
+    seed: int
+    knob: float
+    val_nll: float = 0.0
+    test_nll: float = 0.0
+    loss_under_noise: dict[str, float] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)  # training loss at the Trainer's logging steps
+    step_ms: float = 0.0
+
+    @property
+    def test_ppl(self) -> float:
+        return math.exp(self.test_nll)
+
+
+def _trainer_class(method: str, config: LmConfig, seed: int):
+    from transformers import Trainer
+
+    if method not in ("bilora", "efmlora"):
+        return Trainer
+
+    class SharpnessTrainer(Trainer):
+        """The Trainer's own AdamW, wrapped; its scheduler then drives the wrapper's shared groups."""
+
+        def create_optimizer(self, *args, **kwargs):
+            optimizer = super().create_optimizer(*args, **kwargs)
+            if method == "bilora":
+                from ..sharpness.bilora import BiLoRA
+
+                self.optimizer = BiLoRA(self.model, optimizer, rho=config.bilora_rho, seed=seed)
+            else:
+                from .. import EFMLoRA
+
+                self.optimizer = EFMLoRA(self.model, optimizer, rho=config.efm_rho)
+            return self.optimizer
+
+    return SharpnessTrainer
+
+
+def finetune_lm(pretrained: nn.Module, task: LmTask, method: str, *, seed: int, config: LmConfig) -> LmRunResult:
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments, logging as hf_logging
+
+    from .. import FlatLoraCallback, FlatLoraSchedule, enable_flat_lora
+
+    if method not in LM_KNOBS:
+        raise ValueError(f"unknown method {method!r}; expected one of {tuple(LM_KNOBS)}")
+    hf_logging.set_verbosity_error()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(seed)  # the LoRA initialisation
+    lora = LoraConfig(
+        r=config.rank, lora_alpha=config.lora_alpha, target_modules=TARGET_MODULES, fan_in_fan_out=True,
+        lora_dropout=config.lora_dropout if method == "lora" else 0.0, task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(copy.deepcopy(pretrained).train(), lora)
+    callbacks = []
+    if method == "flat-lora":
+        model = enable_flat_lora(model, sigma=config.sigma)
+        callbacks.append(FlatLoraCallback(FlatLoraSchedule(model, total_steps=None, seed=seed)))
+    data = [{"input_ids": block, "labels": block} for block in task.train]
+    with tempfile.TemporaryDirectory(prefix="flatlora_lm_") as out:
+        args = TrainingArguments(
+            output_dir=out, max_steps=config.steps, per_device_train_batch_size=config.batch_size,
+            learning_rate=config.lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
+            logging_steps=max(1, config.steps // 20), report_to=[], save_strategy="no", use_cpu=True,
+            disable_tqdm=True, seed=seed, data_seed=seed, dataloader_num_workers=0, label_names=["labels"],
+        )
+        trainer = _trainer_class(method, config, seed)(model=model, args=args, train_dataset=data, callbacks=callbacks)
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+    if hasattr(trainer.optimizer, "restore"):  # EFMLoRA keeps B + E_hat applied between steps
+        trainer.optimizer.restore()
+    elif hasattr(getattr(trainer.optimizer, "optimizer", None), "restore"):  # accelerate's wrapper
+        trainer.optimizer.optimizer.restore()
+    model.eval()
+    result = LmRunResult(method=method, seed=seed, knob=getattr(config, LM_KNOBS[method]))
+    result.losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    result.step_ms = 1000 * seconds / config.steps
+    result.val_nll = mean_nll(model, task.val)
+    if task.test is None:  # the validation search: the test split is not there to touch
+        return result
+    result.test_nll = mean_nll(model, task.test)
+    sigmas = sorted({*config.noise_sigmas, config.sigma} - {0.0})
+    curve = peft_loss_under_noise(model, lambda: mean_nll(model, task.test), sigmas, draws=config.noise_draws)
+    result.loss_under_noise = {str(k): v for k, v in curve.items()}
+    return result
