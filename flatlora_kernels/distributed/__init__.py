@@ -2,15 +2,7 @@
 (``tensor_parallel``). DDP and FSDP2 need nothing extra; see docs/DISTRIBUTED.md."""
 
 from .checkpoint import load_checkpoint, save_checkpoint, schedule_state_tensors
-from .tensor_parallel import (
-    FlatLoraColwiseParallel,
-    FlatLoraRowwiseParallel,
-    ShardedFlatLoraLinear,
-    TensorParallelFlatLoraLinear,
-    shard_colwise,
-    shard_noise,
-    shard_rowwise,
-)
+from .tensor_parallel import FlatLoraColwiseParallel, FlatLoraRowwiseParallel, TensorParallelFlatLoraLinear
 
 __all__ = [
     "save_checkpoint",
@@ -19,8 +11,4 @@ __all__ = [
     "FlatLoraColwiseParallel",
     "FlatLoraRowwiseParallel",
     "TensorParallelFlatLoraLinear",
-    "ShardedFlatLoraLinear",
-    "shard_colwise",
-    "shard_rowwise",
-    "shard_noise",
 ]

@@ -1,16 +1,12 @@
 """Tensor parallelism for ``FlatLoraLinear`` with the unsharded layer's noise (module level, not fused).
 
-Two front ends, one shard math:
-
-* ``parallelize_module(model, mesh, {"up": FlatLoraColwiseParallel(), "down": FlatLoraRowwiseParallel()})``
-  (``torch.distributed.tensor.parallel``): the layer stays a ``FlatLoraLinear`` (its class becomes the
-  subclass ``TensorParallelFlatLoraLinear``) whose parameters are DTensors on the 1-D mesh in the
-  standard layout (colwise: ``weight``/``lora_B``/``bias`` ``Shard(0)``, ``lora_A`` ``Replicate``;
-  rowwise: ``weight``/``lora_A`` ``Shard(1)``, ``lora_B``/``bias`` ``Replicate``), so optimizers,
-  ``get_state_dict``/DCP and ``full_tensor()`` see what they see for torch's own styles. Inputs and
-  outputs follow torch's ``ColwiseParallel``/``RowwiseParallel`` (the styles subclass them).
-* ``shard_colwise(model, name, group)`` / ``shard_rowwise``: the older plain-tensor form, replacing the
-  layer by a ``ShardedFlatLoraLinear`` that holds local (non-DTensor) shards.
+``parallelize_module(model, mesh, {"up": FlatLoraColwiseParallel(), "down": FlatLoraRowwiseParallel()})``
+(``torch.distributed.tensor.parallel``): the layer stays a ``FlatLoraLinear`` (its class becomes the
+subclass ``TensorParallelFlatLoraLinear``) whose parameters are DTensors on the 1-D mesh in the
+standard layout (colwise: ``weight``/``lora_B``/``bias`` ``Shard(0)``, ``lora_A`` ``Replicate``;
+rowwise: ``weight``/``lora_A`` ``Shard(1)``, ``lora_B``/``bias`` ``Replicate``), so optimizers,
+``get_state_dict``/DCP and ``full_tensor()`` see what they see for torch's own styles. Inputs and
+outputs follow torch's ``ColwiseParallel``/``RowwiseParallel`` (the styles subclass them).
 
 ``colwise`` splits the output rows ``[0, N)`` across the group, ``rowwise`` the input columns ``[0, K)``
 (the Megatron pair: a colwise layer's sharded output feeds a rowwise layer, whose partial outputs are
@@ -29,7 +25,7 @@ the kernels). All ranks of the group must use the same seed: drive the model wit
 ``rank`` is the data-parallel rank (0 without data parallelism), not the tensor-parallel rank; the
 first training forward after the rank key changes checks this with one tiny all-reduce and raises.
 
-LoRA dropout (``modules.dropout_correction``) needs the tensor-parallel ranks' torch RNG in step, as in
+LoRA dropout (``step_noise.dropout_correction``) needs the tensor-parallel ranks' torch RNG in step, as in
 Megatron: colwise applies the unsharded layer's dropout to its (replicated) input; rowwise draws the
 mask of the whole input row from that RNG and keeps its columns, so on CPU both equal the unsharded
 layer's dropout bit for bit (on CUDA, where ``F.dropout`` draws differently, the mask has the same
@@ -48,25 +44,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-from ..modules import FlatLoraLinear, dropout_correction
-from ..noise import normal_submatrix
+from ..layer_support import UnsupportedLayerError, base_layer_problem, supported_layers
+from ..modules import FlatLoraLinear
+from ..noise import merged_weight, normal_submatrix
+from ..step_noise import dropout_correction
 
-__all__ = [
-    "FlatLoraColwiseParallel",
-    "FlatLoraRowwiseParallel",
-    "TensorParallelFlatLoraLinear",
-    "shard_colwise",
-    "shard_rowwise",
-    "ShardedFlatLoraLinear",
-    "shard_noise",
-]
-
-
-def shard_noise(
-    seed: Tensor, in_features: int, rows: tuple[int, int], cols: tuple[int, int], *, device="cpu"
-) -> Tensor:
-    """``z(seed, i, j)`` for global rows ``[i0, i1)`` and columns ``[j0, j1)`` of a ``K = in_features`` layer."""
-    return normal_block(seed, in_features, rows, cols, device=device)
+__all__ = ["FlatLoraColwiseParallel", "FlatLoraRowwiseParallel", "TensorParallelFlatLoraLinear"]
 
 
 class _SumGradAcrossShards(torch.autograd.Function):
@@ -91,20 +74,6 @@ def _sum_grad(tensor: Tensor | None, group) -> Tensor | None:
     return _SumGradAcrossShards.apply(tensor, group)
 
 
-class _SumAcrossShards(torch.autograd.Function):
-    """Forward sums partial outputs over the group; backward hands every shard the whole gradient."""
-
-    @staticmethod
-    def forward(ctx, tensor, group):
-        out = tensor.contiguous().clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
 def _block(n: int, rank: int, world: int, what: str) -> tuple[int, int]:
     if n % world:
         raise ValueError(f"{what}={n} is not divisible by the tensor-parallel world size {world}")
@@ -121,11 +90,16 @@ def _shard_ranges(layer: FlatLoraLinear, style: str, rank: int, world: int):
 
 def _check_layer(layer, style: str) -> None:
     if not isinstance(layer, FlatLoraLinear):
-        raise TypeError(f"expected a FlatLoraLinear, got {type(layer).__name__}")
-    if style not in ("colwise", "rowwise"):
-        raise ValueError(f"style must be 'colwise' or 'rowwise', got {style!r}")
+        why = base_layer_problem(layer) or "convert it with apply_flat_lora (or FlatLoraLinear.from_linear) first"
+        raise UnsupportedLayerError(
+            f"{style} tensor parallelism: expected a FlatLoraLinear, got a {type(layer).__name__}: {why}; "
+            f"{supported_layers()}"
+        )
     if layer.fan_in_fan_out:
-        raise NotImplementedError("tensor-parallel FlatLoraLinear does not support a Conv1D ([in, out]) base weight")
+        raise UnsupportedLayerError(
+            f"{style} tensor parallelism: a FlatLoraLinear over a Conv1D ([in, out] weight) is not sharded; "
+            "tensor parallelism supports FlatLoraLinear over nn.Linear"
+        )
     if layer.merged:
         raise RuntimeError("FlatLoraLinear is merged: call unmerge() before sharding it")
 
@@ -138,106 +112,13 @@ def _bias_once(bias: Tensor | None, first: bool) -> Tensor | None:
     return bias * 0 if bias.requires_grad else None
 
 
-class _ShardMath:
-    """The local math both front ends share. A subclass has ``lora_A`` / ``lora_B`` parameters, sets
-    ``style``, ``rows``, ``cols`` (global block), ``_norm_cache = None`` and ``_checked_rank_key = None``,
-    and provides the three methods below."""
-
-    style: str
-    rows: tuple[int, int]
-    cols: tuple[int, int]
-
-    def _noise_state(self) -> FlatLoraLinear:
-        """The layer holding the step's noise state (seed, factor, rank key) and the dropout module."""
-        raise NotImplementedError
-
-    def _local_tensors(self) -> tuple[Tensor, Tensor, Tensor]:
-        """This rank's ``(weight, lora_A, lora_B)`` blocks as plain tensors (read under no_grad)."""
-        raise NotImplementedError
-
-    def _group(self):
-        raise NotImplementedError
-
-    def _merged(self, weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> Tensor:
-        """This shard's block of ``W + s*B@A`` in fp32 (the unsharded layer's expression, so its row norms match)."""
-        return weight.float() + self._noise_state().scaling * (lora_B.float() @ lora_A.float())
-
-    def _row_norms(self, merged: Tensor) -> Tensor:
-        """``||W + s*B@A||_row`` of this shard's rows; rowwise: one all-reduce of squared partial norms per step."""
-        if self.style == "colwise":
-            return torch.linalg.vector_norm(merged, dim=1)
-        layer = self._noise_state()
-        # In-place updates of a DTensor bump its own version counter, not its local tensor's: key on both.
-        versions = tuple(t._version for t in (self.lora_A, self.lora_B, *self._local_tensors()[1:]))
-        key = (int(layer.effective_seed()), float(layer.noise_factor), *versions)
-        if self._norm_cache is None or self._norm_cache[0] != key:
-            squares = merged.square().sum(dim=1)
-            dist.all_reduce(squares, group=self._group())
-            self._norm_cache = (key, squares.sqrt())
-        return self._norm_cache[1]
-
-    def shard_eps(self, merged: Tensor | None = None) -> Tensor:
-        """This shard's block of the unsharded layer's eps (fp32); ``merged``: the shard's ``W + s*B@A``
-        if the caller has it (the forward does), else it is formed here."""
-        layer = self._noise_state()
-        weight, lora_A, lora_B = self._local_tensors()
-        with torch.no_grad():
-            merged = self._merged(weight, lora_A, lora_B) if merged is None else merged.detach()
-            row_scale = layer.effective_sigma() * self._row_norms(merged) / math.sqrt(layer.in_features)
-            # On the shard's device, not normal_block's default (CPU).
-            z = shard_noise(layer.effective_seed(), layer.in_features, self.rows, self.cols, device=weight.device)
-            return row_scale[:, None] * z
-
-    def _check_shared_seed(self) -> None:
-        """Raise unless every rank of the group draws from the same seed (checked when the rank key changes)."""
-        layer = self._noise_state()
-        if layer.noise_rank_key == self._checked_rank_key:
-            return
-        seed = layer.effective_seed().reshape(1)
-        extremes = torch.cat([seed, -seed])  # seeds are below 2**63: negating cannot overflow
-        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self._group())
-        if int(extremes[0]) != -int(extremes[1]):
-            raise RuntimeError(
-                "tensor-parallel shards of a FlatLoraLinear draw from different seeds: build the "
-                "FlatLoraSchedule with rank=<the data-parallel rank> (0 without data parallelism), not the "
-                "global rank, so that every shard uses its block of the unsharded layer's eps"
-            )
-        self._checked_rank_key = layer.noise_rank_key
-
-    def _dropout_term(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, dropout: nn.Dropout) -> Tensor:
-        scaling = self._noise_state().scaling
-        if self.style == "colwise":  # x is whole: the unsharded layer's dropout, from the shared RNG
-            return dropout_correction(x, dropout, lora_A, lora_B, scaling)
-        # The mask of the whole row, drawn as F.dropout draws it on CPU, and this shard's columns of it.
-        keep = 1.0 - dropout.p
-        shape = (*x.shape[:-1], self._noise_state().in_features)
-        mask = torch.empty(shape, dtype=lora_A.dtype, device=x.device).bernoulli_(keep).div_(keep)
-        mask = mask[..., self.cols[0] : self.cols[1]]
-        return dropout_correction(x, lambda xa: xa * mask, lora_A, lora_B, scaling)
-
-    def _sharded_linear(self, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None) -> Tensor:
-        """This rank's output block (colwise) or partial output (rowwise) from local tensors."""
-        layer = self._noise_state()
-        if self.training:
-            self._check_shared_seed()
-        merged = self._merged(weight, lora_A, lora_B)
-        if self.training:
-            merged = merged + self.shard_eps(merged)
-        y = F.linear(x, merged.to(x.dtype))
-        if self.training and layer.lora_dropout is not None:
-            y = y + self._dropout_term(x, lora_A, lora_B, layer.lora_dropout).to(y.dtype)
-        return y if bias is None else y + bias.to(y.dtype)
-
-
-# --- DTensor front end: parallelize_module styles ---------------------------------------------------
-
 _PLACEMENTS = {
     "colwise": {"weight": Shard(0), "bias": Shard(0), "lora_A": Replicate(), "lora_B": Shard(0)},
     "rowwise": {"weight": Shard(1), "bias": Replicate(), "lora_A": Shard(1), "lora_B": Replicate()},
 }
 
 
-class TensorParallelFlatLoraLinear(_ShardMath, FlatLoraLinear):
+class TensorParallelFlatLoraLinear(FlatLoraLinear):
     """A ``FlatLoraLinear`` whose parameters are DTensors on a 1-D tensor-parallel mesh.
 
     Made by ``FlatLoraColwiseParallel`` / ``FlatLoraRowwiseParallel`` (which swap the layer's class in
@@ -254,15 +135,78 @@ class TensorParallelFlatLoraLinear(_ShardMath, FlatLoraLinear):
             "or FlatLoraRowwiseParallel()) from a FlatLoraLinear, not built directly"
         )
 
-    def _noise_state(self) -> FlatLoraLinear:
-        return self
-
     def _local_tensors(self):
         with torch.no_grad():
             return self.weight.to_local(), self.lora_A.to_local(), self.lora_B.to_local()
 
     def _group(self):
         return self.tp_mesh.get_group()
+
+    def _merged(self, weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> Tensor:
+        """This shard's block of ``W + s*B@A`` (the unsharded layer's expression, so its row norms match)."""
+        return merged_weight(weight, lora_A, lora_B, self.scaling)
+
+    def _row_norms(self, merged: Tensor) -> Tensor:
+        """``||W + s*B@A||_row`` of this shard's rows; rowwise: one all-reduce of squared partial norms per step."""
+        if self.style == "colwise":
+            return torch.linalg.vector_norm(merged, dim=1)
+        # In-place updates of a DTensor bump its own version counter, not its local tensor's: key on both.
+        versions = tuple(t._version for t in (self.lora_A, self.lora_B, *self._local_tensors()[1:]))
+        key = (int(self.effective_seed()), float(self.noise_factor), *versions)
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            squares = merged.square().sum(dim=1)
+            dist.all_reduce(squares, group=self._group())
+            self._norm_cache = (key, squares.sqrt())
+        return self._norm_cache[1]
+
+    def shard_eps(self, merged: Tensor | None = None) -> Tensor:
+        """This shard's block of the unsharded layer's eps (fp32); ``merged``: the shard's ``W + s*B@A``
+        if the caller has it (the forward does), else it is formed here."""
+        weight, lora_A, lora_B = self._local_tensors()
+        with torch.no_grad():
+            merged = self._merged(weight, lora_A, lora_B) if merged is None else merged.detach()
+            row_scale = self.effective_sigma() * self._row_norms(merged) / math.sqrt(self.in_features)
+            # On the shard's device, not normal_submatrix's default (CPU).
+            z = normal_submatrix(self.effective_seed(), self.in_features, self.rows, self.cols, device=weight.device)
+            return row_scale[:, None] * z
+
+    def _check_shared_seed(self) -> None:
+        """Raise unless every rank of the group draws from the same seed (checked when the rank key changes)."""
+        if self.noise_rank_key == self._checked_rank_key:
+            return
+        seed = self.effective_seed().reshape(1)
+        extremes = torch.cat([seed, -seed])  # seeds are below 2**63: negating cannot overflow
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self._group())
+        if int(extremes[0]) != -int(extremes[1]):
+            raise RuntimeError(
+                "tensor-parallel shards of a FlatLoraLinear draw from different seeds: build the "
+                "FlatLoraSchedule with rank=<the data-parallel rank> (0 without data parallelism), not the "
+                "global rank, so that every shard uses its block of the unsharded layer's eps"
+            )
+        self._checked_rank_key = self.noise_rank_key
+
+    def _dropout_term(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, dropout: nn.Dropout) -> Tensor:
+        scaling = self.scaling
+        if self.style == "colwise":  # x is whole: the unsharded layer's dropout, from the shared RNG
+            return dropout_correction(x, dropout, lora_A, lora_B, scaling)
+        # The mask of the whole row, drawn as F.dropout draws it on CPU, and this shard's columns of it.
+        keep = 1.0 - dropout.p
+        shape = (*x.shape[:-1], self.in_features)
+        mask = torch.empty(shape, dtype=lora_A.dtype, device=x.device).bernoulli_(keep).div_(keep)
+        mask = mask[..., self.cols[0] : self.cols[1]]
+        return dropout_correction(x, lambda xa: xa * mask, lora_A, lora_B, scaling)
+
+    def _sharded_linear(self, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None) -> Tensor:
+        """This rank's output block (colwise) or partial output (rowwise) from local tensors."""
+        if self.training:
+            self._check_shared_seed()
+        merged = self._merged(weight, lora_A, lora_B)
+        if self.training:
+            merged = merged + self.shard_eps(merged)
+        y = F.linear(x, merged.to(x.dtype))
+        if self.training and self.lora_dropout is not None:
+            y = y + self._dropout_term(x, lora_A, lora_B, self.lora_dropout).to(y.dtype)
+        return y if bias is None else y + bias.to(y.dtype)
 
     def forward(self, x: DTensor) -> DTensor:
         if self.merged:
@@ -347,73 +291,3 @@ class FlatLoraRowwiseParallel(RowwiseParallel):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         self.desired_input_layouts = (Shard(-1),)  # what RowwiseParallel sets for nn.Linear
         return _parallelize(self, module, device_mesh, "rowwise")
-
-
-# --- plain-tensor front end: shard_colwise / shard_rowwise --------------------------------------
-
-
-class ShardedFlatLoraLinear(_ShardMath, nn.Module):
-    """One tensor-parallel shard of a ``FlatLoraLinear`` as plain tensors (built by ``shard_colwise`` /
-    ``shard_rowwise``): takes and returns local tensors (colwise: whole input, output columns
-    ``rows``; rowwise: input columns ``cols``, the summed output)."""
-
-    def __init__(self, layer: FlatLoraLinear, style: str, group=None) -> None:
-        super().__init__()
-        _check_layer(layer, style)
-        if not dist.is_initialized():
-            raise RuntimeError("tensor parallelism needs an initialised process group")
-        self.style, self.group = style, group
-        self.rank = dist.get_rank(group)
-        self.out_features, self.in_features = layer.out_features, layer.in_features
-        self.scaling, self.sigma = layer.scaling, layer.sigma
-        self.layer = layer  # kept for its noise state (seed, factor, rank key) and dropout, which the schedule drives
-        self.rows, self.cols = _shard_ranges(layer, style, self.rank, dist.get_world_size(group))
-        (i0, i1), (j0, j1) = self.rows, self.cols
-        with torch.no_grad():
-            self.weight = nn.Parameter(layer.weight[i0:i1, j0:j1].clone(), requires_grad=False)
-            self.lora_A = nn.Parameter(layer.lora_A[:, j0:j1].clone())
-            self.lora_B = nn.Parameter(layer.lora_B[i0:i1].clone())
-            bias = layer.bias if layer.bias is None or style == "rowwise" else layer.bias[i0:i1]
-            self.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
-        # Drop the full tensors from the wrapped layer: only its noise buffers are used.
-        for name in ("weight", "bias", "lora_A", "lora_B"):
-            layer._parameters.pop(name, None)
-        self._norm_cache: tuple | None = None
-        self._checked_rank_key: int | None = None
-
-    def _noise_state(self) -> FlatLoraLinear:
-        return self.layer
-
-    def _local_tensors(self):
-        return self.weight, self.lora_A, self.lora_B
-
-    def _group(self):
-        return self.group
-
-    def forward(self, x: Tensor) -> Tensor:
-        lora_A, lora_B, bias = self.lora_A, self.lora_B, self.bias
-        if self.style == "colwise":
-            x, lora_A = _sum_grad(x, self.group), _sum_grad(lora_A, self.group)
-            return self._sharded_linear(x, self.weight, lora_A, lora_B, bias)
-        lora_B = _sum_grad(lora_B, self.group)
-        bias = _bias_once(bias, self.rank == 0)
-        return _SumAcrossShards.apply(self._sharded_linear(x, self.weight, lora_A, lora_B, bias), self.group)
-
-
-def _replace(model: nn.Module, name: str, style: str, group) -> ShardedFlatLoraLinear:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    layer = getattr(parent, child)
-    shard = ShardedFlatLoraLinear(layer, style, group)
-    setattr(parent, child, shard)
-    return shard
-
-
-def shard_colwise(model: nn.Module, name: str, group=None) -> ShardedFlatLoraLinear:
-    """Replace the ``FlatLoraLinear`` at ``model.<name>`` by this rank's block of output rows (in place)."""
-    return _replace(model, name, "colwise", group)
-
-
-def shard_rowwise(model: nn.Module, name: str, group=None) -> ShardedFlatLoraLinear:
-    """Replace the ``FlatLoraLinear`` at ``model.<name>`` by this rank's block of input columns (in place)."""
-    return _replace(model, name, "rowwise", group)
