@@ -738,3 +738,29 @@ def test_other_bad_arguments():
     lora_modules(half_frozen)[0].lora_A.requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad"):
         EFMLoRA(half_frozen, _opt_for(half_frozen))
+
+
+def test_peft_layers_the_shared_check_refuses_are_named_or_skipped():
+    """DoRA and embedding LoRA: refused by the same check as enable_flat_lora (an embedding LoRA used to be
+    skipped silently); skip_unsupported=True perturbs the others and names the skipped ones."""
+    peft = pytest.importorskip("peft")
+    from flatlora_kernels import UnsupportedLayerError
+
+    class WithEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 12)
+            self.proj = nn.Linear(12, 5)
+
+        def forward(self, ids):
+            return self.proj(self.embed(ids))
+
+    model = peft.get_peft_model(WithEmbedding(), peft.LoraConfig(r=2, target_modules=["embed", "proj"]))
+    with pytest.raises(UnsupportedLayerError, match=r"embed.*embedding"):
+        EFMLoRA(model, torch.optim.SGD(trainable(model), lr=0.1))
+    with pytest.warns(UserWarning, match=r"skip_unsupported=True.*embed"):
+        opt = EFMLoRA(model, torch.optim.SGD(trainable(model), lr=0.1), skip_unsupported=True)
+    assert [layer.name.rsplit(".", 1)[-1] for layer in opt.layers] == ["proj"]
+    dora = peft.get_peft_model(nn.Sequential(nn.Linear(12, 5)), peft.LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    with pytest.raises(UnsupportedLayerError, match="DoRA"):
+        FMLoRA(dora, torch.optim.SGD(trainable(dora), lr=0.1))

@@ -49,9 +49,11 @@ class FMLoRA(LoraSharpnessOptimizer):
             ``"linear"``/``"cosine"`` decay to 0 over ``total_steps``, or a callable ``step -> factor``.
         normalization: ``"layer"`` (default, as the public port) or ``"global"``; see ``perturbation.py``.
         pinv_rtol: eigenvalue cut-off of the guarded Gram pseudo-inverses (default ``64 * eps``).
+        skip_unsupported: leave PEFT LoRA layers the shared layer check refuses (DoRA, embedding LoRA,
+            quantized base, ...) unperturbed, with a warning naming them, instead of raising.
         grad_scaler: a ``torch.amp.GradScaler`` if the closure backpropagates ``scaler.scale(loss)``.
 
-    ``rho_schedule``, ``total_steps``, ``normalization`` and ``pinv_rtol`` are keyword-only; they go
+    ``rho_schedule``, ``total_steps``, ``normalization``, ``pinv_rtol`` and ``skip_unsupported`` are keyword-only; they go
     through ``**options`` to ``LoraSharpnessOptimizer``, which holds their defaults.
 
     Gradient accumulation: the closure runs all micro-batches of the step (each ``backward`` adds

@@ -4,8 +4,10 @@ Two layouts are recognised:
 
 * tensor attributes (``FlatLoraLinear`` and any module like it): ``lora_A`` ``[r, in]`` and
   ``lora_B`` ``[out, r]`` are 2-D tensors and ``scaling`` is a number;
-* PEFT's LoRA linear layers: ``lora_A`` / ``lora_B`` map adapter names to ``nn.Linear`` modules
-  and ``scaling`` maps them to numbers; the single active adapter is used. peft is not imported.
+* PEFT's LoRA layers: ``lora_A`` / ``lora_B`` map adapter names to ``nn.Linear`` modules and
+  ``scaling`` maps them to numbers; the single active adapter is used. Whether such a layer can be
+  run is the shared check's decision (``flatlora_kernels.layer_support``: DoRA, embedding LoRA,
+  quantized bases, ... are refused, naming the layers, unless ``skip_unsupported=True``).
 
 Only layers whose factors are trained are returned: a perturbation of B is pointless when B is
 frozen, and the gradient estimate needs the gradients of both A and B.
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .._validation import is_real
+from ..layer_support import peft_lora_layer_problem, refuse_or_skip
 
 __all__ = ["LoraLayerRef", "find_lora_layers"]
 
@@ -51,31 +54,21 @@ class LoraLayerRef:
 
 
 def _peft_active_adapter(name: str, module: nn.Module) -> str | None:
-    """The one active adapter of a PEFT-style layer that has linear factors for it, else None."""
+    """The one active adapter of a PEFT-style layer (any LoRA layer kind), else None."""
     active = getattr(module, "active_adapters", None)
     if active is None:
         active = getattr(module, "active_adapter", None)
     if isinstance(active, str):
         active = [active]
-    active = [adapter for adapter in (active or []) if adapter in module.lora_A]
-    if not active:
-        return None  # e.g. a PEFT embedding layer: its factors live in lora_embedding_A/B
+    held = getattr(module, "r", None)
+    held = held if isinstance(held, Mapping) else module.lora_A
+    active = [adapter for adapter in (active or []) if adapter in held]
     if len(active) > 1:
         raise ValueError(f"{name}: {len(active)} active LoRA adapters {active}; FMLoRA/EFMLoRA need exactly one")
-    adapter = active[0]
-    use_dora = getattr(module, "use_dora", {})
-    if isinstance(use_dora, Mapping) and use_dora.get(adapter, False):
-        raise NotImplementedError(f"{name}: DoRA adapters are not supported (the gradient estimate assumes dW = s*B@A)")
-    factor = getattr(module.lora_A[adapter], "weight", None)
-    if not isinstance(factor, Tensor) or factor.dim() != 2:
-        raise NotImplementedError(
-            f"{name}: only linear LoRA layers are supported (adapter {adapter!r} of {type(module).__name__} "
-            "has no 2-D lora_A weight)"
-        )
-    return adapter
+    return active[0] if active else None
 
 
-def _as_layer_ref(name: str, module: nn.Module) -> LoraLayerRef | None:
+def _as_layer_ref(name: str, module: nn.Module, problems: dict[str, str]) -> LoraLayerRef | None:
     lora_A, lora_B, scaling = (getattr(module, attr, None) for attr in ("lora_A", "lora_B", "scaling"))
     if lora_A is None or lora_B is None or scaling is None:
         return None
@@ -86,6 +79,11 @@ def _as_layer_ref(name: str, module: nn.Module) -> LoraLayerRef | None:
     elif isinstance(lora_A, Mapping | nn.ModuleDict) and isinstance(scaling, Mapping):
         adapter = _peft_active_adapter(name, module)
         if adapter is None:
+            return None
+        # FMLoRA calls the layer's own forward: only the layer's kind matters, not hooks on its base.
+        problem = peft_lora_layer_problem(module, adapter, bypasses_forward=False)
+        if problem is not None:
+            problems[name] = problem
             return None
         ref = LoraLayerRef(name, module, adapter)
     else:
@@ -98,11 +96,14 @@ def _as_layer_ref(name: str, module: nn.Module) -> LoraLayerRef | None:
     return ref
 
 
-def find_lora_layers(model: nn.Module) -> list[LoraLayerRef]:
-    """The trained LoRA layers of ``model``, in ``named_modules`` order (each parameter once)."""
-    layers, seen = [], set()
+def find_lora_layers(model: nn.Module, skip_unsupported: bool = False) -> list[LoraLayerRef]:
+    """The trained LoRA layers of ``model``, in ``named_modules`` order (each parameter once).
+
+    Raises ``UnsupportedLayerError`` naming every PEFT LoRA layer the shared check refuses, unless
+    ``skip_unsupported=True`` (those layers then train without the perturbation, with a warning)."""
+    layers, seen, problems = [], set(), {}
     for name, module in model.named_modules():
-        ref = _as_layer_ref(name or type(module).__name__, module)
+        ref = _as_layer_ref(name or type(module).__name__, module, problems)
         if ref is None or id(ref.lora_B) in seen:
             continue
         trains_A, trains_B = ref.lora_A.requires_grad, ref.lora_B.requires_grad
@@ -114,4 +115,5 @@ def find_lora_layers(model: nn.Module) -> list[LoraLayerRef]:
         if trains_B:
             seen.add(id(ref.lora_B))
             layers.append(ref)
+    refuse_or_skip("FMLoRA/EFMLoRA", problems.items(), skip_unsupported)
     return layers

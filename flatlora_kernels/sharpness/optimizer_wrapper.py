@@ -35,6 +35,7 @@ class LoraSharpnessOptimizer(torch.optim.Optimizer):
         total_steps: int | None = None,
         normalization: str = "layer",
         pinv_rtol: float | None = None,
+        skip_unsupported: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -47,7 +48,7 @@ class LoraSharpnessOptimizer(torch.optim.Optimizer):
         self.pinv_rtol = check_real("pinv_rtol", pinv_rtol, low=0, high=1, high_open=True, optional=True)
         self.rho_schedule = RhoSchedule(rho, rho_schedule, total_steps)
         self.normalization = normalization
-        self.layers: list[LoraLayerRef] = find_lora_layers(model)
+        self.layers: list[LoraLayerRef] = find_lora_layers(model, skip_unsupported)
         if not self.layers:
             raise ValueError(
                 f"{type(self).__name__}: no trainable LoRA layers found in the model (modules with lora_A, "
