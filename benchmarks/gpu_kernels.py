@@ -1,28 +1,41 @@
 """Kernel-level GPU checks and timings of the Triton backend (a standalone script; needs CUDA).
+``scripts/gpu_check.sh`` runs its stages, each under its own time limit:
 
-    python benchmarks/gpu_kernels.py [--quick] [--json results.json]
+    python benchmarks/gpu_kernels.py --selfcheck [--report report.md --jsonl results.jsonl]
+    python benchmarks/gpu_kernels.py [--timing] [--full] [--report ... --jsonl ...]
+    python benchmarks/gpu_kernels.py --memory [--report ... --jsonl ...]
     python benchmarks/gpu_kernels.py --resources     # no GPU needed (TRITON_INTERPRET unset)
-    TRITON_INTERPRET=1 python -m tests.test_gpu_script_dry_run [--quick ...]   # CPU dry run, tiny shapes
+    TRITON_INTERPRET=1 python -m tests.test_gpu_script_dry_run [same arguments]   # CPU dry run, tiny shapes
 
-1. Correctness on fresh random data at real sizes, before any timing: forward and every gradient of
-   ``flat_lora_linear(backend="triton")`` under each strategy, against the plain-PyTorch backend run
-   on fp32 copies of the inputs (same eps by definition), as ``||out - ref|| / ||ref||``. The
-   caching allocator is poisoned with NaN first, so an unwritten output element shows up.
-2. ``triton.testing.do_bench`` medians (p20/p80 kept in the JSON) of: cuBLAS ``x @ W^T``; LoRA fwd and
-   fwd+bwd (PEFT's math under autograd); the naive perturbation (``W + eps`` kept for backward);
-   Flat-LoRA fwd and fwd+bwd per strategy; the kernels alone (row scales, one regeneration of W',
-   the z tile) with their normal rates; the in-register crossover sweep over M; the chunk-cap sweep.
-3. Peak memory of a 16-layer 4096-wide stack at M=8192 (LoRA vs naive vs Flat-LoRA).
+Every table and every PASS/FAIL line is written the moment it is finished: printed, appended to the
+``--report`` markdown file and, one JSON object a line, to the ``--jsonl`` file. A stage stopped by
+its time limit (SIGINT) so keeps what it finished and notes where it stopped.
 
-``--resources`` records the launchers' kernel calls on CPU tensors (nothing runs), compiles each for
-sm_90 with Triton's own argument specialisation (Triton's bundled ptxas) and prints registers, stack,
-ptxas spill stores, shared memory and instruction counts (tensor-core ops, vector loads/stores,
-barriers, layout conversions). A 32-byte stack is expected: libdevice's sin/cos keep a scratch array
-for huge arguments, a path Box-Muller never takes.
+``--selfcheck``: the noise stream on the GPU against its definition (``flatlora_kernels/noise.py``):
+   Philox integers bit for bit (offsets past 2**32 included); normals within
+   ``noise_tile.MAX_ULPS_FROM_DEFINITION`` ulps, on a few rows and on a 4096 x 4096 block (max abs
+   error, max ulps, share bit-equal; noise.py evaluated on the same GPU); eps of forward (row) chunks
+   and backward (counter) chunks bit-equal.
+``--timing`` (the default): a correctness gate at the three target shapes (forward and every
+   gradient against the plain-PyTorch backend on fp32 copies, ``||out - ref|| / ||ref||``, the
+   allocator poisoned with NaN first); then, only if it passes, fwd+bwd of Flat-LoRA, LoRA (PEFT's
+   math) and the naive perturbation (``W + eps`` kept for backward) at each target shape with
+   ``triton.testing.do_bench`` medians (p20/p80 kept) and a PASS/FAIL line per target; the
+   regeneration kernel's normals/s; a ``torch.profiler`` kernel table of one Flat-LoRA step; the
+   same fwd+bwd under ``do_bench_cudagraph`` (host overhead removed) with its PASS/FAIL lines; the
+   tuning flags of ``backends/triton_tuning.py`` timed both ways. ``--full`` adds the small-M and
+   odd-shape checks, the kernels alone, the in-register crossover sweep, the chunk-cap sweep and the
+   stack memory (a second call's worth).
+``--memory``: peak memory of a 16-layer 4096-wide stack at M=8192, fwd+bwd: LoRA, naive, Flat-LoRA.
+``--resources``: records the launchers' kernel calls on CPU tensors (nothing runs), compiles each for
+   sm_90 with Triton's own argument specialisation (Triton's bundled ptxas) and prints registers,
+   stack, ptxas spill stores, shared memory and instruction counts (tensor-core ops, vector
+   loads/stores, barriers, layout conversions). A 32-byte stack is expected: libdevice's sin/cos keep
+   a scratch array for huge arguments, a path Box-Muller never takes.
 
-Targets (docs/DESIGN.md, "targets"; none measured yet): Flat-LoRA fwd+bwd <= 1.00x LoRA fwd+bwd at (M, N, K) =
-(8192, 4096, 4096), (2048, 4096, 4096), (8192, 11008, 4096), bf16, r=16; noise generation
->= 300 G normals/s at M=256; stack peak <= LoRA's + 1%. Markdown tables are printed last.
+Targets (docs/DESIGN.md, "targets"; none measured yet), bf16, r=16: Flat-LoRA fwd+bwd <= 0.90x LoRA's
+at (M, N, K) = (8192, 4096, 4096) and <= 1.00x at (2048, 4096, 4096) and (8192, 11008, 4096); the
+regeneration kernel >= 300 G normals/s; the 16-layer stack's peak <= LoRA's + 1%.
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ import argparse
 import contextlib
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -39,6 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flatlora_kernels import flat_lora_linear  # noqa: E402
+from flatlora_kernels import noise  # noqa: E402
 from flatlora_kernels.backends import torch_reference  # noqa: E402
 from flatlora_kernels.backends import triton_tuning  # noqa: E402
 from flatlora_kernels import baselines  # noqa: E402
@@ -47,7 +62,10 @@ from flatlora_kernels.baselines import lora_linear  # noqa: E402
 DEVICE = "cuda"
 DTYPE = torch.bfloat16
 RANK, SCALING, SIGMA = 16, 2.0, 0.05
-TARGET_SHAPES = [(8192, 4096, 4096), (2048, 4096, 4096), (8192, 11008, 4096)]
+# (M, N, K) and the ceiling of Flat-LoRA fwd+bwd / LoRA fwd+bwd there (docs/DESIGN.md, "targets").
+TARGETS = [((8192, 4096, 4096), 0.90), ((2048, 4096, 4096), 1.00), ((8192, 11008, 4096), 1.00)]
+REGEN_TARGET_G_NORMALS = 300.0
+MEMORY_TARGET_X_LORA = 1.01
 SMALL_M = [1, 16, 64, 256]
 SQUARE_LAYER = (4096, 4096)  # (N, K) of the small-M checks and the kernels-alone timings
 ODD_SHAPE = (300, 1000, 1030)  # (M, N, K) of the fp16/fp32 checks: no dimension a multiple of 16
@@ -55,8 +73,6 @@ CROSSOVER_M = [16, 32, 64, 128, 256, 512, 1024]
 CHUNK_CAPS_MIB = [4, 8, 16, 32, 64]
 # Relative-error ceilings against the fp32 reference (docs/DESIGN.md, "precision": bf16 operands land in 1e-3..1e-2).
 MAX_RELATIVE_ERROR = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
-
-
 # ---- setup --------------------------------------------------------------------------------------
 
 
@@ -300,37 +316,288 @@ def check_correctness(M, N, K, name, dtype=DTYPE):
     return dict(M=M, N=N, K=K, strategy=name, dtype=str(dtype), ok=ok, **errors)
 
 
-# ---- 2. timings -----------------------------------------------------------------------------------
+
+
+def correctness_gate(report, full):
+    """The timing stage's own gate: the target shapes (auto strategy), and with ``full`` the small-M and
+    odd-shape checks of both strategies. Returns whether every check passed."""
+    checks = [check_correctness(M, N, K, "auto") for (M, N, K), _ in TARGETS]
+    if full:
+        checks += [check_correctness(M, N, K, "streamed") for (M, N, K), _ in TARGETS]
+        checks += [check_correctness(M, *SQUARE_LAYER, name) for M in SMALL_M for name in ("streamed", "in_register")]
+        checks += [check_correctness(*ODD_SHAPE, name, dtype) for dtype in (torch.float16, torch.float32)
+                   for name in ("streamed", "in_register")]  # fmt: skip
+    rows = {f"{c['M']}x{c['N']}x{c['K']} {c['dtype']} {c['strategy']}": c for c in checks}
+    report.table("correctness", "Correctness (relative error vs fp32 reference)", rows, ["ok", "y", "dx", "dA", "dB"])
+    passed = all(c["ok"] for c in checks)
+    ceilings = ", ".join(f"{str(dtype).removeprefix('torch.')} {bound:g}" for dtype, bound in MAX_RELATIVE_ERROR.items())
+    report.verdict("correctness", passed, f"correctness gate, {len(checks)} checks: every output and gradient within ({ceilings})"
+                   + ("" if passed else ": no timings taken"))  # fmt: skip
+    return passed
+
+
+# ---- 2. the noise stream on the device vs noise.py -------------------------------------------------
+
+
+def ulp_error(actual, expected):
+    """``|actual - expected|`` elementwise, in units in the last place of the fp32 ``expected`` (fp64)."""
+    magnitude = expected.float().abs()
+    ulp = torch.nextafter(magnitude, torch.full_like(magnitude, math.inf)) - magnitude
+    return (actual.double() - expected.double()).abs() / ulp.double()
+
+
+def max_ulps_allowed():
+    from flatlora_kernels.kernels.noise_tile import MAX_ULPS_FROM_DEFINITION
+
+    return MAX_ULPS_FROM_DEFINITION
+
+
+def stream_self_check(device=None):
+    """A few Philox integers (offsets past 2**32 included) bit for bit, and a few normals within the
+    ulp bound, from the device vs noise.py on the CPU."""
+    device = device or DEVICE
+    tb = triton_backend_module()
+    offsets = torch.tensor([0, 1, 2**31, 2**32 - 1, 2**32, 2**32 + 7, 2**40 + 3, 2**62 + 11], device=device)
+    results = []
+    for seed in (0, 123456789, 2**63 - 1):
+        seed_t = torch.tensor(seed, dtype=torch.int64, device=device)
+        expected = torch.stack(noise.philox4x32_10(seed_t.cpu(), offsets.cpu()), dim=1) & 0xFFFFFFFF
+        ok = torch.equal(tb.philox_words(seed_t, offsets).cpu(), expected)
+        results.append(dict(check=f"Philox words, seed {seed}", ok=bool(ok)))
+    z = tb.normal_rows(torch.tensor(77, device=device), 1030, 2**31 + 3, 2**31 + 7).cpu()
+    expected = noise.normal_rows(77, 1030, 2**31 + 3, 2**31 + 7)
+    ulps = ulp_error(z, expected).max().item()
+    results.append(dict(check="normals, rows past 2**32 offsets", ok=ulps <= max_ulps_allowed(), max_ulps=ulps,
+                        max_abs_err=(z - expected).abs().max().item()))  # fmt: skip
+    return results
+
+
+def noise_accuracy_at_scale(n_rows=4096, in_features=4096, seed=2024):
+    """A [n_rows, K] block of z from the Triton z tile vs noise.py evaluated on the same device."""
+    tb = triton_backend_module()
+    seed_t = torch.tensor(seed, dtype=torch.int64, device=DEVICE)
+    got = tb.normal_rows(seed_t, in_features, 0, n_rows)
+    expected = noise.normal_rows(seed_t, in_features, 0, n_rows, device=DEVICE)
+    max_ulps = ulp_error(got, expected).max().item()
+    return dict(normals=got.numel(), max_abs_err=(got - expected).abs().max().item(), max_ulps=max_ulps,
+                share_bit_equal=(got == expected).double().mean().item(), ok=max_ulps <= max_ulps_allowed())  # fmt: skip
+
+
+def chunk_eps_equality(N=4096, K=4096, counters_per_chunk=256):
+    """eps as a forward (row) chunk of W' and as backward (counter) chunks, bit for bit: W, A and B are
+    zero there, so W' = eps (the row scales are the real layer's). Also checks eps is not zero."""
+    tb = triton_backend_module()
+    weight, lora_A, lora_B, _ = make_layer(N, K)
+    seed, sigma = seed_and_sigma()
+    scale = tb.row_scale(weight, lora_A, lora_B, SCALING, sigma, torch.float32)
+    zeros = [torch.zeros_like(t) for t in (weight, lora_A, lora_B)]
+    forward = tb.perturbed_weight_rows(*zeros, scale, SCALING, seed, 0, N, torch.float32)
+    kq = noise.counters_per_row(K)
+    equal, chunks = True, 0
+    for start in range(0, kq, counters_per_chunk):
+        width = min(kq, start + counters_per_chunk) - start
+        chunk = torch.empty((N, 4, width), dtype=torch.float32, device=DEVICE)
+        tb.regenerate_perturbed_weight(chunk, *zeros, scale, SCALING, seed, rows=(0, N), counters=(start, start + width),
+                                       stride_out_row=4 * width, stride_out_strip=width)  # fmt: skip
+        for strip in range(4):
+            first = strip * kq + start
+            n_columns = min(width, K - first)
+            if n_columns > 0:
+                equal = equal and torch.equal(chunk[:, strip, :n_columns], forward[:, first : first + n_columns])
+        chunks += 1
+    nonzero = bool(forward.abs().max().item() > 0)
+    return dict(backward_chunks=chunks, bit_equal=bool(equal), eps_nonzero=nonzero, ok=bool(equal) and nonzero)
+
+
+def run_selfcheck(report):
+    checks = stream_self_check()
+    report.table("selfcheck", "Noise stream self-check (device vs noise.py)", {c["check"]: c for c in checks},
+                 ["ok", "max_ulps", "max_abs_err"])  # fmt: skip
+    report.verdict("selfcheck", all(c["ok"] for c in checks),
+                   f"Philox integers bit-exact, normals within {max_ulps_allowed()} ulps of noise.py")  # fmt: skip
+    accuracy = noise_accuracy_at_scale()
+    report.table("noise_accuracy", "Noise accuracy at scale: z on the device vs noise.py on the device",
+                 {"z block": accuracy}, ["normals", "max_abs_err", "max_ulps", "share_bit_equal", "ok"])  # fmt: skip
+    report.verdict("noise_accuracy", accuracy["ok"], f"{accuracy['normals']} normals: max {accuracy['max_ulps']:g} ulps "
+                   f"(bound {max_ulps_allowed()}), {100 * accuracy['share_bit_equal']:.1f}% bit-equal")  # fmt: skip
+    chunks = chunk_eps_equality()
+    report.table("chunk_eps", "eps of forward row chunks vs backward counter chunks", {"eps": chunks},
+                 ["backward_chunks", "bit_equal", "eps_nonzero", "ok"])  # fmt: skip
+    report.verdict("chunk_eps", chunks["ok"], "forward-chunk and backward-chunk eps bit-equal (and not zero)")
+    return all(c["ok"] for c in checks) and accuracy["ok"] and chunks["ok"]
+
+
+# ---- 3. timings -----------------------------------------------------------------------------------
 
 
 def bench(run, grad_to_none=None):
+    """``triton.testing.do_bench`` median and p20/p80, ms (launch overhead included, L2 flushed)."""
     from triton.testing import do_bench
 
-    p50, p20, p80 = do_bench(run, warmup=50, rep=300, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+    p50, p20, p80 = do_bench(run, warmup=25, rep=200, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
     return dict(ms=p50, p20=p20, p80=p80)
 
 
-def time_layer(M, N, K, strategies):
+def bench_graph(run, grad_to_none=None):
+    """``triton.testing.do_bench_cudagraph`` median and p20/p80, ms: the step replayed from a CUDA
+    graph, so host overhead drops out. A capture error is recorded, not raised."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        p50, p20, p80 = do_bench_cudagraph(run, rep=100, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+    except Exception as error:  # noqa: BLE001 - a failed capture is a result to report, not a crash
+        return dict(ms=math.nan, error=f"{type(error).__name__}: {error}"[:200])
+    return dict(ms=p50, p20=p20, p80=p80)
+
+
+TIMERS = {"do_bench": bench, "do_bench_cudagraph": bench_graph}
+FWD_BWD = {"LoRA": lora, "Flat-LoRA": flat_lora, "naive perturbation": naive_perturbation}
+
+
+def time_target(M, N, K, timer="do_bench", forward_rows=True):
+    """fwd+bwd of each of ``FWD_BWD`` (and, with ``forward_rows``, the forwards and cuBLAS ``x @ W^T``)
+    at one shape, auto strategy, with ``x LoRA`` = time / LoRA's fwd+bwd time."""
+    timed = TIMERS[timer]
     weight, lora_A, lora_B, bias = make_layer(N, K)
     x, dy = make_inputs(M, N, K)
     seed, sigma = seed_and_sigma()
     args = (x, weight, lora_A, lora_B, bias)
-    rows = {"cuBLAS x@W^T": bench(lambda: torch.mm(x, weight.t()))}
-    for label, fn in (("LoRA", lora), ("naive perturbation", naive_perturbation)):
-        if label == "LoRA":
-            rows["LoRA fwd"] = bench(fwd_closure(fn, *args, seed, sigma))
+    rows = {}
+    if forward_rows:
+        rows["cuBLAS x@W^T"] = timed(lambda: torch.mm(x, weight.t()))
+        rows["LoRA fwd"] = timed(fwd_closure(lora, *args, seed, sigma))
+        rows["Flat-LoRA fwd"] = timed(fwd_closure(flat_lora, *args, seed, sigma))
+    for label, fn in FWD_BWD.items():
         run, leaves = fwd_bwd_closure(fn, *args, dy, seed, sigma)
-        rows[f"{label} fwd+bwd"] = bench(run, grad_to_none=leaves)
-    for name in strategies:
-        with strategy(name):
-            rows[f"Flat-LoRA {name} fwd"] = bench(fwd_closure(flat_lora, *args, seed, sigma))
-            run, leaves = fwd_bwd_closure(flat_lora, *args, dy, seed, sigma)
-            rows[f"Flat-LoRA {name} fwd+bwd"] = bench(run, grad_to_none=leaves)
+        rows[f"{label} fwd+bwd"] = timed(run, grad_to_none=leaves)
     lora_ms = rows["LoRA fwd+bwd"]["ms"]
     for key, row in rows.items():
         if key.endswith("fwd+bwd"):
             row["x LoRA"] = row["ms"] / lora_ms
     return rows
+
+
+def speed_verdict(report, shape, ceiling, rows, timer):
+    M, N, K = shape
+    fused, lora_row, naive = rows["Flat-LoRA fwd+bwd"], rows["LoRA fwd+bwd"], rows["naive perturbation fwd+bwd"]
+    ratio = fused["x LoRA"]
+    text = (f"(M, N, K) = ({M}, {N}, {K}), {timer} medians: Flat-LoRA fwd+bwd {fused['ms']:.4g} ms = {ratio:.3f}x "
+            f"LoRA's {lora_row['ms']:.4g} ms (target <= {ceiling:.2f}x); naive {naive['x LoRA']:.3f}x")  # fmt: skip
+    errors = [f"{label}: {row['error']}" for label, row in rows.items() if "error" in row]
+    if errors:  # a failed CUDA-graph capture: no number, so no pass
+        text += "; not measured: " + "; ".join(errors)
+    report.verdict(f"speed {M}x{N}x{K} {timer}", ratio <= ceiling, text, ratio=ratio, ceiling=ceiling)
+
+
+def time_targets(report, timer):
+    forward_rows = timer == "do_bench"
+    for shape, ceiling in TARGETS:
+        M, N, K = shape
+        rows = time_target(M, N, K, timer, forward_rows=forward_rows)
+        columns = ["ms", "p20", "p80", "x LoRA"] + ([] if forward_rows else ["error"])
+        report.table(f"layer {M}x{N}x{K} {timer}", f"(M, N, K) = ({M}, {N}, {K}), bf16, r={RANK}: {timer} medians, ms",
+                     rows, columns)  # fmt: skip
+        speed_verdict(report, shape, ceiling, rows, timer)
+
+
+def regen_rate(shapes=((4096, 4096), (11008, 4096))):
+    """Normals/s of the regeneration kernel alone (W' rows in bf16), and of the z tile alone."""
+    tb = triton_backend_module()
+    seed, sigma = seed_and_sigma()
+    rows = {}
+    for N, K in shapes:
+        weight, lora_A, lora_B, _ = make_layer(N, K)
+        scale = tb.row_scale(weight, lora_A, lora_B, SCALING, sigma, DTYPE)
+        key = f"regenerate W' {N}x{K}"
+        rows[key] = bench(lambda: tb.perturbed_weight_rows(weight, lora_A, lora_B, scale, SCALING, seed, 0, N, DTYPE))
+        rows[key]["G normals/s"] = N * K / (rows[key]["ms"] * 1e-3) / 1e9
+        key = f"z tile only {N}x{K}"
+        rows[key] = bench(lambda: tb.normal_rows(seed, K, 0, N, DTYPE))
+        rows[key]["G normals/s"] = N * K / (rows[key]["ms"] * 1e-3) / 1e9
+    return rows
+
+
+def run_regen(report):
+    rows = regen_rate()
+    report.table("regen", "Regeneration rate, bf16 out (do_bench medians)", rows, ["ms", "p20", "p80", "G normals/s"])
+    slowest = min(row["G normals/s"] for key, row in rows.items() if key.startswith("regenerate"))
+    report.verdict("regen", slowest >= REGEN_TARGET_G_NORMALS,
+                   f"regeneration kernel: {slowest:.4g} G normals/s at the slowest shape (target >= {REGEN_TARGET_G_NORMALS:g})",
+                   g_normals_per_s=slowest)  # fmt: skip
+
+
+def profile_fused_step(M, N, K, top=12):
+    """Time per kernel of one Flat-LoRA fwd+bwd step (after two warm-up steps), from ``torch.profiler``:
+    device kernels on a GPU, CPU operators in the dry run (which has no device)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    weight, lora_A, lora_B, bias = make_layer(N, K)
+    x, dy = make_inputs(M, N, K)
+    seed, sigma = seed_and_sigma()
+    run, leaves = fwd_bwd_closure(flat_lora, x, weight, lora_A, lora_B, bias, dy, seed, sigma)
+    on_device = DEVICE == "cuda"
+    for _ in range(2):
+        run()
+        for leaf in leaves:
+            leaf.grad = None
+    torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    with profile(activities=activities) as profiler:
+        run()
+        torch.cuda.synchronize()
+    attribute = "self_device_time_total" if on_device else "self_cpu_time_total"
+    events = [e for e in profiler.key_averages() if (e.device_type != DeviceType.CPU) == on_device]
+    events = sorted((e for e in events if getattr(e, attribute, 0) > 0), key=lambda e: -getattr(e, attribute))
+    total = sum(getattr(e, attribute) for e in events) or math.nan
+    rows = {}
+    for event in events[:top]:
+        spent = getattr(event, attribute)
+        name = event.key.replace("|", "/")
+        rows[name if len(name) <= 90 else name[:87] + "..."] = dict(calls=event.count, us=spent, share=spent / total)
+    rest = events[top:]
+    if rest:
+        spent = sum(getattr(e, attribute) for e in rest)
+        rows[f"({len(rest)} others)"] = dict(calls=sum(e.count for e in rest), us=spent, share=spent / total)
+    rows["(total)"] = dict(calls=sum(e.count for e in events), us=total, share=1.0)
+    return rows
+
+
+def run_profile(report):
+    (M, N, K), _ = TARGETS[0]
+    what = "device kernels" if DEVICE == "cuda" else "CPU operators (dry run: no device)"
+    report.table("profile", f"One Flat-LoRA fwd+bwd step, (M, N, K) = ({M}, {N}, {K}), bf16: {what}, torch.profiler",
+                 profile_fused_step(M, N, K), ["calls", "us", "share"])  # fmt: skip
+
+
+def strip_gemm_check(M=8192, N=11008, K=4096, cap_mib=16):
+    """Streamed dx with fixed chunks: four narrow GEMMs per chunk vs one strided-batched GEMM
+    (``triton_tuning.BATCHED_STRIP_GEMM``): time, peak memory (a copy inside ``torch.bmm`` would show
+    here) and the largest difference between the two dx."""
+    tb = triton_backend_module()
+    weight, lora_A, lora_B, _ = make_layer(N, K)
+    _, dy = make_inputs(M, N, K)
+    seed, sigma = seed_and_sigma()
+    scale = tb.row_scale(weight, lora_A, lora_B, SCALING, sigma, DTYPE)
+    rows, dx = {}, {}
+    for batched in (False, True):
+        label = "one batched GEMM per chunk" if batched else "four strip GEMMs per chunk"
+        with chunk_cap(int(cap_mib * 2**20), False), patched(triton_tuning, "BATCHED_STRIP_GEMM", batched):
+            run = lambda: tb._input_grad_streamed(dy, weight, lora_A, lora_B, scale, SCALING, seed)  # noqa: E731
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            dx[batched] = run()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            rows[label] = dict(bench(run), peak_MiB=peak)
+    rows["one batched GEMM per chunk"]["max_abs_diff"] = (dx[True].float() - dx[False].float()).abs().max().item()
+    return rows
+
+
+def run_tuning_flags(report):
+    title = f"Tuning flag BATCHED_STRIP_GEMM (now {triton_tuning.BATCHED_STRIP_GEMM}): streamed dx, (8192, 11008, 4096), 16 MiB chunks"
+    report.table("flag BATCHED_STRIP_GEMM", title, strip_gemm_check(), ["ms", "p20", "p80", "peak_MiB", "max_abs_diff"])
 
 
 def time_kernels(N, K, M_in_register=256):
@@ -390,32 +657,7 @@ def chunk_sweep(M=8192, N=11008, K=4096):
     return rows
 
 
-def strip_gemm_check(M=8192, N=11008, K=4096, cap_mib=16):
-    """Streamed dx with fixed chunks: four narrow GEMMs per chunk vs one strided-batched GEMM
-    (``triton_tuning.BATCHED_STRIP_GEMM``): time, peak memory (a copy inside ``torch.bmm`` would show
-    here) and the largest difference between the two dx."""
-    tb = triton_backend_module()
-    weight, lora_A, lora_B, _ = make_layer(N, K)
-    _, dy = make_inputs(M, N, K)
-    seed, sigma = seed_and_sigma()
-    scale = tb.row_scale(weight, lora_A, lora_B, SCALING, sigma, DTYPE)
-    rows, dx = {}, {}
-    for batched in (False, True):
-        label = "one batched GEMM per chunk" if batched else "four strip GEMMs per chunk"
-        with chunk_cap(int(cap_mib * 2**20), False), patched(triton_tuning, "BATCHED_STRIP_GEMM", batched):
-            run = lambda: tb._input_grad_streamed(dy, weight, lora_A, lora_B, scale, SCALING, seed)  # noqa: E731
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            dx[batched] = run()
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            rows[label] = dict(bench(run), peak_MiB=peak)
-    rows["one batched GEMM per chunk"]["max_abs_diff"] = (dx[True].float() - dx[False].float()).abs().max().item()
-    return rows
-
-
-# ---- 3. peak memory -------------------------------------------------------------------------------
+# ---- 4. peak memory -------------------------------------------------------------------------------
 
 
 def stack_peak_memory(depth=16, width=4096, M=8192):
@@ -449,6 +691,16 @@ def stack_peak_memory(depth=16, width=4096, M=8192):
     return results
 
 
+def run_memory(report):
+    rows = stack_peak_memory()
+    report.table("memory", "Peak memory, 16 x 4096-wide layers, M=8192, bf16, fwd+bwd", rows, ["peak_MiB", "x LoRA"])
+    ours = rows["Flat-LoRA (auto)"]
+    report.verdict("memory", ours["x LoRA"] <= MEMORY_TARGET_X_LORA,
+                   f"16-layer peak: Flat-LoRA {ours['peak_MiB']:.1f} MiB = {ours['x LoRA']:.4f}x LoRA's "
+                   f"(target <= {MEMORY_TARGET_X_LORA:g}x); naive {rows['naive perturbation']['x LoRA']:.3f}x",
+                   x_lora=ours["x LoRA"])  # fmt: skip
+
+
 # ---- report -------------------------------------------------------------------------------------
 
 
@@ -463,117 +715,89 @@ def markdown_table(title, rows, columns):
     return "\n".join(lines) + "\n"
 
 
-def stream_self_check(device=None):
-    """A few Philox integers (offsets past 2**32 included) and normals from the GPU vs noise.py."""
-    from flatlora_kernels import noise
+class Report:
+    """Each table and PASS/FAIL line written the moment it is finished: printed, appended to the
+    markdown file and, as one JSON object a line, to the JSON-lines file (either may be None), so a
+    stage stopped half-way keeps everything it finished."""
 
-    device = device or DEVICE
+    def __init__(self, markdown=None, jsonl=None):
+        self.markdown, self.jsonl = markdown, jsonl
+
+    def _write(self, text, record):
+        print(text, flush=True)
+        for path, line in ((self.markdown, text + "\n"), (self.jsonl, json.dumps(record, default=str) + "\n")):
+            if path is not None:
+                with open(path, "a") as f:
+                    f.write(line)
+
+    def table(self, key, title, rows, columns):
+        self._write(markdown_table(title, rows, columns), dict(table=key, title=title, rows=rows))
+
+    def verdict(self, key, passed, text, **numbers):
+        self._write(f"- **{'PASS' if passed else 'FAIL'}** {text}\n", dict(verdict=key, passed=bool(passed), text=text, **numbers))
+
+    def note(self, key, text):
+        self._write(f"- {text}\n", dict(note=key, text=text))
+
+
+def facts():
+    import triton
+
     tb = triton_backend_module()
-    offsets = torch.tensor([0, 1, 2**31, 2**32 - 1, 2**32, 2**32 + 7, 2**40 + 3, 2**62 + 11], device=device)
-    results = []
-    for seed in (0, 123456789, 2**63 - 1):
-        seed_t = torch.tensor(seed, dtype=torch.int64, device=device)
-        expected = torch.stack(noise.philox4x32_10(seed_t.cpu(), offsets.cpu()), dim=1) & 0xFFFFFFFF
-        ok = torch.equal(tb.philox_words(seed_t, offsets).cpu(), expected)
-        results.append(dict(check=f"Philox words, seed {seed}", ok=bool(ok)))
-    z = tb.normal_rows(torch.tensor(77, device=device), 1030, 2**31 + 3, 2**31 + 7)
-    err = (z.cpu() - noise.normal_rows(77, 1030, 2**31 + 3, 2**31 + 7)).abs().max().item()
-    results.append(dict(check="normals, rows past 2**32 offsets", ok=err <= 1e-5, max_abs_err=err))
-    return results
+    return dict(
+        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+        dtype=str(DTYPE), rank=RANK, chunk_bytes=tb.chunk_bytes, chunk_grows_to_output=tb.chunk_grows_to_output,
+        in_register_max_tokens=triton_tuning.IN_REGISTER_MAX_TOKENS, batched_strip_gemm=triton_tuning.BATCHED_STRIP_GEMM,
+        strategies=", ".join(f"M={M}: {tb.choose_strategy(M, DTYPE)}" for (M, _, _), _ in TARGETS),
+    )  # fmt: skip
 
 
-def regen_rate(shapes=((4096, 4096), (11008, 4096), (4096, 11008))):
-    """Normals/s of the regeneration kernel alone (W' rows in bf16), and of the z tile alone."""
-    tb = triton_backend_module()
-    seed, sigma = seed_and_sigma()
-    rows = {}
-    for N, K in shapes:
-        weight, lora_A, lora_B, _ = make_layer(N, K)
-        scale = tb.row_scale(weight, lora_A, lora_B, SCALING, sigma, DTYPE)
-        key = f"regenerate W' {N}x{K}"
-        rows[key] = bench(lambda: tb.perturbed_weight_rows(weight, lora_A, lora_B, scale, SCALING, seed, 0, N, DTYPE))
-        rows[key]["G normals/s"] = N * K / (rows[key]["ms"] * 1e-3) / 1e9
-        key = f"z tile only {N}x{K}"
-        rows[key] = bench(lambda: tb.normal_rows(seed, K, 0, N, DTYPE))
-        rows[key]["G normals/s"] = N * K / (rows[key]["ms"] * 1e-3) / 1e9
-    return rows
+def run_timing(report, full=False):
+    report.table("facts", "Machine and settings", {k: dict(value=v) for k, v in facts().items()}, ["value"])
+    if not correctness_gate(report, full):
+        sys.exit("correctness check failed: no timings taken")
+    time_targets(report, "do_bench")
+    run_regen(report)
+    run_profile(report)
+    time_targets(report, "do_bench_cudagraph")  # after the others: a failed capture costs only its own rows
+    run_tuning_flags(report)
+    if full:
+        report.table("kernels", f"Kernels alone, (N, K) = {SQUARE_LAYER}", time_kernels(*SQUARE_LAYER), ["ms", "G normals/s"])
+        report.table("crossover", "fwd+bwd by strategy over M (N = K = 4096)", crossover_sweep(), ["ms"])
+        report.table("chunks", "Streamed fwd+bwd by chunk cap, (8192, 11008, 4096)", chunk_sweep(), ["ms"])
+        run_memory(report)
 
 
 def main(argv=None):
+    # A stage's time limit stops it with SIGINT: make that a KeyboardInterrupt even where the shell
+    # started this process with SIGINT ignored (background jobs of a non-interactive shell).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="first target shape only, no sweeps")
-    parser.add_argument("--json", type=Path, default=None, help="write every number here")
-    parser.add_argument("--resources", action="store_true", help="compiler resource report only (no GPU needed)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--selfcheck", action="store_true", help="the noise stream on the GPU vs noise.py")
+    mode.add_argument("--timing", action="store_true", help="correctness gate, then the timings (the default)")
+    mode.add_argument("--memory", action="store_true", help="16-layer stack peak memory")
+    mode.add_argument("--resources", action="store_true", help="compiler resource report only (no GPU needed)")
+    parser.add_argument("--full", action="store_true", help="with the timings: the sweeps, the kernels alone, the memory")
     parser.add_argument("--ranks", type=int, nargs="+", default=[RANK], help="LoRA ranks of --resources")
-    parser.add_argument("--selfcheck", action="store_true", help="noise stream on the GPU vs noise.py only")
-    parser.add_argument("--regen", action="store_true", help="normals/s of the regeneration kernel only")
-    parser.add_argument("--memory", action="store_true", help="stack peak memory only")
-    parser.add_argument("--strips", action="store_true", help="streamed dx: four strip GEMMs vs one batched GEMM only")
+    parser.add_argument("--report", type=Path, default=None, help="append the markdown tables here")
+    parser.add_argument("--jsonl", type=Path, default=None, help="append every number here, one JSON object a line")
     args = parser.parse_args(argv)
     if args.resources:
         return resource_report(ranks=tuple(args.ranks))
     if not torch.cuda.is_available():
         sys.exit("benchmarks/gpu_kernels.py needs a CUDA device")
-    if args.selfcheck:
-        checks = stream_self_check()
-        print(markdown_table("Noise stream self-check (GPU vs noise.py)", {c["check"]: c for c in checks}, ["ok", "max_abs_err"]))
-        sys.exit(0 if all(c["ok"] for c in checks) else "noise stream differs from noise.py: stop here")
-    if args.regen:
-        print(markdown_table("Regeneration rate, bf16 out", regen_rate(), ["ms", "G normals/s"]))
-        return None
-    if args.strips:
-        title = f"Streamed dx, (8192, 11008, 4096) bf16, 16 MiB chunks (BATCHED_STRIP_GEMM={triton_tuning.BATCHED_STRIP_GEMM})"
-        print(markdown_table(title, strip_gemm_check(), ["ms", "p20", "p80", "peak_MiB", "max_abs_diff"]))
-        return None
-    if args.memory:
-        print(markdown_table("Peak memory, 16 x 4096-wide layers, M=8192, fwd+bwd", stack_peak_memory(), ["peak_MiB", "x LoRA"]))
-        return None
-    import triton
-
     torch.backends.cuda.matmul.allow_tf32 = False
-    facts = dict(
-        device=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        triton=triton.__version__,
-        dtype=str(DTYPE),
-        rank=RANK,
-        chunk_bytes=triton_backend_module().chunk_bytes,
-        in_register_max_tokens=triton_tuning.IN_REGISTER_MAX_TOKENS,
-    )
-    shapes = TARGET_SHAPES[:1] if args.quick else TARGET_SHAPES
-    report = dict(facts=facts)
-
-    checks = [check_correctness(M, N, K, "auto") for M, N, K in shapes]
-    checks += [check_correctness(M, N, K, "streamed") for M, N, K in shapes]
-    checks += [check_correctness(M, *SQUARE_LAYER, name) for M in SMALL_M for name in ("streamed", "in_register")]
-    checks += [check_correctness(*ODD_SHAPE, name, dtype) for dtype in (torch.float16, torch.float32)
-               for name in ("streamed", "in_register")]  # fmt: skip
-    report["correctness"] = checks
-    tables = [markdown_table("Correctness (relative error vs fp32 reference)",
-                             {f"{c['M']}x{c['N']}x{c['K']} {c['dtype']} {c['strategy']}": c for c in checks},
-                             ["ok", "y", "dx", "dA", "dB"])]  # fmt: skip
-    if not all(c["ok"] for c in checks):
-        print("\n".join(tables))
-        sys.exit("correctness check failed: no timings taken")
-
-    report["layers"] = {}
-    for M, N, K in shapes:
-        rows = time_layer(M, N, K, ["auto", "streamed"])
-        report["layers"][f"{M}x{N}x{K}"] = rows
-        tables.append(markdown_table(f"(M, N, K) = ({M}, {N}, {K}), bf16, r={RANK}: medians", rows, ["ms", "p20", "p80", "x LoRA"]))
-    report["kernels"] = time_kernels(*SQUARE_LAYER)
-    tables.append(markdown_table(f"Kernels alone, (N, K) = {SQUARE_LAYER}", report["kernels"], ["ms", "G normals/s"]))
-    if not args.quick:
-        report["crossover"] = crossover_sweep()
-        tables.append(markdown_table("fwd+bwd by strategy over M (N = K = 4096)", report["crossover"], ["ms"]))
-        report["chunks"] = chunk_sweep()
-        tables.append(markdown_table("Streamed fwd+bwd by chunk cap, (8192, 11008, 4096)", report["chunks"], ["ms"]))
-        report["memory"] = stack_peak_memory()
-        tables.append(markdown_table("Peak memory, 16 x 4096-wide layers, M=8192, fwd+bwd", report["memory"], ["peak_MiB", "x LoRA"]))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1, default=str))
-    print("\n" + "\n".join(f"{k}: {v}" for k, v in facts.items()) + "\n")
-    print("\n".join(tables))
+    report = Report(args.report, args.jsonl)
+    try:
+        if args.selfcheck:
+            sys.exit(0 if run_selfcheck(report) else "noise stream differs from noise.py")
+        if args.memory:
+            return run_memory(report)
+        return run_timing(report, full=args.full)
+    except KeyboardInterrupt:
+        report.note("interrupted", "stopped by its time limit (SIGINT): the tables above it are complete, the rest did not run")
+        sys.exit(130)
 
 
 if __name__ == "__main__":
