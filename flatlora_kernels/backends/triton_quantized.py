@@ -1,0 +1,206 @@
+"""The Triton backend of the 4-bit ops (``flatlora_kernels/quantized``): launchers for the
+``kernels/quantized_*.py`` kernels, with the dense backend's strategy choice, tiles, chunking and
+precision settings (``triton_backend.py``, imported, not repeated).
+
+* forward: row scales from decoded tiles (one read of the codes), then ``y = x @ W'^T`` by the
+  ``"streamed"`` strategy (row chunks of ``W'`` decoded into a compute-dtype buffer for cuBLAS) or the
+  ``"in_register"`` one (fused GEMMs that decode each tile in registers);
+* backward: ``dx = dy @ W'`` the same way (counter chunks: four column strips per chunk, as the dense
+  path), and the LoRA gradients as small matmuls.
+
+Nothing of ``deq(W)`` or eps outlives a chunk (streamed) or a tile (in-register). Under
+``TRITON_INTERPRET=1`` it runs on CPU tensors (tests), with the dense backend's interpreter tiles.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+from torch import Tensor
+
+from ..kernels.quantized_fused_matmul import quantized_fused_forward_kernel, quantized_fused_input_grad_kernel
+from ..kernels.quantized_perturbed_weight import quantized_perturbed_weight_kernel
+from ..kernels.quantized_row_scale import quantized_row_scale_kernel
+from ..noise import counters_per_row
+from . import triton_backend as dense
+from . import triton_tuning
+
+_WEIGHT_ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _weight_args(codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize, nested_offset,
+                 lora_A, lora_B, scaling) -> tuple:
+    """The kernels' first sixteen arguments (``quantized_operands`` and ``lowrank_operands``); the
+    nested pointers stand in for themselves when there is no double quantization (never read then)."""
+    nested = nested_absmax is not None
+    return (
+        codes, absmax, code_table, nested_absmax if nested else absmax, nested_code if nested else code_table,
+        blocksize, max(1, nested_blocksize), float(nested_offset),
+        lora_A, lora_B, lora_A.shape[0], float(scaling), *lora_A.stride(), *lora_B.stride(),
+    )
+
+
+def _weight_constexprs(nested_absmax, weight_dtype) -> dict:
+    return dict(NESTED=nested_absmax is not None, WEIGHT_ROUND=_WEIGHT_ROUND[weight_dtype])
+
+
+class _Layer:
+    """One 4-bit layer's launch arguments (built per call; holds no tensors beyond the call)."""
+
+    def __init__(self, codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize,
+                 nested_offset, weight_dtype, out_features, in_features, lora_A, lora_B, scaling):
+        self.args = _weight_args(codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize,
+                                 nested_offset, lora_A, lora_B, scaling)
+        self.constexprs = _weight_constexprs(nested_absmax, weight_dtype)
+        self.lora_A, self.lora_B, self.scaling = lora_A, lora_B, scaling
+        self.out_features, self.in_features = out_features, in_features
+        self.device = codes.device
+
+
+def row_scale(layer: _Layer, sigma: Tensor, compute_dtype) -> Tensor:
+    scale = torch.empty(layer.out_features, dtype=torch.float32, device=layer.device)
+    tiles = dense._tiles("row_scale")
+    grid = (triton.cdiv(layer.out_features, tiles["BLOCK_ROWS"]),)
+    dense._traceable(quantized_row_scale_kernel)[grid](
+        *layer.args, sigma, scale, layer.out_features, layer.in_features, math.sqrt(layer.in_features),
+        **layer.constexprs, **tiles, **dense._factor_constexprs(layer.lora_A, layer.lora_B, compute_dtype),
+    )  # fmt: skip
+    return scale
+
+
+def regenerate_perturbed_weight(out: Tensor, layer: _Layer, row_scales, seed, rows, counters, stride_out_row,
+                                stride_out_strip) -> None:
+    """Write ``W'`` for ``rows x counters`` into ``out`` (layout: ``kernels/quantized_perturbed_weight.py``)."""
+    (row_start, row_end), (counter_start, counter_end) = rows, counters
+    tiles = dense._tiles("perturbed_weight")
+    grid = (triton.cdiv(row_end - row_start, tiles["BLOCK_ROWS"]),
+            triton.cdiv(counter_end - counter_start, tiles["BLOCK_COUNTERS"]))  # fmt: skip
+    dense._traceable(quantized_perturbed_weight_kernel)[grid](
+        *layer.args, row_scales, seed, out, row_start, row_end, counter_start, counter_end,
+        layer.in_features, counters_per_row(layer.in_features), stride_out_row, stride_out_strip,
+        **layer.constexprs, **tiles, **dense._factor_constexprs(layer.lora_A, layer.lora_B, out.dtype),
+    )  # fmt: skip
+
+
+def perturbed_weight_rows(layer: _Layer, row_scales, seed, row_start, row_end, dtype) -> Tensor:
+    """``W'[row_start:row_end]`` as a new ``[rows, K]`` tensor of ``dtype`` (also: tests)."""
+    k = layer.in_features
+    out = torch.empty((row_end - row_start, k), dtype=dtype, device=layer.device)
+    regenerate_perturbed_weight(out, layer, row_scales, seed, (row_start, row_end), (0, counters_per_row(k)), k,
+                                counters_per_row(k))  # fmt: skip
+    return out
+
+
+def _forward_streamed(x, layer: _Layer, bias, row_scales, seed) -> Tensor:
+    n_tokens, n = x.shape[0], layer.out_features
+    rows_per_chunk = dense._chunk_length(n, layer.in_features * x.element_size(), n_tokens * n * x.element_size())
+    y = x.new_empty((n_tokens, n))
+    for row_start in range(0, n, rows_per_chunk):
+        row_end = min(n, row_start + rows_per_chunk)
+        chunk = perturbed_weight_rows(layer, row_scales, seed, row_start, row_end, x.dtype)
+        y_rows = y[:, row_start:row_end]
+        if bias is None:
+            torch.mm(x, chunk.t(), out=y_rows)
+        else:
+            torch.addmm(bias[row_start:row_end], x, chunk.t(), out=y_rows)
+        del chunk  # one chunk alive at a time
+    return y
+
+
+def _input_grad_streamed(dy, layer: _Layer, row_scales, seed) -> Tensor:
+    n_tokens, n, k = dy.shape[0], layer.out_features, layer.in_features
+    kq = counters_per_row(k)
+    counters_per_chunk = dense._chunk_length(kq, 4 * n * dy.element_size(), n_tokens * k * dy.element_size())
+    dx = dy.new_empty((n_tokens, k))
+    for counter_start in range(0, kq, counters_per_chunk):
+        width = min(kq, counter_start + counters_per_chunk) - counter_start
+        chunk = dy.new_empty((n, 4, width))  # four column strips of every row: each dx element from one GEMM
+        regenerate_perturbed_weight(chunk, layer, row_scales, seed, (0, n), (counter_start, counter_start + width),
+                                    4 * width, width)  # fmt: skip
+        for strip in range(4):
+            column_start = strip * kq + counter_start
+            n_columns = min(width, k - column_start)
+            if n_columns <= 0:
+                break
+            torch.mm(dy, chunk[:, strip, :n_columns], out=dx[:, column_start : column_start + n_columns])
+        del chunk
+    return dx
+
+
+def _forward_in_register(x, layer: _Layer, bias, row_scales, seed) -> Tensor:
+    n_tokens, n, k = x.shape[0], layer.out_features, layer.in_features
+    kq = counters_per_row(k)
+    tiles, grid, counters_per_split, out, out_strides = dense._fused_launch(
+        "fused_forward", n_tokens, (n, "BLOCK_OUT"), (kq, "BLOCK_COUNTERS"), n, x.dtype, x.device
+    )
+    splits = grid[2]
+    dense._traceable(quantized_fused_forward_kernel)[grid](
+        *layer.args, x, row_scales, seed, row_scales if bias is None else bias, out,
+        n_tokens, n, k, kq, counters_per_split, *x.stride(), *out_strides, **layer.constexprs,
+        HAS_BIAS=bias is not None and splits == 1, **tiles,
+        **dense._fused_constexprs(layer.lora_A, layer.lora_B, x.dtype),
+    )  # fmt: skip
+    if splits == 1:
+        return out
+    y = out.sum(0)
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype)
+
+
+def _input_grad_in_register(dy, layer: _Layer, row_scales, seed) -> Tensor:
+    n_tokens, n, k = dy.shape[0], layer.out_features, layer.in_features
+    kq = counters_per_row(k)
+    tiles, grid, rows_per_split, out, out_strides = dense._fused_launch(
+        "fused_input_grad", n_tokens, (kq, "BLOCK_COUNTERS"), (n, "BLOCK_OUT"), k, dy.dtype, dy.device
+    )
+    dense._traceable(quantized_fused_input_grad_kernel)[grid](
+        *layer.args, dy, row_scales, seed, out, n_tokens, n, k, kq, rows_per_split, *dy.stride(), *out_strides,
+        **layer.constexprs, **tiles, **dense._fused_constexprs(layer.lora_A, layer.lora_B, dy.dtype),
+    )  # fmt: skip
+    return out if grid[2] == 1 else out.sum(0).to(dy.dtype)
+
+
+# --- the quantized backend protocol (flatlora_kernels/quantized/reference.py) -----------------
+
+
+def forward(x, codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize, nested_offset,
+            weight_dtype, out_features, in_features, lora_A, lora_B, bias, scaling, sigma, seed):
+    layer = _Layer(codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize, nested_offset,
+                   weight_dtype, out_features, in_features, lora_A, lora_B, scaling)
+    with dense._on_device(x.device):
+        scale = row_scale(layer, sigma, x.dtype)
+        if x.shape[0] == 0:
+            return x.new_empty((0, out_features)), scale
+        bias = None if bias is None else bias.to(x.dtype).contiguous()
+        if dense.choose_strategy(x.shape[0], x.dtype) == "in_register":
+            y = _forward_in_register(x, layer, bias, scale, seed)
+        else:
+            y = _forward_streamed(x, layer, bias, scale, seed)
+        return y, scale
+
+
+def backward(dy, x, codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize,
+             nested_offset, weight_dtype, out_features, in_features, lora_A, lora_B, row_scale, scaling, seed,
+             compute_dx):
+    layer = _Layer(codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize, nested_offset,
+                   weight_dtype, out_features, in_features, lora_A, lora_B, scaling)
+    with dense._on_device(x.device):
+        dy = dy.to(x.dtype)
+        row_scale = row_scale.contiguous()
+        n_tokens = x.shape[0]
+        if not compute_dx:
+            dx = x.new_empty(0)
+        elif n_tokens == 0:
+            dx = x.new_empty((0, in_features))
+        elif dense.choose_strategy(n_tokens, x.dtype, "fused_input_grad") == "in_register":
+            dx = _input_grad_in_register(dy, layer, row_scale, seed)
+        else:
+            dx = _input_grad_streamed(dy, layer, row_scale, seed)
+        d_lora_A, d_lora_B = dense._lora_grads(dy, x, lora_A, lora_B, scaling)
+        return dx, d_lora_A, d_lora_B
+
+
+__all__ = ["forward", "backward", "perturbed_weight_rows", "row_scale", "triton_tuning"]

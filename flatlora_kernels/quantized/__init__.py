@@ -1,0 +1,34 @@
+"""Flat-QLoRA: Flat-LoRA on bitsandbytes 4-bit (NF4/FP4) base weights, fused (docs/DESIGN.md, "Flat-QLoRA").
+
+* ``layout``: the 4-bit layout (``Packed4bit``, read from a ``Linear4bit`` without importing
+  bitsandbytes) and its torch decoder (``dequantize``, reference and tests only);
+* ``ops``: ``torch.ops.flatlora_q4.forward`` / ``backward`` with autograd and fakes; backends
+  ``reference`` (dequantizes), ``cpp`` (``csrc/quantized_*.cpp``), ``triton``
+  (``backends/triton_quantized.py``);
+* ``functional.flat_qlora_linear``: the op's entry point;
+* ``modules.FlatLoraLinear4bit``: the layer; ``flat_qlora_layer_from`` / ``flat_qlora_forward``: what
+  the model entry points call for a PEFT QLoRA layer (replace it, or patch its forward).
+
+bitsandbytes itself is needed only to build or load a 4-bit model (the ``qlora`` extra).
+"""
+
+from .functional import flat_qlora_linear
+from .layout import Packed4bit, dequantize, is_bnb_4bit
+from .modules import FlatLoraLinear4bit, flat_qlora_forward, flat_qlora_layer_from
+
+__all__ = [
+    "flat_qlora_linear", "Packed4bit", "dequantize", "is_bnb_4bit", "FlatLoraLinear4bit", "flat_qlora_forward",
+    "flat_qlora_layer_from", "bnb_4bit_layer_kind",
+]
+
+
+def bnb_4bit_layer_kind():
+    """The bitsandbytes ``Linear4bit`` kind for the shared layer check (``layer_support.BaseLayerKind``):
+    ``flat_layer`` builds a ``FlatLoraLinear4bit``; ``enable_flat_lora``'s in-place patch cannot run
+    ``flat_lora_linear`` on a 4-bit weight (it would call ``flat_qlora_forward`` instead)."""
+    from ..layer_support import BaseLayerKind
+
+    return BaseLayerKind(
+        "bitsandbytes Linear4bit (NF4/FP4)", is_bnb_4bit, base_forward=None,
+        flat_layer=FlatLoraLinear4bit.from_linear4bit, patch_in_place=False,
+    )
