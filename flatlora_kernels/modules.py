@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ._validation import check_integer, check_real
 from .layer_support import UnsupportedLayerError, check_base_layer
 from . import noise
-from .step_noise import StepNoise
+from .step_noise import StepNoise, lora_branch
 
 __all__ = ["FlatLoraLinear"]
 
@@ -169,14 +169,10 @@ class FlatLoraLinear(StepNoise):
 
     # --- forward ------------------------------------------------------------------------------
 
-    def _lora_branch(self, x: Tensor) -> Tensor:
-        """``s * B A x`` computed in the adapter's dtype."""
-        return F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scaling
-
     def _plain_lora(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.linear_weight, self.bias)
         branch_input = x if self.lora_dropout is None else self.lora_dropout(x)
-        return y + self._lora_branch(branch_input).to(y.dtype)
+        return y + lora_branch(branch_input, self.lora_A, self.lora_B, self.scaling).to(y.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
@@ -186,7 +182,7 @@ class FlatLoraLinear(StepNoise):
         if not self.training:
             return self._plain_lora(x)  # evaluation: no noise
         return self.noisy_linear(
-            x, self.linear_weight, self.lora_A, self.lora_B, self.bias, self.scaling, self.lora_dropout, self
+            x, self.linear_weight, self.lora_A, self.lora_B, self.bias, self.scaling, self.lora_dropout
         )
 
     # --- merging ------------------------------------------------------------------------------

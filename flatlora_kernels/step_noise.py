@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .functional import flat_lora_linear
 
-__all__ = ["StepNoise", "WarnOnce", "dropout_correction", "user_stacklevel"]
+__all__ = ["StepNoise", "WarnOnce", "lora_branch", "dropout_correction", "user_stacklevel"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -51,11 +51,16 @@ def user_stacklevel() -> int:
     return level
 
 
+def lora_branch(x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """``s*B@A@x`` as PEFT computes it: x cast to the adapter's dtype."""
+    return F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B) * scaling
+
+
 def dropout_correction(x: Tensor, dropout, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """``s*B@A@(dropout(x) - x)`` in the adapter's dtype (PEFT's rule): added to the fused output, which
     holds ``s*B@A@x``, it gives PEFT's branch ``s*B@A@dropout(x)``."""
     xa = x.to(lora_A.dtype)
-    return F.linear(F.linear(dropout(xa) - xa, lora_A), lora_B) * scaling
+    return lora_branch(dropout(xa) - xa, lora_A, lora_B, scaling)
 
 
 class WarnOnce:
@@ -144,14 +149,17 @@ class StepNoise(nn.Module):
         bias: Tensor | None,
         scaling: float,
         dropout: nn.Module | None,
-        weight_owner: nn.Module,
     ) -> Tensor:
         """The training forward: ``x (W + s*B@A + eps)^T + bias`` plus the dropout correction.
 
-        ``weight`` is ``[out, in]`` (a view for ``[in, out]`` storage); the factors stay in their own
-        dtype (PEFT's rule: the adapter is computed from its own values and gets gradients in its
-        dtype). ``weight_owner`` registers the weight: whether it is frozen is read from that
-        Parameter, not from ``weight``, which a wrapper (FSDP1) may replace by a view that requires grad.
+        ``weight`` is ``[out, in]`` (a view for ``[in, out]`` storage) and frozen: that was checked on
+        the registered Parameter when the layer was made (``layer_support``), so a weight that requires
+        grad here is a wrapper's view (FSDP1 hands the forward views of its flat parameter) and is detached.
+
+        Adapter dtype (PEFT's rule: the branch runs in the adapter's dtype): when the factors' dtype is
+        not the input's (fp32 adapters on a bf16 model), the op, whose GEMMs run in the input's dtype,
+        gets them detached, and their gradients come from ``branch - branch.detach()`` (exactly zero in
+        the forward), a LoRA branch in the adapter's dtype: what PEFT pays for its branch anyway.
         """
         if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
             # What nn.Linear (and PEFT's forward) does, rather than training in a silent cast.
@@ -159,24 +167,22 @@ class StepNoise(nn.Module):
                 f"{type(self).__name__}: input dtype {x.dtype} differs from the layer's weight dtype {weight.dtype} "
                 "(cast the input or the model, or run under torch.autocast)"
             )
-        registered = weight_owner._parameters.get("weight")
-        if registered is not None and registered.requires_grad:
-            raise ValueError(
-                f"{type(self).__name__}: the base weight requires grad; Flat-LoRA trains only the adapter "
-                "(freeze the base weight: weight.requires_grad_(False))"
-            )
         self._warn_if_undriven()
+        adapter_apart = lora_A.dtype != x.dtype or lora_B.dtype != x.dtype
         y = flat_lora_linear(
             x,
             weight.detach() if weight.requires_grad else weight,
-            lora_A,
-            lora_B,
+            lora_A.detach() if adapter_apart else lora_A,
+            lora_B.detach() if adapter_apart else lora_B,
             bias,
             scaling=scaling,
             sigma=self.effective_sigma(),
             seed=self.effective_seed(),
             backend="auto" if self.fused else "reference",
         )
+        if adapter_apart and torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad):
+            branch = lora_branch(x.detach(), lora_A, lora_B, scaling)
+            y = y + (branch - branch.detach()).to(y.dtype)
         if isinstance(dropout, nn.Dropout) and dropout.p > 0:
             y = y + dropout_correction(x, dropout, lora_A, lora_B, scaling).to(y.dtype)
         return y

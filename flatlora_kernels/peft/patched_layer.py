@@ -52,7 +52,6 @@ class FlatLoraPeftLinear(PeftLoraLinear, StepNoise):
             base.bias,
             self.scaling[adapter],
             self.lora_dropout[adapter],
-            base,
         )
 
     def extra_repr(self) -> str:
