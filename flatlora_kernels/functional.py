@@ -10,15 +10,7 @@ from ._validation import (
     check_bias, check_input, check_scaling, check_seed, check_sigma, check_weights, scalar_tensor,
 )
 
-__all__ = ["flat_lora_linear", "resolve_backend"]
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``"auto"`` to the fast path for ``device`` and reject combinations that cannot run.
-
-    The rules come from the backend declarations in ``flatlora_kernels.backends.REGISTRY``.
-    """
-    return backends.resolve(backend, device)
+__all__ = ["flat_lora_linear"]
 
 
 def flat_lora_linear(
@@ -58,7 +50,7 @@ def flat_lora_linear(
             "only lora_A, lora_B and bias are trained"
         )
     device = x.device
-    backend = resolve_backend(backend, device)
+    backend = backends.resolve(backend, device)  # "auto" -> the device's fast path; impossible pairs raise
     # Autocast has no meta device; meta tensors (shape-only tracing) take the ops' fake kernels.
     autocast_device = "cpu" if device.type == "meta" else device.type
     autocast_on = torch.is_autocast_enabled(autocast_device)

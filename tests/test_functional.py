@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flatlora_kernels import filter_noise, flat_lora_linear
-from flatlora_kernels.functional import resolve_backend
+from flatlora_kernels.backends import resolve as resolve_backend
 from flatlora_kernels.baselines import lora_linear
 
 from .conftest import check_backend_against_reference, make_layer

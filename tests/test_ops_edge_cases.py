@@ -36,7 +36,6 @@ def test_double_backward_raises_a_clear_error(backend):
 
 
 def test_backend_checks_derive_from_the_declarations():
-    assert set(BACKENDS) == set(REGISTRY)
     for device_type in ("cpu", "cuda", "meta", "xpu"):
         picked = resolve("auto", torch.device(device_type))
         assert picked in BACKENDS
