@@ -769,8 +769,8 @@ def run_timing(report, full=False):
 
 
 def main(argv=None):
-    # A stage's time limit stops it with SIGINT: make that a KeyboardInterrupt even where the shell
-    # started this process with SIGINT ignored (background jobs of a non-interactive shell).
+    # A stage's time limit stops it with SIGINT: set Python's handler explicitly, so that is a
+    # KeyboardInterrupt (noted in the report) however this process was started.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()

@@ -56,8 +56,8 @@ KERNELS=("$PY" -u benchmarks/gpu_kernels.py --report "$REPORT" --jsonl "$RESULTS
 GPU_TEST_FILES=(tests/test_gpu_readiness.py tests/test_triton_backend.py tests/test_ops.py)
 GPU_TEST_SELECTION="test_gpu_ or on_cuda or readiness"
 GPU_TEST_LAST="compile or opcheck or autocast"
-# pytest under a SIGINT handler (a stage started with SIGINT ignored would otherwise die only at the
-# SIGKILL, without its summary); per-test timeouts where pytest-timeout is installed.
+# pytest with Python's SIGINT handler set explicitly (so the limit's SIGINT ends it with its summary,
+# however the process was started); per-test timeouts where pytest-timeout is installed.
 PYTEST=("$PY" -u -c 'import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(pytest.main(sys.argv[1:]))'
         -q -rfE --tb=short -p no:cacheprovider)
 TEST_TIMEOUT=() COMPILE_TEST_TIMEOUT=()
