@@ -10,8 +10,7 @@ Two "naive perturbation" baselines: both run autograd through a materialised wei
 
 * ``naive_flat_lora_linear``: eps is the package's stream (``flatlora_kernels.noise``), so its output
   is ``flat_lora_linear``'s to rounding: the correctness reference of the tests. Not for timings:
-  drawing the stream in plain PyTorch added 0.8x a LoRA step's time (1024 x 1024, M = 2048, one
-  CPU thread).
+  drawing the stream in plain PyTorch is slow (docs/DESIGN.md, section 7).
 * ``naive_randn_flat_lora_linear``: eps from ``torch.randn``, the cheapest generator, so a timing
   measures what keeping ``W + eps`` costs and not our stream (docs/DESIGN.md, "Baselines"): the
   ``naive`` of the benchmarks (``benchmarks/implementations.py``, ``benchmarks/gpu_kernels.py``) and

@@ -39,10 +39,10 @@ def _quiet_native_stderr():
 
 def _release_cpp_chunk_workspace() -> None:
     try:
-        from .backends import cpp
+        from . import _C
     except ImportError:  # the C++ extension is not built: nothing held
         return
-    cpp._C.release_chunk_workspace()
+    _C.release_chunk_workspace()
 
 
 class PeakMemory:

@@ -45,9 +45,8 @@ This reference evaluates ``BoxMuller`` in float64 from the (exact) fp32 uniforms
 fp32, in row-major slabs small enough that PyTorch runs each elementwise op in the calling thread.
 Its fp32 result is then within one ulp of the exact value and does not depend on the number of
 threads, on which thread ran a slab, on machine load or on where a vector loop's tail falls (fp32
-``torch.log/cos/sin`` on OpenMP worker threads were seen to differ by up to 4.5e-5 between calls
-on a busy machine). The reference stream is bit-reproducible for a given PyTorch build and CPU; see
-``docs/DESIGN.md``.
+``torch.log/cos/sin`` on OpenMP worker threads do: docs/DESIGN.md, section 2). The reference stream
+is bit-reproducible for a given PyTorch build and CPU.
 
 The seed is a Python int in ``[0, 2**63)`` or a 0-dim int64 tensor (preferred on GPU: no recompiles,
 no host sync). ``sigma = 0`` gives exactly LoRA.

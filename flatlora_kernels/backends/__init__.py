@@ -72,7 +72,7 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
-# Looked up on every call, so derived once from REGISTRY (the first declaration wins, as before).
+# Looked up on every call, so derived once from REGISTRY (the first declaration for a device wins).
 _AUTO: dict[str, str] = {}
 for _spec in REGISTRY.values():
     for _device_type in _spec.auto_for:

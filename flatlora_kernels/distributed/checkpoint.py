@@ -80,12 +80,8 @@ def _state(model, optimizer, schedule, adapter_only: bool) -> tuple[StateDictOpt
 
 
 def save_checkpoint(
-    path: str | os.PathLike,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    schedule: FlatLoraSchedule,
-    *,
-    adapter_only: bool = False,
+    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None, schedule: FlatLoraSchedule,
+    *, adapter_only: bool = False,
 ) -> None:
     """Write model, optimizer and schedule state to the directory ``path`` (call on every rank).
 
@@ -97,12 +93,8 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str | os.PathLike,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    schedule: FlatLoraSchedule,
-    *,
-    adapter_only: bool = False,
+    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None, schedule: FlatLoraSchedule,
+    *, adapter_only: bool = False,
 ) -> None:
     """Restore what ``save_checkpoint`` wrote, in place (call on every rank, after sharding the model).
 

@@ -177,14 +177,11 @@ def load_peft_adapter(model: nn.Module, directory: str) -> nn.Module:
 # --- this package's one-file format ---------------------------------------------------------------
 
 
+_LAYER_CONFIG = ("r", "lora_alpha", "use_rslora", "scaling", "sigma")  # a file's layer must match all but sigma
+
+
 def _layer_config(layer) -> dict:
-    return {
-        "r": layer.r,
-        "lora_alpha": layer.lora_alpha,
-        "use_rslora": layer.use_rslora,
-        "scaling": layer.scaling,
-        "sigma": layer.sigma,
-    }
+    return {key: getattr(layer, key) for key in _LAYER_CONFIG}
 
 
 def save_adapter(model: nn.Module, path: str, schedule=None) -> None:
@@ -225,7 +222,7 @@ def load_adapter(model: nn.Module, path: str, schedule=None) -> nn.Module:
         _check_same_layers("load_adapter", path, set(saved_config), layers)
         for name, layer in layers.items():
             saved, mine = saved_config[name], _layer_config(layer)
-            if any(saved[key] != mine[key] for key in ("r", "lora_alpha", "use_rslora", "scaling")):  # sigma may differ
+            if any(saved[key] != mine[key] for key in _LAYER_CONFIG if key != "sigma"):
                 raise ValueError(f"load_adapter: layer {name!r} was saved with {saved}, the model has {mine}")
             _copy_factors("load_adapter", path, name, layer, lambda attr: handle.get_tensor(f"{name}.{attr}"))
         _load_heads(model, json.loads(metadata.get(_METADATA_HEADS, "[]")), handle.get_tensor)
