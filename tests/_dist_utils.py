@@ -150,7 +150,9 @@ def train_step(model, optimizer, schedule, step: int, rank=None, world_size: int
     x, y = torch.randn(GLOBAL_BATCH, 8, generator=gen), torch.randn(GLOBAL_BATCH, 4, generator=gen)
     if rank is not None:
         x, y = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
-    loss = torch.nn.functional.mse_loss(model(x), y)
+    # fp32 loss: with a bf16 output and an fp32 target, torch 2.11's mse_loss backward returns an fp32
+    # gradient for the bf16 input and autograd rejects it (2.13 accepts it).
+    loss = torch.nn.functional.mse_loss(model(x).float(), y)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
