@@ -71,6 +71,9 @@ SQUARE_LAYER = (4096, 4096)  # (N, K) of the small-M checks and the kernels-alon
 ODD_SHAPE = (300, 1000, 1030)  # (M, N, K) of the fp16/fp32 checks: no dimension a multiple of 16
 CROSSOVER_M = [16, 32, 64, 128, 256, 512, 1024]
 CHUNK_CAPS_MIB = [4, 8, 16, 32, 64]
+# (M, N, K) of the BATCHED_STRIP_GEMM flag, timed both ways: at M=2048 a [2048, 512] strip GEMM has
+# only 32 output tiles of 128x256 for 132 SMs; one batched GEMM per chunk has four times as many.
+STRIP_SHAPES = [(2048, 4096, 4096), (8192, 11008, 4096)]
 # Relative-error ceilings against the fp32 reference (docs/DESIGN.md, "precision": bf16 operands land in 1e-3..1e-2).
 MAX_RELATIVE_ERROR = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 # ---- setup --------------------------------------------------------------------------------------
@@ -570,7 +573,7 @@ def run_profile(report):
                  profile_fused_step(M, N, K), ["calls", "us", "share"])  # fmt: skip
 
 
-def strip_gemm_check(M=8192, N=11008, K=4096, cap_mib=16):
+def strip_gemm_check(M, N, K, cap_mib=16):
     """Streamed dx with fixed chunks: four narrow GEMMs per chunk vs one strided-batched GEMM
     (``triton_tuning.BATCHED_STRIP_GEMM``): time, peak memory (a copy inside ``torch.bmm`` would show
     here) and the largest difference between the two dx."""
@@ -596,8 +599,11 @@ def strip_gemm_check(M=8192, N=11008, K=4096, cap_mib=16):
 
 
 def run_tuning_flags(report):
-    title = f"Tuning flag BATCHED_STRIP_GEMM (now {triton_tuning.BATCHED_STRIP_GEMM}): streamed dx, (8192, 11008, 4096), 16 MiB chunks"
-    report.table("flag BATCHED_STRIP_GEMM", title, strip_gemm_check(), ["ms", "p20", "p80", "peak_MiB", "max_abs_diff"])
+    for M, N, K in STRIP_SHAPES:
+        title = (f"Tuning flag BATCHED_STRIP_GEMM (now {triton_tuning.BATCHED_STRIP_GEMM}): streamed dx, "
+                 f"(M, N, K) = ({M}, {N}, {K}), 16 MiB chunks")  # fmt: skip
+        report.table(f"flag BATCHED_STRIP_GEMM {M}x{N}x{K}", title, strip_gemm_check(M, N, K),
+                     ["ms", "p20", "p80", "peak_MiB", "max_abs_diff"])  # fmt: skip
 
 
 def time_kernels(N, K, M_in_register=256):

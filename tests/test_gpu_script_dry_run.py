@@ -82,6 +82,7 @@ def dry_run(module):
         "ODD_SHAPE": (21, 40, 46),  # K = 46: Kq = 12, the last column strip is short
         "CROSSOVER_M": [16, 80],
         "CHUNK_CAPS_MIB": [4],
+        "STRIP_SHAPES": [(16, 40, 256), (24, 40, 256)],
     }
     # Sizes the script passes as defaults; the strips check gets a cap of a few counters so its
     # streamed dx really runs in chunks (4 * N * 2 bytes per counter, Kq = 64).
@@ -92,7 +93,7 @@ def dry_run(module):
         "regen_rate": dict(shapes=((64, 72),)),
         "crossover_sweep": dict(N=64, K=64),
         "chunk_sweep": dict(M=80, N=96, K=72),
-        "strip_gemm_check": dict(M=24, N=40, K=256, cap_mib=16 * 4 * 40 * 2 / 2**20),
+        "strip_gemm_check": dict(cap_mib=16 * 4 * 40 * 2 / 2**20),
         "stack_peak_memory": dict(depth=3, width=64, M=80),
     }
     with pytest.MonkeyPatch.context() as mp:
@@ -142,7 +143,8 @@ def check_timing_records(items):
     shapes = ["80x96x72", "40x96x72", "80x112x72"]
     assert [r["table"] for r in items if "table" in r] == [
         "facts", "correctness", *(f"layer {s} do_bench" for s in shapes), "regen", "profile",
-        *(f"layer {s} do_bench_cudagraph" for s in shapes), "flag BATCHED_STRIP_GEMM",
+        *(f"layer {s} do_bench_cudagraph" for s in shapes), "flag BATCHED_STRIP_GEMM 16x40x256",
+        "flag BATCHED_STRIP_GEMM 24x40x256",
     ]  # fmt: skip
     results = verdicts(items)
     assert list(results) == [
@@ -223,7 +225,7 @@ def test_strips_check_chunks_and_both_gemms_agree(script, monkeypatch):
     chunks = []
     real = tb.regenerate_perturbed_weight
     monkeypatch.setattr(tb, "regenerate_perturbed_weight", lambda out, *a, **k: (chunks.append(out.shape), real(out, *a, **k)))
-    rows = script.strip_gemm_check()
+    rows = script.strip_gemm_check(*script.STRIP_SHAPES[1])
     assert chunks and all(shape[1:] == (4, 16) for shape in chunks), chunks  # Kq = 64 in chunks of 16 counters
     assert rows["one batched GEMM per chunk"]["max_abs_diff"] <= 1e-2
     assert rows["four strip GEMMs per chunk"]["peak_MiB"] == FAKE_PEAK_BYTES / 2**20
