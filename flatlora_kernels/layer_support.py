@@ -11,9 +11,12 @@ is not there is refused with the most specific reason found: a quantized layer (
 or weight dtype, without importing bitsandbytes), an embedding, a convolution, or another module.
 
 To support a new base kind (e.g. a 4-bit bitsandbytes base routed to a Flat-QLoRA layer), register
-it with ``register_base_layer_kind``: its ``flat_layer`` builds the Flat-LoRA layer that
-``apply_flat_lora`` / ``from_peft`` put in the base's place, and ``patch_in_place`` says whether
-``enable_flat_lora``'s in-place forward (``flat_lora_linear`` on ``weight``) can run it.
+it with ``register_base_layer_kind``: its ``flat_layer(base, **config)`` (``config`` as
+``FlatLoraLinear.from_linear``'s keywords; it returns a ``FlatLoraLinear`` subclass) builds the layer
+``apply_flat_lora`` / ``from_peft`` put in the base's place (``model_conversion.build_flat_layer``),
+and ``patch_in_place`` says whether ``enable_flat_lora``'s in-place forward (``flat_lora_linear`` on
+``weight``) can run it. PEFT's LoRA layer over such a base (any LoRA layer with linear factors) is
+then accepted too.
 """
 
 from __future__ import annotations
@@ -173,12 +176,11 @@ def peft_lora_layer_problem(layer: nn.Module, adapter: str, **options) -> str | 
         problem = base_layer_problem(base, **options)
         if problem is not None:
             return f"its base layer: {problem}"
-    from peft.tuners.lora import Linear as PeftLinear  # a PEFT layer is here: peft is installed
-
-    if type(layer) is not PeftLinear:
+    factors = getattr(layer, "lora_A", {})
+    if not (adapter in factors and isinstance(factors[adapter], nn.Linear)):
         if adapter in getattr(layer, "lora_embedding_A", {}):
             return f"it is a PEFT LoRA {type(layer).__name__} (LoRA on an embedding)"
-        return f"it is a PEFT {type(layer).__name__} (only LoRA Linear layers over a supported base run)"
+        return f"it is a PEFT {type(layer).__name__} without linear LoRA factors for adapter {adapter!r}"
     variant = getattr(layer, "lora_variant", {}).get(adapter)
     if variant is not None:
         return f"it uses a LoRA variant ({type(variant).__name__}, e.g. DoRA)"

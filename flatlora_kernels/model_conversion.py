@@ -30,7 +30,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .layer_support import base_layer_problem, looks_linear, refuse_or_skip
+from .layer_support import base_layer_kind, base_layer_problem, looks_linear, refuse_or_skip
 from .modules import FlatLoraLinear
 from .step_noise import WarnOnce
 
@@ -43,10 +43,20 @@ __all__ = [
     "modules_to_save_of",
     "unwrap_model",
     "replace_submodule",
+    "build_flat_layer",
 ]
 
 _HEAD_NAMES = ("classifier", "score")  # top-level classification heads that "all-linear" leaves alone
 _log = logging.getLogger("flatlora_kernels")
+
+
+def build_flat_layer(base: nn.Module, **config) -> FlatLoraLinear:
+    """The Flat-LoRA layer that replaces ``base``: its kind's ``flat_layer`` (``layer_support``), else
+    ``FlatLoraLinear.from_linear``; ``config`` as ``from_linear``'s keywords."""
+    kind = base_layer_kind(base)
+    if kind is not None and kind.flat_layer is not None:
+        return kind.flat_layer(base, **config)
+    return FlatLoraLinear.from_linear(base, **config)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -220,7 +230,7 @@ def apply_flat_lora(
     warn_once = WarnOnce()  # one no-schedule warning per model
     for name in targets:
         linear = inner.get_submodule(name)
-        layer = FlatLoraLinear.from_linear(linear, r=r, lora_alpha=lora_alpha, sigma=sigma, fused=fused, **layer_kwargs)
+        layer = build_flat_layer(linear, r=r, lora_alpha=lora_alpha, sigma=sigma, fused=fused, **layer_kwargs)
         layer.train(linear.training)
         layer.noise_warning = warn_once
         replace_submodule(inner, name, layer)

@@ -159,6 +159,35 @@ def test_a_registered_base_kind_is_accepted_by_every_entry_point():
         apply_flat_lora(Holder(Linear4bit(8, 8)), ["layer"])
 
 
+class RoutedLayer(FlatLoraLinear):
+    """What a registered kind's ``flat_layer`` builds in this test."""
+
+
+def _routed_layer(base, **config):
+    plain = nn.Linear(base.in_features, base.out_features)
+    plain.weight, plain.bias = base.weight, base.bias
+    return RoutedLayer.from_linear(plain, **config)
+
+
+def test_a_registered_kind_routes_apply_flat_lora_and_from_peft_to_its_layer():
+    kind = BaseLayerKind("test-only routed", lambda m: isinstance(m, Linear4bit), flat_layer=_routed_layer,
+                         patch_in_place=False)
+    register_base_layer_kind(kind)
+    try:
+        model = apply_flat_lora(Holder(Linear4bit(8, 8)), ["layer", "other"])
+        assert type(model.layer) is RoutedLayer and type(model.other) is FlatLoraLinear
+        peft_model = _peft_model(Linear4bit(8, 8))
+        lora_A = peft_model.base_model.model.layer.lora_A["default"].weight
+        converted = from_peft(peft_model)
+        assert type(converted.layer) is RoutedLayer and converted.layer.lora_A is lora_A  # PEFT's factors kept
+        with pytest.raises(UnsupportedLayerError, match="not patched in place"):
+            enable_flat_lora(_peft_model(Linear4bit(8, 8)))
+        with pytest.raises(UnsupportedLayerError, match="RoutedLayer|routed"):
+            FlatLoraLinear.from_linear(Linear4bit(8, 8))
+    finally:
+        BASE_LAYER_KINDS.remove(kind)
+
+
 # --- issue 27 item 8: what PEFT's own tests found -------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..layer_support import peft_lora_layer_problem, refuse_or_skip
-from ..model_conversion import replace_submodule
+from ..model_conversion import build_flat_layer, replace_submodule
 from ..modules import FlatLoraLinear
 from ..step_noise import WarnOnce
 
@@ -50,7 +50,7 @@ def _check_state(name: str, peft_layer) -> str:
 def _convert(peft_layer, adapter: str, sigma: float, fused: bool) -> FlatLoraLinear:
     dropout = peft_layer.lora_dropout[adapter]
     peft_A, peft_B = peft_layer.lora_A[adapter].weight, peft_layer.lora_B[adapter].weight
-    layer = FlatLoraLinear.from_linear(
+    layer = build_flat_layer(
         peft_layer.get_base_layer(),
         r=peft_layer.r[adapter],
         lora_alpha=peft_layer.lora_alpha[adapter],

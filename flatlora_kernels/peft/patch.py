@@ -64,7 +64,7 @@ def enable_flat_lora(
     Drive it with ``FlatLoraSchedule(peft_model, total_steps)`` (or ``FlatLoraCallback``); undo with
     ``disable_flat_lora``.
     """
-    lora_layer, patched_class, _ = _classes()
+    lora_layer, patched_class, peft_class = _classes()
     check_real("sigma", sigma, low=0)
     if patched_layers(peft_model):
         raise ValueError("enable_flat_lora: the model is already converted (call disable_flat_lora first)")
@@ -75,6 +75,8 @@ def enable_flat_lora(
     problems = {}
     for name, layer in targets:
         problem = peft_lora_layer_problem(layer, adapter, require_frozen=True, in_place=True)
+        if problem is None and type(layer) is not peft_class:
+            problem = f"it is a PEFT {type(layer).__name__}, which is converted by from_peft, not patched in place"
         if problem is not None:
             problems[name] = problem
     refuse_or_skip("enable_flat_lora", problems.items(), skip_unsupported)
