@@ -6,6 +6,11 @@
 #include "normal_stream.h"
 #include "perturbed_chunk.h"
 
+namespace flatlora {
+void register_quantized(pybind11::module& m);  // quantized_bindings.cpp: the 4-bit backend
+void register_build_info(pybind11::module& m);  // build_info.cpp: how this extension was compiled
+}
+
 namespace {
 
 uint64_t seed_bits(int64_t seed) { return static_cast<uint64_t>(seed); }
@@ -79,4 +84,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bits1"), py::arg("bits2"));
   m.def("normal_rows", &normal_rows, "noise normals z for a row range (debug)", py::arg("seed"),
         py::arg("in_features"), py::arg("row_start"), py::arg("row_end"));
+  flatlora::register_quantized(m);
+  flatlora::register_build_info(m);
 }

@@ -18,6 +18,10 @@ A ``Linear4bit`` weight of shape ``[N, K]`` (``Params4bit``) is stored as:
 each row when ``K % blocksize != 0``, contrary to its own quantizer and CUDA kernel: there the flat
 definition above is the right one, and tests compare with bitsandbytes' default-backend decoder.)
 
+bitsandbytes 0.50 also has a CPU inference layout (``packing_format_for_cpu``: rows interleaved in
+blocks of 32, bf16 transposed absmax), made in place by an eval-mode no-grad forward on CPUs with
+AVX512-BF16; it is refused (its absmax is rounded to bf16, so it is no longer the trained base).
+
 ``Packed4bit`` gathers these tensors (never copies them: they are the base layer's own) for the ops.
 """
 
@@ -86,6 +90,13 @@ class Packed4bit:
             raise ValueError(
                 f"{name}: the 4-bit weight has no quant_state (not quantized yet: bitsandbytes quantizes a "
                 "Linear4bit when it is moved to a device, e.g. .to('cpu') or .cuda())"
+            )
+        if getattr(state, "packing_format_for_cpu", False):
+            raise ValueError(
+                f"{name}: bitsandbytes has repacked this 4-bit weight into its CPU inference layout "
+                "(packing_format_for_cpu: an eval-mode forward under no_grad on a CPU with AVX512-BF16 does it, "
+                "in place), which Flat-QLoRA does not read. Reload the base, or wrap it before any such forward "
+                "(the Flat-QLoRA layer's own evaluation forward does not repack it)"
             )
         shape = tuple(state.shape)
         if len(shape) != 2:

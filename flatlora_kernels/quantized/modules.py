@@ -2,7 +2,7 @@
 
 The base is held as the submodule ``base_layer`` (PEFT's name) and is never changed, copied or kept
 dequantized: training forwards run ``flat_qlora_linear`` on its packed codes, which decodes rows
-chunk by chunk. Evaluation is plain QLoRA (``base_layer(x)`` plus the LoRA branch, PEFT's forward).
+chunk by chunk. Evaluation is plain QLoRA (the op at sigma 0: PEFT's forward to rounding).
 
 The class is a ``FlatLoraLinear``: the schedule drives it (``noise_seed`` / ``noise_factor``), the
 model helpers find it, and ``lora_A: [r, in]`` / ``lora_B: [out, r]`` are saved by
@@ -117,9 +117,13 @@ class FlatLoraLinear4bit(FlatLoraLinear):
     # --- forward -------------------------------------------------------------------------------
 
     def _plain_lora(self, x: Tensor) -> Tensor:
-        y = self.base_layer(x)
-        branch_input = x if self.lora_dropout is None else self.lora_dropout(x)
-        return y + lora_branch(branch_input, self.lora_A, self.lora_B, self.scaling).to(y.dtype)
+        """QLoRA without noise (evaluation): the op at sigma 0, which is exactly LoRA. Not
+        ``base_layer(x)``: bitsandbytes' eval forward under no_grad repacks the base in place on CPUs
+        with AVX512-BF16 (``packing_format_for_cpu``), which would change the base."""
+        return flat_qlora_forward(
+            self.base_layer, x, self.lora_A, self.lora_B, scaling=self.scaling, sigma=0.0, seed=0,
+            backend=self.backend, packed=self.packed,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
