@@ -74,6 +74,8 @@ CHUNK_CAPS_MIB = [4, 8, 16, 32, 64]
 # (M, N, K) of the BATCHED_STRIP_GEMM flag, timed both ways: at M=2048 a [2048, 512] strip GEMM has
 # only 32 output tiles of 128x256 for 132 SMs; one batched GEMM per chunk has four times as many.
 STRIP_SHAPES = [(2048, 4096, 4096), (8192, 11008, 4096)]
+# (M, N, K) of the WHOLE_WEIGHT_INPUT_GRAD_BYTES flag, timed both ways (one full-width dx GEMM vs chunks).
+WHOLE_WEIGHT_SHAPE = (2048, 4096, 4096)
 # Relative-error ceilings against the fp32 reference (docs/DESIGN.md, "precision": bf16 operands land in 1e-3..1e-2).
 MAX_RELATIVE_ERROR = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 # ---- setup --------------------------------------------------------------------------------------
@@ -598,7 +600,35 @@ def strip_gemm_check(M, N, K, cap_mib=16):
     return rows
 
 
+def flag_both_ways(flag, values, M, N, K):
+    """Flat-LoRA fwd+bwd (auto strategy; do_bench) and its peak memory with ``triton_tuning.<flag>`` at
+    each of ``values``; ``x first`` = time / the first value's time."""
+    weight, lora_A, lora_B, bias = make_layer(N, K)
+    x, dy = make_inputs(M, N, K)
+    seed, sigma = seed_and_sigma()
+    rows = {}
+    for value in values:
+        with patched(triton_tuning, flag, value):
+            run, leaves = fwd_bwd_closure(flat_lora, x, weight, lora_A, lora_B, bias, dy, seed, sigma)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            run()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            rows[f"{flag} = {value}"] = dict(bench(run, grad_to_none=leaves), peak_MiB=peak)
+    first = next(iter(rows.values()))["ms"]
+    for row in rows.values():
+        row["x first"] = row["ms"] / first
+    return rows
+
+
 def run_tuning_flags(report):
+    M, N, K = WHOLE_WEIGHT_SHAPE
+    flag = "WHOLE_WEIGHT_INPUT_GRAD_BYTES"
+    rows = flag_both_ways(flag, [0, 64 * 2**20], M, N, K)
+    report.table(f"flag {flag}", f"Tuning flag {flag} (now {getattr(triton_tuning, flag)}): Flat-LoRA fwd+bwd, "
+                 f"(M, N, K) = ({M}, {N}, {K}), bf16", rows, ["ms", "p20", "p80", "x first", "peak_MiB"])  # fmt: skip
     for M, N, K in STRIP_SHAPES:
         title = (f"Tuning flag BATCHED_STRIP_GEMM (now {triton_tuning.BATCHED_STRIP_GEMM}): streamed dx, "
                  f"(M, N, K) = ({M}, {N}, {K}), 16 MiB chunks")  # fmt: skip

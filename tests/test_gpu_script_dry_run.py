@@ -83,6 +83,7 @@ def dry_run(module):
         "CROSSOVER_M": [16, 80],
         "CHUNK_CAPS_MIB": [4],
         "STRIP_SHAPES": [(16, 40, 256), (24, 40, 256)],
+        "WHOLE_WEIGHT_SHAPE": (80, 96, 72),
     }
     # Sizes the script passes as defaults; the strips check gets a cap of a few counters so its
     # streamed dx really runs in chunks (4 * N * 2 bytes per counter, Kq = 64).
@@ -143,8 +144,8 @@ def check_timing_records(items):
     shapes = ["80x96x72", "40x96x72", "80x112x72"]
     assert [r["table"] for r in items if "table" in r] == [
         "facts", "correctness", *(f"layer {s} do_bench" for s in shapes), "regen", "profile",
-        *(f"layer {s} do_bench_cudagraph" for s in shapes), "flag BATCHED_STRIP_GEMM 16x40x256",
-        "flag BATCHED_STRIP_GEMM 24x40x256",
+        *(f"layer {s} do_bench_cudagraph" for s in shapes), "flag WHOLE_WEIGHT_INPUT_GRAD_BYTES",
+        "flag BATCHED_STRIP_GEMM 16x40x256", "flag BATCHED_STRIP_GEMM 24x40x256",
     ]  # fmt: skip
     results = verdicts(items)
     assert list(results) == [
@@ -229,6 +230,21 @@ def test_strips_check_chunks_and_both_gemms_agree(script, monkeypatch):
     assert chunks and all(shape[1:] == (4, 16) for shape in chunks), chunks  # Kq = 64 in chunks of 16 counters
     assert rows["one batched GEMM per chunk"]["max_abs_diff"] <= 1e-2
     assert rows["four strip GEMMs per chunk"]["peak_MiB"] == FAKE_PEAK_BYTES / 2**20
+
+
+def test_flag_both_ways_runs_each_value(script, monkeypatch):
+    """The WHOLE_WEIGHT_INPUT_GRAD_BYTES timing: off, the backward regenerates counter chunks; on, W' whole."""
+    tb = script.triton_backend_module()
+    monkeypatch.setattr(tb, "chunk_bytes", 4 * 96 * 2 * 8)  # 8 counters a chunk (Kq = 18)
+    monkeypatch.setattr(tb, "chunk_grows_to_output", False)
+    seen = []
+    real = tb.regenerate_perturbed_weight
+    monkeypatch.setattr(tb, "regenerate_perturbed_weight", lambda out, *a, **k: (seen.append(out.dim()), real(out, *a, **k)))
+    flag = "WHOLE_WEIGHT_INPUT_GRAD_BYTES"
+    rows = script.flag_both_ways(flag, [0, 2**20], *script.WHOLE_WEIGHT_SHAPE)
+    assert list(rows) == [f"{flag} = 0", f"{flag} = {2**20}"] and rows[f"{flag} = 0"]["x first"] == 1.0
+    counter_chunks = seen.count(3)  # [N, 4, width] outputs: backward counter chunks
+    assert counter_chunks == 3 * 3, seen  # value 0: one measured + two stub-timed steps, 3 chunks each; 2**20: none
 
 
 def test_memory_mode(script, tmp_path):

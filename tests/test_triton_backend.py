@@ -562,3 +562,31 @@ def test_batched_strip_gemm_matches_four_strip_gemms(monkeypatch, dtype):
         check_backend_against_reference("triton", M=23, N=45, K=52, r=3, dtype=dtype, device=DEVICE)
     assert not batched[2].isnan().any()
     torch.testing.assert_close(batched[2], loop[2], rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_weight_input_grad_flag(monkeypatch, dtype):
+    """``WHOLE_WEIGHT_INPUT_GRAD_BYTES``: with W' within the limit, the streamed backward regenerates it
+    once, whole, for one dx GEMM, where the chunk cap alone gives several counter chunks; outputs and
+    every gradient match the reference; one byte under W's size, the chunks come back."""
+    M, N, K, r = 23, 45, 52, 3  # Kq = 13: chunks of 3 counters without the flag
+    element = torch.finfo(dtype).bits // 8
+    monkeypatch.setattr(triton_backend, "chunk_bytes", 3 * 4 * N * element)
+    monkeypatch.setattr(triton_backend, "chunk_grows_to_output", False)
+    regenerated = []
+    real = triton_backend.regenerate_perturbed_weight
+
+    def recording(out, *args, rows, counters, **kwargs):
+        regenerated.append((rows, counters))
+        return real(out, *args, rows=rows, counters=counters, **kwargs)
+
+    monkeypatch.setattr(triton_backend, "regenerate_perturbed_weight", recording)
+    backward_chunks = lambda: [counters for rows, counters in regenerated if rows == (0, N)]  # noqa: E731 (forward: row chunks)
+    with triton_backend.use_strategy("streamed"):
+        monkeypatch.setattr(triton_tuning, "WHOLE_WEIGHT_INPUT_GRAD_BYTES", N * K * element)
+        check_backend_against_reference("triton", M=M, N=N, K=K, r=r, dtype=dtype, device=DEVICE)
+        assert backward_chunks() == [(0, counters_per_row(K))]
+        regenerated.clear()
+        monkeypatch.setattr(triton_tuning, "WHOLE_WEIGHT_INPUT_GRAD_BYTES", N * K * element - 1)
+        check_backend_against_reference("triton", M=M, N=N, K=K, r=r, dtype=dtype, device=DEVICE)
+        assert backward_chunks() == [(c, min(c + 3, 13)) for c in range(0, 13, 3)]

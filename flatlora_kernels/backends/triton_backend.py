@@ -334,7 +334,8 @@ def _input_grad_streamed(dy, weight, lora_A, lora_B, row_scales, scaling, seed) 
     counters_per_chunk = _chunk_length(
         kq, 4 * out_features * dy.element_size(), output_bytes=n_tokens * in_features * dy.element_size()
     )
-    if counters_per_chunk == kq:
+    whole_weight_fits = out_features * in_features * dy.element_size() <= triton_tuning.WHOLE_WEIGHT_INPUT_GRAD_BYTES
+    if counters_per_chunk == kq or whole_weight_fits:  # one full-width GEMM
         w_perturbed = perturbed_weight_rows(weight, lora_A, lora_B, row_scales, scaling, seed, 0, out_features, dy.dtype)
         return torch.mm(dy, w_perturbed)
     dx = dy.new_empty((n_tokens, in_features))

@@ -30,6 +30,13 @@ CHUNK_ALIGN: int = 64
 #: bit-identical to the loop). Guess.
 BATCHED_STRIP_GEMM: bool = False
 
+#: Streamed backward: when all of ``W'`` takes at most this many bytes (compute dtype), regenerate it
+#: whole and run one full-width dx GEMM, instead of counter chunks of four strip GEMMs each. At small
+#: M the strips under-fill the GPU (M=2048, N=K=4096, 16 MiB chunks: [2048, 512] outputs, 32 tiles of
+#: 128x256 for 132 SMs); the price is W' held whole, up to this many bytes instead of the chunk cap.
+#: 0 (off) until a GPU run measures it (``benchmarks/gpu_kernels.py`` times both ways). Guess.
+WHOLE_WEIGHT_INPUT_GRAD_BYTES: int = 0
+
 #: The dispatcher's auto rule: the in-register path for ``M <= IN_REGISTER_MAX_TOKENS`` and M within
 #: one token tile of that pass's fused kernel (``MAX_BLOCK_TOKENS`` below). Guess: to be measured
 #: (M = 16..512 at N = K = 4096, ``benchmarks/gpu_kernels.py`` crossover sweep).
