@@ -165,3 +165,13 @@ def check_seed(seed: int | Tensor) -> None:
         raise TypeError(f"seed must be an int or a 0-dim int64 tensor, got {type(seed).__name__}")
     if not 0 <= int(seed) < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+
+
+def check_op_arguments(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias, scaling, sigma, seed) -> None:
+    """Every check of a fused op's arguments (shapes, devices, dtypes, scalars), in one call."""
+    check_weights(weight, lora_A, lora_B)
+    check_input(x, weight)
+    check_bias(bias, weight)
+    check_scaling(scaling)
+    check_sigma(sigma)
+    check_seed(seed)

@@ -6,9 +6,7 @@ import torch
 from torch import Tensor
 
 from . import backends, ops  # noqa: F401  (ops registers torch.ops.flatlora.*)
-from ._validation import (
-    check_bias, check_input, check_scaling, check_seed, check_sigma, check_weights, scalar_tensor,
-)
+from ._validation import check_op_arguments, scalar_tensor
 
 __all__ = ["flat_lora_linear"]
 
@@ -38,12 +36,7 @@ def flat_lora_linear(
 
     Differentiable in ``x``, ``lora_A``, ``lora_B`` and ``bias``; eps is a constant (no gradient).
     """
-    check_weights(weight, lora_A, lora_B)
-    check_input(x, weight)
-    check_bias(bias, weight)
-    check_scaling(scaling)
-    check_sigma(sigma)
-    check_seed(seed)
+    check_op_arguments(x, weight, lora_A, lora_B, bias, scaling, sigma, seed)
     if weight.requires_grad:
         raise ValueError(
             "flat_lora_linear: the base weight must be frozen (weight.requires_grad is True); "
