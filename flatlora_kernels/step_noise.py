@@ -114,10 +114,11 @@ class StepNoise(nn.Module):
         return self.noise_factor * self.sigma
 
     def _apply(self, fn, *args, **kwargs):
-        factor = self.noise_factor
+        factor = self._buffers.get("noise_factor")
         result = super()._apply(fn, *args, **kwargs)
-        if self.noise_factor.dtype != torch.float32:  # a dtype cast: keep the fp32 value, take the new device
-            self.noise_factor = factor.to(self.noise_factor.device)
+        moved = self._buffers.get("noise_factor")
+        if factor is not None and moved is not None and moved.dtype != torch.float32:
+            self._buffers["noise_factor"] = factor.to(moved.device)  # a dtype cast: keep the fp32 value
         return result
 
     def _warn_if_undriven(self) -> None:
