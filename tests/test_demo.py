@@ -19,6 +19,7 @@ from flatlora_kernels.demo.digits_mlp import DigitsMLP  # noqa: E402
 from flatlora_kernels.demo.stats import paired_difference  # noqa: E402
 
 TINY = ["--steps", "4", "--seeds", "2", "--select-seeds", "1", "--pretrain-steps", "10", "--max-extensions", "1",
+        "--dropout-grid", "0.1,0.2", "--sigma-grid", "0.1,0.2", "--efm-rho-grid", "0.05,0.1", "--bilora-rho-grid", "0.05,0.1",
         "--noise-draws", "1", "--workers", "1", "--cost-tokens", "16", "--cost-width", "32", "--no-progress"]
 TIMING = {"step_ms", "peak_memory_mib"}
 
@@ -44,8 +45,8 @@ def test_tiny_demo_prints_every_measure_and_reproduces(tmp_path, capsys):
     for method, knob in (("lora", "lora_dropout"), ("flat-lora", "sigma"), ("efmlora", "efm_rho"), ("bilora", "bilora_rho")):
         chosen = selection[method]
         assert chosen["knob"] == knob and config[knob] == chosen["choice"]
-        assert chosen["initial grid"] == [0.05, 0.1, 0.2, 0.4] if method in ("lora", "flat-lora") else [0.025, 0.05, 0.1, 0.2]
-        assert len(chosen["validation NLL"]) == 4 + len(chosen["extensions"]) and chosen["status"]
+        assert chosen["initial grid"] == ([0.1, 0.2] if method in ("lora", "flat-lora") else [0.05, 0.1])
+        assert len(chosen["validation NLL"]) == 2 + len(chosen["extensions"]) and chosen["status"]
         assert min(chosen["validation NLL"].values()) == chosen["validation NLL"][str(chosen["choice"])]
     cost = saved["cost"]
     assert [r["method"] for r in cost["rows"]] == ["lora", "flat-lora (fused)", "naive perturbation", "bi-lora"]

@@ -87,7 +87,7 @@ def test_the_digits_search_never_touches_the_test_split(monkeypatch):
     args = _parse_args(["--select-seeds", "1", "--max-extensions", "1", "--workers", "1"])
     torch.manual_seed(0)
     payload = (DigitsMLP().state_dict(), 20)
-    run = lambda jobs, label: runner.run_all(jobs, task_name="digits", payload=payload, workers=1, threads=1, label=label, progress=False)  # noqa: E731
+    run = runner.Workers(task_name="digits", payload=payload, workers=1, threads=1, progress=False).run
     config = FinetuneConfig(steps=3, eval_every=2)
     choices, reference = digits_job.search(args, config, digits_job.knobs_for(args), run)
     assert set(choices) == {"lora", "flat-lora", "efmlora", "bilora"} and reference["val"] > 0

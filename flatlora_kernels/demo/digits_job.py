@@ -19,7 +19,7 @@ from .data import make_digits_task
 from .digits_mlp import accuracy, pretrain
 from .finetune import KNOBS, FinetuneConfig
 from .report import machine, print_choices, print_table, summarise
-from .runner import run_all
+from .runner import Workers
 from .selection import Knob, validation_search
 
 MEASURES = {  # name -> (metric, scale, digits)
@@ -36,8 +36,8 @@ def knobs_for(args) -> list[Knob]:
     return [Knob(m, KNOBS[m], tuple(grids[m]), *CAPS[m]) for m in args.methods]
 
 
-def search(args, config, knobs, run):
-    return validation_search(knobs, config, select_seeds=args.select_seeds, max_rounds=args.max_extensions, run=run)
+def search(args, config, knobs, workers.run):
+    return validation_search(knobs, config, select_seeds=args.select_seeds, max_rounds=args.max_extensions, run=workers.run)
 
 
 def run_digits(args) -> int:
@@ -55,19 +55,19 @@ def run_digits(args) -> int:
     base = pretrain(task.source_train, steps=args.pretrain_steps, seed=0, device=torch.device("cpu"))
     print(f"pretrained: source test accuracy {100 * accuracy(base, task.source_test):.1f}%, shifted target (validation) before fine-tuning {100 * accuracy(base, task.target_val):.1f}%", flush=True)
     payload = (base.state_dict(), args.train_images)
-    run = lambda jobs, label: run_all(jobs, task_name="digits", payload=payload, workers=args.workers, threads=args.threads, label=label, progress=not args.no_progress)  # noqa: E731
-    config = FinetuneConfig(steps=args.steps, rank=args.rank, lr=args.lr, noise_draws=args.noise_draws)
+    with Workers(task_name="digits", payload=payload, workers=args.workers, threads=args.threads, progress=not args.no_progress) as workers:
+        config = FinetuneConfig(steps=args.steps, rank=args.rank, lr=args.lr, noise_draws=args.noise_draws)
 
-    knobs = knobs_for(args)
-    print(f"validation search: {len(knobs[0].grid)} candidates x {args.select_seeds} seeds per method; an edge choice extends its grid (x2 per round, at most {args.max_extensions} rounds, caps: "
-          + ", ".join(f"{k.method} {k.name} [{k.low_cap:g}, {k.high_cap:g}]" for k in knobs) + ")", flush=True)
-    choices, reference = search(args, config, knobs, run)
-    print_choices(choices, reference["val"])
-    print("plain LoRA validation NLL by step (overfitting shows as a rise): " + ", ".join(f"{k}: {v:.3f}" for k, v in reference["curve"].items()))
-    config = replace(config, **{KNOBS[m]: c.value for m, c in choices.items()})
+        knobs = knobs_for(args)
+        print(f"validation search: {len(knobs[0].grid)} candidates x {args.select_seeds} seeds per method; an edge choice extends its grid (x2 per round, at most {args.max_extensions} rounds, caps: "
+              + ", ".join(f"{k.method} {k.name} [{k.low_cap:g}, {k.high_cap:g}]" for k in knobs) + ")", flush=True)
+        choices, reference = search(args, config, knobs, workers.run)
+        print_choices(choices, reference["val"])
+        print("plain LoRA validation NLL by step (overfitting shows as a rise): " + ", ".join(f"{k}: {v:.3f}" for k, v in reference["curve"].items()))
+        config = replace(config, **{KNOBS[m]: c.value for m, c in choices.items()})
 
-    jobs = [(m, s, config, False) for s in range(args.seeds) for m in args.methods]
-    results = run(jobs, "fine-tuning")
+        jobs = [(m, s, config, False) for s in range(args.seeds) for m in args.methods]
+        results = workers.run(jobs, "fine-tuning")
     measures = dict(MEASURES)
     sigmas = sorted(results[0].loss_under_noise, key=float)
     for s in sigmas:

@@ -18,7 +18,6 @@ import copy
 import math
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +55,7 @@ class LmRunResult:
     loss_under_noise: dict[str, float] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)  # training loss at the Trainer's logging steps
     step_ms: float = 0.0
+    method_check: dict = field(default_factory=dict)  # evidence the method acted: schedule steps, perturbation norm
 
     @property
     def test_ppl(self) -> float:
@@ -88,7 +88,7 @@ def _trainer_class(method: str, config: LmConfig, seed: int):
 
 def finetune_lm(pretrained: nn.Module, task: LmTask, method: str, *, seed: int, config: LmConfig) -> LmRunResult:
     from peft import LoraConfig, get_peft_model
-    from transformers import TrainingArguments, logging as hf_logging
+    from transformers import PrinterCallback, TrainingArguments, logging as hf_logging
 
     from .. import FlatLoraCallback, FlatLoraSchedule, enable_flat_lora
 
@@ -102,10 +102,11 @@ def finetune_lm(pretrained: nn.Module, task: LmTask, method: str, *, seed: int, 
         lora_dropout=config.lora_dropout if method == "lora" else 0.0, task_type="CAUSAL_LM",
     )
     model = get_peft_model(copy.deepcopy(pretrained).train(), lora)
-    callbacks = []
+    callbacks, schedule = [], None
     if method == "flat-lora":
         model = enable_flat_lora(model, sigma=config.sigma)
-        callbacks.append(FlatLoraCallback(FlatLoraSchedule(model, total_steps=None, seed=seed)))
+        schedule = FlatLoraSchedule(model, total_steps=None, seed=seed)  # T comes from the Trainer's max_steps
+        callbacks.append(FlatLoraCallback(schedule))
     data = [{"input_ids": block, "labels": block} for block in task.train]
     with tempfile.TemporaryDirectory(prefix="flatlora_lm_") as out:
         args = TrainingArguments(
@@ -115,15 +116,19 @@ def finetune_lm(pretrained: nn.Module, task: LmTask, method: str, *, seed: int, 
             disable_tqdm=True, seed=seed, data_seed=seed, dataloader_num_workers=0, label_names=["labels"],
         )
         trainer = _trainer_class(method, config, seed)(model=model, args=args, train_dataset=data, callbacks=callbacks)
-        started = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - started
-    if hasattr(trainer.optimizer, "restore"):  # EFMLoRA keeps B + E_hat applied between steps
-        trainer.optimizer.restore()
-    elif hasattr(getattr(trainer.optimizer, "optimizer", None), "restore"):  # accelerate's wrapper
-        trainer.optimizer.optimizer.restore()
-    model.eval()
+        trainer.remove_callback(PrinterCallback)  # no log dicts on stdout
+        seconds = trainer.train().metrics["train_runtime"]
     result = LmRunResult(method=method, seed=seed, knob=getattr(config, LM_KNOBS[method]))
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    if hasattr(optimizer, "restore"):  # EFMLoRA keeps B + E_hat applied between steps
+        optimizer.restore()
+    if hasattr(optimizer, "perturbation_norm"):
+        result.method_check = {"bilora steps": optimizer.steps_done, "perturbation norm": float(optimizer.perturbation_norm())}
+    elif hasattr(optimizer, "steps_done"):
+        result.method_check = {"efmlora steps": optimizer.steps_done}
+    if schedule is not None:
+        result.method_check = {"schedule steps": schedule.step_count, "total steps": schedule.total_steps}
+    model.eval()
     result.losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result.step_ms = 1000 * seconds / config.steps
     result.val_nll = mean_nll(model, task.val)

@@ -17,7 +17,7 @@ import torch
 from .lm_finetune import LM_KNOBS, LmConfig
 from .lm_task import TINY, LmSettings, make_lm_task, mean_nll, pretrain_lm
 from .report import machine, print_choices, print_table, summarise
-from .runner import run_all
+from .runner import Workers
 from .selection import Knob, validation_search
 
 KNOB_LABELS = {"lora": "dropout", "flat-lora": "sigma", "efmlora": "rho", "bilora": "rho"}
@@ -51,19 +51,19 @@ def run_lm(args) -> int:
         flush=True,
     )
     payload = (base.state_dict(), settings)
-    run = lambda jobs, label: run_all(jobs, task_name="lm", payload=payload, workers=args.workers, threads=args.threads, label=label, progress=not args.no_progress)  # noqa: E731
-    config = LmConfig(steps=args.steps, rank=args.rank, lr=args.lr, noise_draws=args.noise_draws)
+    with Workers(task_name="lm", payload=payload, workers=args.workers, threads=args.threads, progress=not args.no_progress) as workers:
+        config = LmConfig(steps=args.steps, rank=args.rank, lr=args.lr, noise_draws=args.noise_draws)
 
-    grids = {"lora": args.dropout_grid, "flat-lora": args.sigma_grid, "efmlora": args.efm_rho_grid, "bilora": args.bilora_rho_grid}
-    knobs = [Knob(m, LM_KNOBS[m], tuple(grids[m]), *CAPS[m]) for m in args.methods]
-    print(f"validation search: {len(knobs[0].grid)} candidates x {args.select_seeds} seeds per method; an edge choice extends its grid (x2 per round, at most {args.max_extensions} rounds, caps: "
-          + ", ".join(f"{k.method} {k.name} [{k.low_cap:g}, {k.high_cap:g}]" for k in knobs) + ")", flush=True)
-    choices, reference = validation_search(knobs, config, select_seeds=args.select_seeds, max_rounds=args.max_extensions, run=run)
-    print_choices(choices, reference["val"])
-    config = replace(config, **{LM_KNOBS[m]: c.value for m, c in choices.items()})
+        grids = {"lora": args.dropout_grid, "flat-lora": args.sigma_grid, "efmlora": args.efm_rho_grid, "bilora": args.bilora_rho_grid}
+        knobs = [Knob(m, LM_KNOBS[m], tuple(grids[m]), *CAPS[m]) for m in args.methods]
+        print(f"validation search: {len(knobs[0].grid)} candidates x {args.select_seeds} seeds per method; an edge choice extends its grid (x2 per round, at most {args.max_extensions} rounds, caps: "
+              + ", ".join(f"{k.method} {k.name} [{k.low_cap:g}, {k.high_cap:g}]" for k in knobs) + ")", flush=True)
+        choices, reference = validation_search(knobs, config, select_seeds=args.select_seeds, max_rounds=args.max_extensions, run=workers.run)
+        print_choices(choices, reference["val"])
+        config = replace(config, **{LM_KNOBS[m]: c.value for m, c in choices.items()})
 
-    jobs = [(m, s, config, False) for s in range(args.seeds) for m in args.methods]
-    results = run(jobs, "fine-tuning")
+        jobs = [(m, s, config, False) for s in range(args.seeds) for m in args.methods]
+        results = workers.run(jobs, "fine-tuning")
     measures = dict(MEASURES)
     sigmas = sorted(results[0].loss_under_noise, key=float)
     for s in sigmas:
@@ -80,7 +80,9 @@ def run_lm(args) -> int:
     print(f"\nloss under noise (test NLL increase, nats/byte, filter-wise noise at sigma' on every LoRA layer's merged weight, {config.noise_draws} shared draws):")
     print_table([{"method": r["method"], **{c.removeprefix("loss under noise "): r[c] for c in noise_columns}} for r in rows])
     timing = {m: statistics.median(r.step_ms for r in results if r.method == m) for m in args.methods}
-    print("Trainer step ms (median, per worker, tiny model: Python overhead dominates): " + ", ".join(f"{m} {t:.1f}" for m, t in timing.items()))
+    print("Trainer step ms (median of train_runtime / steps, per worker; a tiny model: Python overhead dominates): " + ", ".join(f"{m} {t:.1f}" for m, t in timing.items()))
+    checks = {m: [r.method_check for r in results if r.method == m][0] for m in args.methods if m != "lora"}
+    print("the methods acted (seed 0): " + "; ".join(f"{m} {c}" for m, c in checks.items()))
 
     from .plots import save_lm_plots
 

@@ -54,31 +54,42 @@ def run_indexed(item):
     return index, finetune_lm(_WORKER["base"], task, method, seed=seed, config=config)
 
 
-def run_all(jobs, *, task_name, payload, workers, threads, label, progress=True):
-    """Run jobs in a spawn pool (``threads`` torch threads each); results come back in job order."""
-    started = time.perf_counter()
-    results = [None] * len(jobs)
-    interactive = sys.stdout.isatty() and progress
-    bar = None
-    if interactive:
-        from tqdm.auto import tqdm
+class Workers:
+    """One pool for a whole job (spawned once: worker start-up is seconds on a busy machine); ``run``
+    runs jobs in it (``threads`` torch threads each) and returns results in job order."""
 
-        bar = tqdm(total=len(jobs), desc=label, unit="run", file=sys.stdout)
-    items = list(enumerate(jobs))
-    with contextlib.ExitStack() as stack:
+    def __init__(self, *, task_name, payload, workers, threads, progress=True):
+        self.workers, self.progress = workers, progress
+        self._stack = contextlib.ExitStack()
         if workers == 1:  # in this process: no worker start-up (tests, debugging)
             init_worker(task_name, payload, threads)
-            finished = map(run_indexed, items)
+            self._pool = None
         else:
             context = multiprocessing.get_context("spawn")  # fork after torch's thread pools can hang
-            pool = stack.enter_context(context.Pool(min(workers, len(jobs)), init_worker, (task_name, payload, threads)))
-            finished = pool.imap_unordered(run_indexed, items)
+            self._pool = self._stack.enter_context(context.Pool(workers, init_worker, (task_name, payload, threads)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._stack.__exit__(*exc)
+
+    def run(self, jobs, label):
+        started = time.perf_counter()
+        results = [None] * len(jobs)
+        bar = None
+        if sys.stdout.isatty() and self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(jobs), desc=label, unit="run", file=sys.stdout)
+        items = list(enumerate(jobs))
+        finished = map(run_indexed, items) if self._pool is None else self._pool.imap_unordered(run_indexed, items)
         for done, (index, result) in enumerate(finished, 1):
             results[index] = result
             if bar is not None:
                 bar.update(1)
-            elif progress and (done % max(1, len(jobs) // 5) == 0 or done == len(jobs)):
+            elif self.progress and (done % max(1, len(jobs) // 5) == 0 or done == len(jobs)):
                 print(f"  {label}: {done}/{len(jobs)} runs, {time.perf_counter() - started:.0f} s", flush=True)  # piped: a few plain lines
-    if bar is not None:
-        bar.close()
-    return results
+        if bar is not None:
+            bar.close()
+        return results
