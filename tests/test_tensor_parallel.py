@@ -181,7 +181,10 @@ def _variants_worker(rank, world_size):
         torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol, msg=f"{what}: output")
         y_ref.float().pow(2).sum().backward()
         y.float().pow(2).sum().backward()
-        torch.testing.assert_close(x_tp.grad, x_ref.grad, rtol=tol, atol=tol, msg=f"{what}: input grad")
+        # dx is a sum of the ranks' bf16 partials: its rounding scales with the summands, not the sum
+        # (one bf16 ulp of a 63 partial is 0.25 on an element that cancels to ~3; seen with torch 2.11).
+        grad_scale = x_ref.grad.abs().max().item()
+        torch.testing.assert_close(x_tp.grad, x_ref.grad, rtol=tol, atol=tol * max(1.0, grad_scale), msg=f"{what}: input grad")
         ref_params = dict(reference.named_parameters())
         for name, param in model.named_parameters():
             if param.requires_grad:
