@@ -36,8 +36,8 @@ def knobs_for(args) -> list[Knob]:
     return [Knob(m, KNOBS[m], tuple(grids[m]), *CAPS[m]) for m in args.methods]
 
 
-def search(args, config, knobs, workers.run):
-    return validation_search(knobs, config, select_seeds=args.select_seeds, max_rounds=args.max_extensions, run=workers.run)
+def search(args, config, knobs, run):
+    return validation_search(knobs, config, select_seeds=args.select_seeds, max_rounds=args.max_extensions, run=run)
 
 
 def run_digits(args) -> int:
