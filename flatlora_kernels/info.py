@@ -1,14 +1,16 @@
 """``python -m flatlora_kernels.info``: what this install runs on, and a self-check of every backend.
 
-Prints versions (Python, torch, triton, CUDA, transformers/peft), the C++ extension's build flags and
-CPU ISA, which backend ``"auto"`` picks per device, and checks that each backend that can run here
-reproduces the noise stream: ``flat_lora_linear`` against ``x (W + s*B@A + eps)^T`` with eps from
-``filter_noise`` (the definition in ``flatlora_kernels/noise.py``). Exit status 1 if a check fails.
+Prints versions (Python, torch, triton, CUDA, transformers/peft/bitsandbytes), the CPU model and the
+thread count in use, how the installed C++ extension was compiled (its own record) and the CPU ISA it
+chose, which backend ``"auto"`` picks per device (and why a backend cannot run here), and checks that
+each backend that can run here reproduces the noise stream: ``flat_lora_linear`` against
+``x (W + s*B@A + eps)^T`` with eps from ``filter_noise`` (the definition in
+``flatlora_kernels/noise.py``). Exit status 1 if a check fails, the extension was built against
+another torch, or ``FLATLORA_CPU_ISA`` names an unusable level.
 """
 
 from __future__ import annotations
 
-import ast
 import importlib
 import os
 import platform
@@ -26,34 +28,59 @@ def _version(module: str) -> str:
         return f"not available ({type(error).__name__})"
 
 
-def _cpp_build_flags() -> str:
-    """The flags setup.py passes the compiler (read from the source tree when it is there)."""
-    setup_py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+def _cpp_build() -> tuple[str, bool]:
+    """How the C++ extension that is installed was compiled (its own record, not setup.py's), and whether
+    it was built against the torch that runs it."""
     try:
-        tree = ast.parse(open(setup_py).read())
-    except OSError:
-        return "unknown (no setup.py next to the package)"
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name == "_compile_args":
-            for inner in ast.walk(node):
-                if isinstance(inner, ast.Return) and isinstance(inner.value, ast.List):
-                    return " ".join(str(ast.literal_eval(item)) for item in inner.value.elts)
-    return "unknown"
+        from . import _C
+    except ImportError as error:
+        return f"not built ({type(error).__name__}: build it with `pip install --no-build-isolation -e .`)", False
+    build = _C.build_info()
+    flags = [
+        build["compiler"],
+        f"C++{str(build['cplusplus'])[2:4]}",
+        "optimised" if build["optimized"] else "NOT optimised",
+        "no math errno" if not build["math_errno"] else "math errno",
+        *(["FAST-MATH (breaks the cross-ISA stream)"] if build["fast_math"] else []),
+        f"OpenMP {build['openmp']}" if build["openmp"] else "no OpenMP",
+        f"against torch {build['torch']}",
+    ]
+    running = torch.__version__.split("+")[0]
+    matches = running == build["torch"]
+    if not matches:
+        flags.append(f"MISMATCH: torch {running} runs it; rebuild with `pip install --no-build-isolation -e .`")
+    return ", ".join(flags), matches
 
 
-def _cpu_isa() -> str:
+def _cpu_isa() -> tuple[str, bool]:
+    """The ISA the C++ kernels chose, or why none: an unusable ``FLATLORA_CPU_ISA`` is an error here too."""
     try:
         from .backends import cpp
     except ImportError as error:
-        return f"C++ extension not built ({error.__class__.__name__})"
-    isa = getattr(cpp, "cpu_isa", None)
-    if isa is not None:
-        return isa() if callable(isa) else str(isa)
-    try:  # an older extension without ISA dispatch: show what the CPU offers
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-        return "CPU flags: " + " ".join(f for f in flags if f.startswith(("avx", "fma", "amx")))
-    except (OSError, StopIteration):
-        return "unknown"
+        return f"none (C++ extension not built: {error.__class__.__name__})", True
+    try:
+        return cpp.cpu_isa(), True
+    except ValueError as error:  # FLATLORA_CPU_ISA names a level that does not exist or this CPU lacks
+        return f"ERROR: {error}", False
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _threads() -> str:
+    """torch's thread count next to the cores this process may use: several training processes that each
+    use every core slow each other down several times over (OpenMP workers spin while they wait)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    omp = os.environ.get("OMP_NUM_THREADS", "unset")
+    return f"threads in use {torch.get_num_threads()} (OMP_NUM_THREADS {omp}) on {cores} usable cores"
 
 
 def _devices() -> list[torch.device]:
@@ -86,32 +113,36 @@ def _self_check(backend: str, device: torch.device) -> tuple[bool, str]:
     return ok, f"max |error| {err:.2e} vs the noise definition"
 
 
-def _runnable(backend: str, device: torch.device) -> bool:
+def _why_not_runnable(backend: str, device: torch.device) -> str:
+    """Empty when ``backend`` can run on ``device``, else the first line of the reason."""
     from . import backends
 
     try:
         backends.resolve(backend, device)
-    except (ValueError, RuntimeError, ImportError):
-        return False
-    return True
+    except (ValueError, RuntimeError, ImportError) as error:
+        return str(error).splitlines()[0]
+    return ""
 
 
 def report() -> tuple[list[str], bool]:
     """The lines ``main`` prints, and whether every runnable backend passed its self-check."""
     from . import __version__, backends
 
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    build, build_ok = _cpp_build()
+    isa, isa_ok = _cpu_isa()
     lines = [
         f"flatlora_kernels {__version__}",
         f"python {platform.python_version()} on {platform.machine()} ({platform.system()})",
+        f"CPU: {_cpu_model()}; {_threads()}",
         f"torch {torch.__version__} (CUDA build {torch.version.cuda or 'none'}, "
         f"CUDA available: {torch.cuda.is_available()})",
-        f"triton {_version('triton')}" + (" (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1" else ""),
-        f"transformers {_version('transformers')}, peft {_version('peft')}",
-        f"C++ extension: flags {_cpp_build_flags()}; CPU ISA {_cpu_isa()}; threads {torch.get_num_threads()}",
+        f"triton {_version('triton')}" + (" (TRITON_INTERPRET=1: kernels run in its interpreter on CPU)" if interpreting else ""),
+        f"transformers {_version('transformers')}, peft {_version('peft')}, bitsandbytes {_version('bitsandbytes')}",
+        f"C++ extension: {build}",
+        f"C++ CPU ISA: {isa}",
     ]
-    if torch.cuda.is_available():
-        lines.append(f"GPU: {torch.cuda.get_device_name(0)} (capability {torch.cuda.get_device_capability(0)})")
-    all_ok = True
+    all_ok = build_ok and isa_ok
     for device in _devices():
         try:
             auto = backends.resolve("auto", device)
@@ -119,8 +150,9 @@ def report() -> tuple[list[str], bool]:
             auto = f"none ({error})"
         lines.append(f'backend "auto" on {device.type}: {auto}')
         for name in backends.REGISTRY:
-            if not _runnable(name, device):
-                lines.append(f"  self-check {name:9s} on {device.type}: skipped (cannot run here)")
+            why_not = _why_not_runnable(name, device)
+            if why_not:
+                lines.append(f"  self-check {name:9s} on {device.type}: skipped ({why_not})")
                 continue
             ok, detail = _self_check(name, device)
             all_ok &= ok
