@@ -29,6 +29,43 @@ from . import triton_tuning
 
 _WEIGHT_ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
+#: GPU tiles where the dense ones (``triton_tuning.GPU_TILES``) spill once the tile also decodes 4-bit
+#: codes (sm_90 compile, ``benchmarks/qlora_resources.py``: ``perturbed_weight`` 32x32 spilled 20 B with
+#: fp32 factors, ``fused_forward_fp32`` 32 B): half the rows / outputs per program. Compiled, not timed.
+GPU_TILE_OVERRIDES: dict[str, dict] = {
+    "perturbed_weight": dict(BLOCK_ROWS=16, BLOCK_COUNTERS=32, num_warps=8),
+    "fused_forward_fp32": dict(MAX_BLOCK_TOKENS=16, BLOCK_OUT=16, BLOCK_COUNTERS=16, num_warps=4, num_stages=2),
+}
+
+
+def _tiles(kernel: str) -> dict:
+    if not dense.INTERPRETING and kernel in GPU_TILE_OVERRIDES:
+        return dict(GPU_TILE_OVERRIDES[kernel])
+    return dense._tiles(kernel)
+
+
+def _fused_launch(kernel, n_tokens, tile_axis, loop_axis, out_width, dtype, device):
+    """``triton_backend._fused_launch`` with this module's tile overrides."""
+    name = f"{kernel}_fp32" if dtype == torch.float32 else kernel
+    if dense.INTERPRETING or name not in GPU_TILE_OVERRIDES:
+        return dense._fused_launch(kernel, n_tokens, tile_axis, loop_axis, out_width, dtype, device)
+    tiles = dict(GPU_TILE_OVERRIDES[name])
+    cap = tiles.pop("MAX_BLOCK_TOKENS")
+    tiles["BLOCK_TOKENS"] = next((size for size in (16, 32, 64, 128) if n_tokens <= size or size >= cap), cap)
+    output_tiles = (triton.cdiv(n_tokens, tiles["BLOCK_TOKENS"]), triton.cdiv(tile_axis[0], tiles[tile_axis[1]]))
+    loop_tile = tiles[loop_axis[1]]
+    splits, blocks_per_split = dense._split_reduction(output_tiles[0] * output_tiles[1],
+                                                      triton.cdiv(loop_axis[0], loop_tile), device)  # fmt: skip
+    out, out_strides = dense._split_outputs(splits, (n_tokens, out_width), dtype, device)
+    return tiles, (*output_tiles, splits), blocks_per_split * loop_tile, out, out_strides
+
+
+def _log2(blocksize: int) -> int:
+    """The kernels shift by a blocksize's log2 (bitsandbytes' blocksizes are powers of two)."""
+    if blocksize <= 0 or blocksize & (blocksize - 1):
+        raise ValueError(f"flatlora 4-bit triton backend: blocksize must be a power of two, got {blocksize}")
+    return blocksize.bit_length() - 1
+
 
 def _weight_args(codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize, nested_offset,
                  lora_A, lora_B, scaling) -> tuple:
@@ -37,7 +74,7 @@ def _weight_args(codes, absmax, code_table, nested_absmax, nested_code, blocksiz
     nested = nested_absmax is not None
     return (
         codes, absmax, code_table, nested_absmax if nested else absmax, nested_code if nested else code_table,
-        blocksize, max(1, nested_blocksize), float(nested_offset),
+        _log2(blocksize), _log2(nested_blocksize) if nested else 0, float(nested_offset),
         lora_A, lora_B, lora_A.shape[0], float(scaling), *lora_A.stride(), *lora_B.stride(),
     )
 
@@ -61,7 +98,7 @@ class _Layer:
 
 def row_scale(layer: _Layer, sigma: Tensor, compute_dtype) -> Tensor:
     scale = torch.empty(layer.out_features, dtype=torch.float32, device=layer.device)
-    tiles = dense._tiles("row_scale")
+    tiles = _tiles("row_scale")
     grid = (triton.cdiv(layer.out_features, tiles["BLOCK_ROWS"]),)
     dense._traceable(quantized_row_scale_kernel)[grid](
         *layer.args, sigma, scale, layer.out_features, layer.in_features, math.sqrt(layer.in_features),
@@ -74,7 +111,7 @@ def regenerate_perturbed_weight(out: Tensor, layer: _Layer, row_scales, seed, ro
                                 stride_out_strip) -> None:
     """Write ``W'`` for ``rows x counters`` into ``out`` (layout: ``kernels/quantized_perturbed_weight.py``)."""
     (row_start, row_end), (counter_start, counter_end) = rows, counters
-    tiles = dense._tiles("perturbed_weight")
+    tiles = _tiles("perturbed_weight")
     grid = (triton.cdiv(row_end - row_start, tiles["BLOCK_ROWS"]),
             triton.cdiv(counter_end - counter_start, tiles["BLOCK_COUNTERS"]))  # fmt: skip
     dense._traceable(quantized_perturbed_weight_kernel)[grid](
@@ -132,7 +169,7 @@ def _input_grad_streamed(dy, layer: _Layer, row_scales, seed) -> Tensor:
 def _forward_in_register(x, layer: _Layer, bias, row_scales, seed) -> Tensor:
     n_tokens, n, k = x.shape[0], layer.out_features, layer.in_features
     kq = counters_per_row(k)
-    tiles, grid, counters_per_split, out, out_strides = dense._fused_launch(
+    tiles, grid, counters_per_split, out, out_strides = _fused_launch(
         "fused_forward", n_tokens, (n, "BLOCK_OUT"), (kq, "BLOCK_COUNTERS"), n, x.dtype, x.device
     )
     splits = grid[2]
@@ -153,7 +190,7 @@ def _forward_in_register(x, layer: _Layer, bias, row_scales, seed) -> Tensor:
 def _input_grad_in_register(dy, layer: _Layer, row_scales, seed) -> Tensor:
     n_tokens, n, k = dy.shape[0], layer.out_features, layer.in_features
     kq = counters_per_row(k)
-    tiles, grid, rows_per_split, out, out_strides = dense._fused_launch(
+    tiles, grid, rows_per_split, out, out_strides = _fused_launch(
         "fused_input_grad", n_tokens, (kq, "BLOCK_COUNTERS"), (n, "BLOCK_OUT"), k, dy.dtype, dy.device
     )
     dense._traceable(quantized_fused_input_grad_kernel)[grid](

@@ -18,7 +18,7 @@ from .weight_tile import load_tile, program_range
 
 @triton.jit(do_not_specialize=["n_tokens"])
 def quantized_fused_forward_kernel(
-    codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, blocksize, nested_blocksize, nested_offset,
+    codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, block_shift, nested_block_shift, nested_offset,
     a_ptr, b_ptr, rank, scaling, stride_ar, stride_ak, stride_bn, stride_br,
     x_ptr, row_scale_ptr, seed_ptr, bias_ptr, y_ptr,
     n_tokens, out_features, in_features, counters_per_row, counters_per_split,
@@ -29,8 +29,8 @@ def quantized_fused_forward_kernel(
     DOT_TF32: tl.constexpr, DOTS_IN_FP32: tl.constexpr,
 ):  # fmt: skip
     """``y = x @ W'^T (+ bias)``. Grid: ``(cdiv(M, BLOCK_TOKENS), cdiv(N, BLOCK_OUT), cdiv(Kq, counters_per_split))``."""
-    quant = quantized_operands(codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, blocksize,
-                               nested_blocksize, nested_offset, in_features)  # fmt: skip
+    quant = quantized_operands(codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, block_shift,
+                               nested_block_shift, nested_offset, in_features)  # fmt: skip
     layer = lowrank_operands(a_ptr, b_ptr, rank, scaling, stride_ar, stride_ak, stride_bn, stride_br)
     tokens, token_mask = program_range(0, BLOCK_TOKENS, n_tokens)
     rows, row_mask = program_range(1, BLOCK_OUT, out_features)
@@ -63,7 +63,7 @@ def quantized_fused_forward_kernel(
 
 @triton.jit(do_not_specialize=["n_tokens"])
 def quantized_fused_input_grad_kernel(
-    codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, blocksize, nested_blocksize, nested_offset,
+    codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, block_shift, nested_block_shift, nested_offset,
     a_ptr, b_ptr, rank, scaling, stride_ar, stride_ak, stride_bn, stride_br,
     dy_ptr, row_scale_ptr, seed_ptr, dx_ptr,
     n_tokens, out_features, in_features, counters_per_row, rows_per_split,
@@ -74,8 +74,8 @@ def quantized_fused_input_grad_kernel(
     DOT_TF32: tl.constexpr, DOTS_IN_FP32: tl.constexpr,
 ):  # fmt: skip
     """``dx = dy @ W'``. Grid: ``(cdiv(M, BLOCK_TOKENS), cdiv(Kq, BLOCK_COUNTERS), cdiv(N, rows_per_split))``."""
-    quant = quantized_operands(codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, blocksize,
-                               nested_blocksize, nested_offset, in_features)  # fmt: skip
+    quant = quantized_operands(codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, block_shift,
+                               nested_block_shift, nested_offset, in_features)  # fmt: skip
     layer = lowrank_operands(a_ptr, b_ptr, rank, scaling, stride_ar, stride_ak, stride_bn, stride_br)
     tokens, token_mask = program_range(0, BLOCK_TOKENS, n_tokens)
     counters, counter_mask = program_range(1, BLOCK_COUNTERS, counters_per_row)

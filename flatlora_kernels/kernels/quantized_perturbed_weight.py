@@ -16,7 +16,7 @@ from .quantized_tile import lowrank_operands, quantized_operands, quantized_pert
 
 @triton.jit(do_not_specialize=["row_start", "row_end"])
 def quantized_perturbed_weight_kernel(
-    codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, blocksize, nested_blocksize, nested_offset,
+    codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, block_shift, nested_block_shift, nested_offset,
     a_ptr, b_ptr, rank, scaling, stride_ar, stride_ak, stride_bn, stride_br,
     row_scale_ptr, seed_ptr, out_ptr, row_start, row_end, counter_start, counter_end,
     in_features, counters_per_row, stride_out_row, stride_out_strip,
@@ -24,8 +24,8 @@ def quantized_perturbed_weight_kernel(
     RANK_BLOCK: tl.constexpr, RANK_LOOP: tl.constexpr, FACTORS_IN_FP32: tl.constexpr, FACTOR_TF32: tl.constexpr,
 ):  # fmt: skip
     """Grid: ``(cdiv(row_end - row_start, BLOCK_ROWS), cdiv(counter_end - counter_start, BLOCK_COUNTERS))``."""
-    quant = quantized_operands(codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, blocksize,
-                               nested_blocksize, nested_offset, in_features)  # fmt: skip
+    quant = quantized_operands(codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, block_shift,
+                               nested_block_shift, nested_offset, in_features)  # fmt: skip
     layer = lowrank_operands(a_ptr, b_ptr, rank, scaling, stride_ar, stride_ak, stride_bn, stride_br)
     local_rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     local_counters = tl.program_id(1) * BLOCK_COUNTERS + tl.arange(0, BLOCK_COUNTERS)

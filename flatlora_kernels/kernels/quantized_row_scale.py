@@ -14,15 +14,15 @@ from .weight_tile import program_range
 
 @triton.jit
 def quantized_row_scale_kernel(
-    codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, blocksize, nested_blocksize, nested_offset,
+    codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, block_shift, nested_block_shift, nested_offset,
     a_ptr, b_ptr, rank, scaling, stride_ar, stride_ak, stride_bn, stride_br,
     sigma_ptr, out_ptr, out_features, in_features, sqrt_in_features,
     NESTED: tl.constexpr, WEIGHT_ROUND: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
     RANK_BLOCK: tl.constexpr, RANK_LOOP: tl.constexpr, FACTORS_IN_FP32: tl.constexpr, FACTOR_TF32: tl.constexpr,
 ):  # fmt: skip
     """Grid: ``(cdiv(N, BLOCK_ROWS),)``; the first sixteen arguments are the weight and the factors."""
-    quant = quantized_operands(codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, blocksize,
-                               nested_blocksize, nested_offset, in_features)  # fmt: skip
+    quant = quantized_operands(codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, block_shift,
+                               nested_block_shift, nested_offset, in_features)  # fmt: skip
     layer = lowrank_operands(a_ptr, b_ptr, rank, scaling, stride_ar, stride_ak, stride_bn, stride_br)
     rows, row_mask = program_range(0, BLOCK_ROWS, out_features)
     sum_of_squares = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)

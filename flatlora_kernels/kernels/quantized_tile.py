@@ -8,8 +8,9 @@ rounds through the dtype bitsandbytes dequantizes to, so a tile equals the dense
 The low-rank term is the dense ``lowrank_tile`` itself.
 
 The weight travels as one tuple, ``quant = quantized_operands(...)``:
-``(codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, blocksize, nested_blocksize,
-nested_offset, in_features)``; ``NESTED`` and ``WEIGHT_ROUND`` (0: fp32, 1: bf16, 2: fp16) are
+``(codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, block_shift, nested_block_shift,
+nested_offset, in_features)``, the blocksizes as their log2 (bitsandbytes' are powers of two): a shift
+where an int64 division by a run-time value cost registers (sm_90: spills in two kernels); ``NESTED`` and ``WEIGHT_ROUND`` (0: fp32, 1: bf16, 2: fp16) are
 constexprs beside it.
 """
 
@@ -23,11 +24,11 @@ from .weight_tile import lowrank_tile
 
 
 @triton.jit
-def quantized_operands(codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, blocksize,
-                       nested_blocksize, nested_offset, in_features):  # fmt: skip
+def quantized_operands(codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, block_shift,
+                       nested_block_shift, nested_offset, in_features):  # fmt: skip
     """The ``quant`` tuple of a kernel's flat arguments (the offset in fp32: Inductor may pass fp64)."""
     nested_offset = tl.cast(nested_offset, tl.float32)
-    return (codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, blocksize, nested_blocksize,
+    return (codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, block_shift, nested_block_shift,
             nested_offset, in_features)  # fmt: skip
 
 
@@ -50,18 +51,18 @@ def _round_through_bfloat16(tile):
 @triton.jit
 def dequantized_tile(quant, rows, columns, row_mask, column_mask, NESTED: tl.constexpr, WEIGHT_ROUND: tl.constexpr):
     """``deq(W)[rows, columns]`` in fp32 (rounded through the dequantized dtype); zero outside the masks."""
-    codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, blocksize, nested_blocksize, nested_offset, \
-        in_features = quant  # fmt: skip
+    codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, block_shift, nested_block_shift, \
+        nested_offset, in_features = quant  # fmt: skip
     mask = row_mask[:, None] & column_mask[None, :]
     element = rows.to(tl.int64)[:, None] * in_features + columns.to(tl.int64)[None, :]
-    byte = tl.load(codes_ptr + element // 2, mask=mask, other=0).to(tl.int32)
-    code = tl.where(element % 2 == 0, byte >> 4, byte & 15)
+    byte = tl.load(codes_ptr + (element >> 1), mask=mask, other=0).to(tl.int32)
+    code = tl.where((element & 1) == 0, byte >> 4, byte & 15)
     value = tl.load(table_ptr + code, mask=mask, other=0.0)
-    block = element // blocksize
+    block = element >> block_shift
     if NESTED:
         absmax_code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale = tl.load(nested_code_ptr + absmax_code, mask=mask, other=0.0) * tl.load(
-            nested_absmax_ptr + block // nested_blocksize, mask=mask, other=0.0
+            nested_absmax_ptr + (block >> nested_block_shift), mask=mask, other=0.0
         )
         scale = scale + nested_offset
     else:
