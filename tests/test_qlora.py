@@ -332,3 +332,22 @@ def test_opcheck_forward_op():
     args = (torch.randn(5, 64), *packed.op_args(), lora_A.requires_grad_(), lora_B.requires_grad_(), bias, 1.0,
             torch.tensor(0.1), torch.tensor(3))
     torch.library.opcheck(torch.ops.flatlora_q4.forward_cpu, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torchao_nf4_maps_onto_the_same_op():
+    """torchao's NF4Tensor (skipped where torchao is not installed): its decode equals torchao's own
+    get_original_weight bit for bit, and the fused op equals the dense cpp path on that weight."""
+    nf4_tensor = pytest.importorskip("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
+    from flatlora_kernels.quantized import is_torchao_nf4, packed_from_torchao_nf4
+
+    for dtype in (torch.bfloat16, torch.float32):
+        torch.manual_seed(0)
+        weight = nf4_tensor.to_nf4(torch.randn(256, 128, dtype=dtype))
+        assert is_torchao_nf4(weight) and not is_torchao_nf4(torch.zeros(2))
+        packed = packed_from_torchao_nf4(weight, name="layers.0.attn.q_proj")
+        dense = weight.get_original_weight()
+        assert torch.equal(dequantize(*packed.op_args()), dense)
+        lora_A, lora_B = torch.randn(4, 128) * 0.1, torch.randn(256, 4) * 0.1
+        x = torch.randn(8, 128).to(dtype)
+        got = flat_qlora_linear(x, packed, lora_A, lora_B, backend="cpp", **NOISE)
+        assert torch.equal(got, flat_lora_linear(x, dense, lora_A, lora_B, backend="cpp", **NOISE))

@@ -9,16 +9,17 @@
 * ``modules.FlatLoraLinear4bit``: the layer; ``flat_qlora_layer_from`` / ``flat_qlora_forward``: what
   the model entry points call for a PEFT QLoRA layer (replace it, or patch its forward).
 
+torchao's ``NF4Tensor`` (torchtune's QLoRA) maps onto the same ops: ``packed_from_torchao_nf4``.
 bitsandbytes itself is needed only to build or load a 4-bit model (the ``qlora`` extra).
 """
 
 from .functional import flat_qlora_linear
-from .layout import Packed4bit, dequantize, is_bnb_4bit
+from .layout import Packed4bit, dequantize, is_bnb_4bit, is_torchao_nf4, packed_from_torchao_nf4
 from .modules import FlatLoraLinear4bit, flat_qlora_forward, flat_qlora_layer_from
 
 __all__ = [
     "flat_qlora_linear", "Packed4bit", "dequantize", "is_bnb_4bit", "FlatLoraLinear4bit", "flat_qlora_forward",
-    "flat_qlora_layer_from", "bnb_4bit_layer_kind",
+    "flat_qlora_layer_from", "bnb_4bit_layer_kind", "is_torchao_nf4", "packed_from_torchao_nf4",
 ]
 
 

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Packed4bit", "is_bnb_4bit", "expand_absmax", "unpack_codes", "dequantize"]
+__all__ = ["Packed4bit", "is_bnb_4bit", "is_torchao_nf4", "packed_from_torchao_nf4", "expand_absmax", "unpack_codes", "dequantize"]
 
 #: The blocksizes bitsandbytes' 4-bit quantizer accepts.
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -145,6 +145,31 @@ class Packed4bit:
             raise TypeError(f"{name}: expected a bitsandbytes Linear4bit, got {type(module).__name__}")
         weight = module.weight
         return cls.from_quant_state(weight.data, getattr(weight, "quant_state", None), name=name)
+
+
+def is_torchao_nf4(tensor) -> bool:
+    """Whether ``tensor`` is a torchao ``NF4Tensor`` (torchtune's QLoRA weights), by class name and module."""
+    return any(cls.__name__ == "NF4Tensor" and cls.__module__.startswith("torchao") for cls in type(tensor).__mro__)
+
+
+def packed_from_torchao_nf4(tensor, *, name: str = "weight") -> Packed4bit:
+    """A torchao ``NF4Tensor`` as a ``Packed4bit``: the same packing (flat, high nibble first) and code
+    table; its double-quantized scalers (int8 codes divided by a per-block factor, rounded to the
+    weight's dtype, plus a mean) are expanded here with torchao's own ``dequantize_scalers``, as fp32
+    per-block scales: ``N*K / block_size`` values, a temporary of each call that builds one. The
+    decode ``table[c] * scale`` is then exact in fp32 and rounded once to the weight's dtype, which is
+    what torchao's own ``get_original_weight`` computes (tested bit for bit)."""
+    if not is_torchao_nf4(tensor):
+        raise TypeError(f"{name}: expected a torchao NF4Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != 2:
+        raise ValueError(f"{name}: an NF4 linear weight must be 2-D, got shape {tuple(tensor.shape)}")
+    scales = tensor.dequantize_scalers(tensor.quantized_scalers, tensor.quantization_factor, tensor.scaler_block_size)
+    n, k = tensor.shape
+    return Packed4bit(
+        codes=tensor.quantized_data.reshape(-1), absmax=scales.to(torch.float32),
+        code_table=tensor.nf4.to(torch.float32), blocksize=int(tensor.block_size), out_features=n, in_features=k,
+        dtype=tensor.dtype, quant_type="nf4",
+    )
 
 
 def expand_absmax(
