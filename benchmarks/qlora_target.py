@@ -117,6 +117,7 @@ def make_step(model, x, dy):
     def step():
         y = model(x)
         y.backward(dy)
+        x.grad = None
         for parameter in model.parameters():
             parameter.grad = None
 

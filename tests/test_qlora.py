@@ -159,6 +159,7 @@ def test_chunking_does_not_change_results(monkeypatch):
     whole = _run(flat_qlora_linear, x, packed, lora_A, lora_B, bias, backend="cpp", **NOISE)
     monkeypatch.setattr(dense_cpp, "chunk_bytes", 7 * k * 2)
     monkeypatch.setattr(dense_cpp, "chunk_grows_to_output", False)
+    monkeypatch.setattr(cpp_backend, "dequantized_fraction", None)
     chunked = _run(flat_qlora_linear, x, packed, lora_A, lora_B, bias, backend="cpp", **NOISE)
     dense_chunked = _run(flat_lora_linear, x, dense, lora_A, lora_B, bias, backend="cpp", **NOISE)
     for got, want, one in zip(chunked, dense_chunked, whole):

@@ -4,21 +4,42 @@
 Chunks of ``deq(W) + s*B@A + eps`` are decoded from the packed codes straight into the GEMM's chunk
 buffer; the chunking and its tuning are the dense C++ backend's (``backends/cpp.py`` and
 ``cpu_tuning.py``, read at call time), so a 4-bit layer's chunks equal that backend's chunks of
-``deq(W)`` bit for bit.
+``deq(W)`` bit for bit (under the same caps; a 4-bit layer's chunk may also grow to half of ``deq(W)``,
+``dequantized_fraction``).
 """
 
 from __future__ import annotations
+
+import torch
 
 from ..backends import cpp as dense_cpp
 
 _C = dense_cpp._C
 
 
-def _cap(output_elements: int, element_size: int) -> int:
-    """The chunk byte cap: the dense backend's settings (it may grow to the pass's output size)."""
+#: A 4-bit layer's chunk may also grow to this fraction of ``deq(W)`` in the compute dtype. PEFT QLoRA
+#: (bitsandbytes) holds all of ``deq(W)`` in each pass, so the peak stays below its; fewer, larger
+#: GEMMs. Measured (AMD EPYC, 2 threads, fp32, M=512, 4096x4096, forward + dx GEMMs alone): 776 ms in
+#: 512-row chunks (the 8 MiB cap), 714 / 685 ms in 1024 / 2048-row ones, 652 ms whole. At a half, this
+#: rule alone never puts all of ``deq(W)`` in one chunk (the output-size rule may, for an output larger
+#: than the weight, as for a dense layer). ``None``: the dense caps only (tests).
+dequantized_fraction: float | None = 0.5
+
+
+def _cap(x, output_elements: int, weight_elements: int) -> int:
+    """The chunk byte cap: the dense backend's (which may grow to the pass's output, in x's dtype), or
+    ``dequantized_fraction`` of ``deq(W)`` in the chunk's dtype when that is larger."""
+    cap = dense_cpp.chunk_bytes
     if dense_cpp.chunk_grows_to_output:
-        return max(dense_cpp.chunk_bytes, output_elements * element_size)
-    return dense_cpp.chunk_bytes
+        cap = max(cap, output_elements * x.element_size())
+    if dequantized_fraction is not None:
+        cap = max(cap, int(dequantized_fraction * weight_elements * _chunk_element_size(x)))
+    return cap
+
+
+def _chunk_element_size(x) -> int:
+    """Bytes per chunk element: bf16 chunks for bf16 compute, fp32 otherwise (fp16 runs fp32 GEMMs)."""
+    return 2 if x.dtype == torch.bfloat16 else 4
 
 
 def release_chunk_workspace() -> None:
@@ -28,7 +49,7 @@ def release_chunk_workspace() -> None:
 
 def forward(x, codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize, nested_offset,
             weight_dtype, out_features, in_features, lora_A, lora_B, bias, scaling, sigma, seed):
-    cap = _cap(x.shape[0] * out_features, x.element_size())
+    cap = _cap(x, x.shape[0] * out_features, out_features * in_features)
     return _C.forward_4bit(
         x, codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize, float(nested_offset),
         weight_dtype, out_features, in_features, lora_A, lora_B, bias, float(scaling), sigma, seed, cap,
@@ -39,7 +60,7 @@ def forward(x, codes, absmax, code_table, nested_absmax, nested_code, blocksize,
 def backward(dy, x, codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize,
              nested_offset, weight_dtype, out_features, in_features, lora_A, lora_B, row_scale, scaling, seed,
              compute_dx):
-    cap = _cap(x.shape[0] * in_features, x.element_size())
+    cap = _cap(x, x.shape[0] * in_features, out_features * in_features)
     ratio = dense_cpp.backward_fold_min_tokens_per_output.get(str(x.dtype).removeprefix("torch."), 0.0)
     fold_lora = x.shape[0] >= ratio * out_features
     return _C.backward_4bit(
