@@ -30,5 +30,7 @@ def row_scale_kernel(
         )
         sum_of_squares += tl.sum(merged * merged, axis=1)
     sigma = tl.load(sigma_ptr).to(tl.float32)
-    scale = sigma * tl.sqrt(sum_of_squares) / tl.cast(sqrt_in_features, tl.float32)
+    # Correctly rounded sqrt and division: on sm_90 ``tl.sqrt`` and ``/`` compile to approximate forms
+    # (sqrt.approx, div.full) that the interpreter's numpy does not show.
+    scale = tl.div_rn(sigma * tl.sqrt_rn(sum_of_squares), tl.cast(sqrt_in_features, tl.float32))
     tl.store(out_ptr + rows, scale, mask=row_mask)
