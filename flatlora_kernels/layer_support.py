@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 class UnsupportedLayerError(ValueError):
@@ -76,11 +77,11 @@ def quantization_of(module: nn.Module) -> str | None:
     weight = getattr(module, "weight", None)
     if isinstance(weight, Tensor):
         wcls = type(weight)
-        if wcls.__module__.split(".")[0] in ("bitsandbytes", "torchao") or "quant" in wcls.__name__.lower():
+        if wcls.__module__.split(".")[0] in ("bitsandbytes", "torchao") or "quantized" in wcls.__name__.lower():
             return f"a quantized weight ({wcls.__module__}.{wcls.__name__})"
         if weight.dtype not in _WEIGHT_DTYPES:
             return f"a {weight.dtype} weight (quantized?)"
-    if "quant" in cls.__module__.lower() or "quant" in cls.__name__.lower():
+    if "quantized" in cls.__module__.lower() or "quantized" in cls.__name__.lower():
         return f"a quantized layer ({cls.__module__}.{cls.__name__})"
     return None
 
@@ -93,7 +94,9 @@ def _is_conv1d(module: nn.Module) -> bool:
 LINEAR = BaseLayerKind(
     "nn.Linear", lambda m: isinstance(m, nn.Linear) and quantization_of(m) is None, base_forward=nn.Linear.forward
 )
-CONV1D = BaseLayerKind("transformers Conv1D (GPT-2)", lambda m: _is_conv1d(m) and quantization_of(m) is None, True)
+CONV1D = BaseLayerKind(
+    "transformers Conv1D (GPT-2)", lambda m: _is_conv1d(m) and quantization_of(m) is None, fan_in_fan_out=True
+)
 
 #: Recognised base-layer kinds, first match wins (``register_base_layer_kind`` puts new ones first).
 BASE_LAYER_KINDS: list[BaseLayerKind] = [LINEAR, CONV1D]
@@ -129,7 +132,7 @@ def _not_a_kind(module: nn.Module) -> str:
         return f"it is {quantized}"
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return f"it is an embedding ({type(module).__name__})"
-    if isinstance(module, nn.modules.conv._ConvNd):
+    if isinstance(module, _CONVOLUTIONS):
         return f"it is a convolution ({type(module).__name__})"
     return f"it is a {type(module).__name__}, not a linear layer"
 
