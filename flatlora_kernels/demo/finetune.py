@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..memory import PeakMemory
 from .. import FlatLoraSchedule, apply_flat_lora
+from ..memory import PeakMemory
 from .data import DigitsTask
 from .flatness import loss_under_noise, mean_nll
 from .digits_mlp import accuracy
