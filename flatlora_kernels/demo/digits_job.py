@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .cost import measure_cost, print_cost
+from .cost import load_average, measure_cost, print_cost
 from .data import make_digits_task
 from .digits_mlp import accuracy, pretrain
 from .finetune import KNOBS, FinetuneConfig
@@ -42,6 +42,8 @@ def search(args, config, knobs, run):
 
 def run_digits(args) -> int:
     wall = time.perf_counter()
+    host = machine()  # the load average at the start; the end is added below
+    print(f"machine: {host['cpu']}, {host['cores']} logical CPUs, torch {host['torch']}, load average {host.get('load average at start')} at the start", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)  # pretraining too, so the same thread count gives the same numbers
@@ -102,7 +104,7 @@ def run_digits(args) -> int:
         json.dumps(
             {
                 "task": "digits",
-                "machine": machine(),
+                "machine": {**host, "load average at end": load_average()},
                 "settings": {**vars(args), "config": asdict(config)},
                 "selection": {m: c.as_json() for m, c in choices.items()},
                 "plain lora validation NLL": reference["val"],
@@ -115,5 +117,6 @@ def run_digits(args) -> int:
             indent=1,
         )
     )
-    print(f"\nsaved {out / 'results.json'} and {', '.join(str(p) for p in paths)} ({seconds:.0f} s)")
+    print(f"\nload average at the end: {load_average()}")
+    print(f"saved {out / 'results.json'} and {', '.join(str(p) for p in paths)} ({seconds:.0f} s)")
     return 0

@@ -16,6 +16,7 @@ import torch
 
 from .lm_finetune import LM_KNOBS, LmConfig
 from .lm_task import TINY, LmSettings, make_lm_task, mean_nll, pretrain_lm
+from .cost import load_average
 from .report import machine, print_choices, print_table, summarise
 from .runner import Workers
 from .selection import Knob, validation_search
@@ -30,6 +31,8 @@ MEASURES = {  # name -> (metric, scale, digits)
 
 def run_lm(args) -> int:
     wall = time.perf_counter()
+    host = machine()  # the load average at the start; the end is added below
+    print(f"machine: {host['cpu']}, {host['cores']} logical CPUs, torch {host['torch']}, load average {host.get('load average at start')} at the start", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -92,7 +95,7 @@ def run_lm(args) -> int:
         json.dumps(
             {
                 "task": "lm",
-                "machine": machine(),
+                "machine": {**host, "load average at end": load_average()},
                 "settings": {**vars(args), "config": asdict(config), "lm": asdict(settings)},
                 "selection": {m: c.as_json() for m, c in choices.items()},
                 "plain lora validation NLL": reference["val"],
@@ -103,5 +106,6 @@ def run_lm(args) -> int:
             indent=1,
         )
     )
-    print(f"\nsaved {out / 'results.json'} and {', '.join(str(p) for p in paths)} ({seconds:.0f} s)")
+    print(f"\nload average at the end: {load_average()}")
+    print(f"saved {out / 'results.json'} and {', '.join(str(p) for p in paths)} ({seconds:.0f} s)")
     return 0
