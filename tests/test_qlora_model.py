@@ -102,3 +102,25 @@ def test_loaded_4bit_model_trains_under_flat_qlora(model_dir, tmp_path):
     # The Flat-QLoRA layers' bases were never written, nor repacked by the eval forward (bitsandbytes'
     # own eval forward repacks the model's other 4-bit layers in place on AVX512-BF16 CPUs).
     assert digest(bases) == before
+
+
+def test_registered_kind_routes_apply_flat_lora_to_flat_qlora(monkeypatch, tmp_path):
+    """The hook the shared layer check takes (``bnb_4bit_layer_kind``): registered, ``apply_flat_lora``
+    puts ``FlatLoraLinear4bit`` layers in place of ``Linear4bit`` bases, and their adapter saves."""
+    import bitsandbytes as bnb
+
+    from flatlora_kernels import apply_flat_lora, layer_support, save_peft_adapter
+    from flatlora_kernels.quantized import bnb_4bit_layer_kind
+
+    monkeypatch.setattr(layer_support, "BASE_LAYER_KINDS", [bnb_4bit_layer_kind(), *layer_support.BASE_LAYER_KINDS])
+    torch.manual_seed(0)
+    bases = [bnb.nn.Linear4bit(64, 32, quant_type="nf4").to("cpu"), bnb.nn.Linear4bit(32, 16, quant_type="fp4").to("cpu")]
+    model = torch.nn.Sequential(bases[0], torch.nn.ReLU(), bases[1])
+    apply_flat_lora(model, target_modules=["0", "2"], r=4, lora_alpha=8, sigma=0.1)
+    assert [type(m) for m in model[::2]] == [FlatLoraLinear4bit, FlatLoraLinear4bit]
+    assert model[0].base_layer is bases[0] and model[2].base_layer is bases[1]
+    FlatLoraSchedule(model, total_steps=2).set_step(2)
+    model(torch.randn(3, 64)).square().sum().backward()
+    assert model[0].lora_B.grad.abs().sum() > 0 and model[2].lora_A.grad is not None
+    save_peft_adapter(model, str(tmp_path))
+    assert (tmp_path / "adapter_model.safetensors").exists()
