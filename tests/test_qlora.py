@@ -352,3 +352,20 @@ def test_torchao_nf4_maps_onto_the_same_op():
         x = torch.randn(8, 128).to(dtype)
         got = flat_qlora_linear(x, packed, lora_A, lora_B, backend="cpp", **NOISE)
         assert torch.equal(got, flat_lora_linear(x, dense, lora_A, lora_B, backend="cpp", **NOISE))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    packed, lora_A, lora_B, bias = _layer(32, 64, 4)
+
+    def step(x, lora_A, lora_B, sigma, seed):
+        return flat_qlora_linear(x, packed, lora_A, lora_B, bias, scaling=0.5, sigma=sigma, seed=seed)
+
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (compiled, step):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (torch.ones(8, 64), lora_A, lora_B)]
+        y = fn(*leaves, torch.tensor(0.1), torch.tensor(5))
+        y.square().sum().backward()
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
