@@ -369,3 +369,25 @@ def test_torch_compile_fullgraph_matches_eager():
         results.append([y.detach()] + [t.grad for t in leaves])
     for got, want in zip(*results):
         assert torch.equal(got, want)
+
+
+def test_step_memory_stays_below_a_dequantized_weight(monkeypatch):
+    """Neither deq(W) nor eps exists beyond one chunk: with 64 KiB chunks, a 512x512 fp32 layer's
+    fwd+bwd peaks well below one fp32 deq(W) (1 MiB), where the reference backend (which dequantizes)
+    goes above it."""
+    from flatlora_kernels.memory import PeakMemory
+
+    monkeypatch.setattr(dense_cpp, "chunk_bytes", 64 * 1024)
+    monkeypatch.setattr(dense_cpp, "chunk_grows_to_output", False)
+    monkeypatch.setattr(cpp_backend, "dequantized_fraction", None)
+    packed, lora_A, lora_B, bias = _layer(512, 512, 4)
+    weight_bytes = 512 * 512 * 4
+    peaks = {}
+    for backend in ("cpp", "reference"):
+        x, a, b = (t.detach().clone().requires_grad_(True) for t in (torch.randn(8, 512), lora_A, lora_B))
+        cpp_backend.release_chunk_workspace()
+        with PeakMemory("cpu") as peak:
+            flat_qlora_linear(x, packed, a, b, bias, backend=backend, **NOISE).sum().backward()
+        peaks[backend] = peak.bytes
+    assert peaks["cpp"] < weight_bytes / 4, peaks
+    assert peaks["reference"] > weight_bytes, peaks
