@@ -18,6 +18,7 @@ import copy
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +96,7 @@ def finetune_lm(pretrained: nn.Module, task: LmTask, method: str, *, seed: int, 
     if method not in LM_KNOBS:
         raise ValueError(f"unknown method {method!r}; expected one of {tuple(LM_KNOBS)}")
     hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # PEFT calls a deprecated name
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(seed)  # the LoRA initialisation
     lora = LoraConfig(
