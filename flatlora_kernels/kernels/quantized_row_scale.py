@@ -32,5 +32,6 @@ def quantized_row_scale_kernel(
                                        WEIGHT_ROUND, RANK_BLOCK, RANK_LOOP, FACTORS_IN_FP32, FACTOR_TF32)  # fmt: skip
         sum_of_squares += tl.sum(merged * merged, axis=1)
     sigma = tl.load(sigma_ptr).to(tl.float32)
-    scale = sigma * tl.sqrt(sum_of_squares) / tl.cast(sqrt_in_features, tl.float32)
+    # Correctly rounded, as row_scale.py: on sm_90 ``tl.sqrt`` and ``/`` compile to sqrt.approx / div.full.
+    scale = tl.div_rn(sigma * tl.sqrt_rn(sum_of_squares), tl.cast(sqrt_in_features, tl.float32))
     tl.store(out_ptr + rows, scale, mask=row_mask)
