@@ -20,15 +20,13 @@ from .digits_mlp import accuracy, pretrain
 from .finetune import KNOBS, FinetuneConfig
 from .report import machine, print_choices, print_table, summarise
 from .runner import Workers
-from .selection import Knob, validation_search
+from .selection import CAPS, LABELS, Knob, validation_search
 
 MEASURES = {  # name -> (metric, scale, digits)
     "accuracy %": (lambda r: r.accuracy, 100.0, 1),
     "corrupted acc %": (lambda r: r.mean_corrupted_accuracy, 100.0, 1),
     "test NLL": (lambda r: r.test_nll, 1.0, 3),
 }
-KNOB_LABELS = {"lora": "dropout", "flat-lora": "sigma", "efmlora": "rho", "bilora": "rho"}
-CAPS = {"lora": (0.05 / 8, 0.8), "flat-lora": (0.05 / 8, 3.2), "efmlora": (0.025 / 8, 1.6), "bilora": (0.025 / 16, 1.6)}
 
 
 def knobs_for(args) -> list[Knob]:
@@ -74,7 +72,7 @@ def run_digits(args) -> int:
     sigmas = sorted(results[0].loss_under_noise, key=float)
     for s in sigmas:
         measures[f"loss under noise {s}"] = ((lambda key: lambda r: r.loss_under_noise[key])(s), 1.0, 4)
-    labels = {m: f"{KNOB_LABELS[m]} {c.value:g}" for m, c in choices.items()}
+    labels = {m: f"{LABELS[m]} {c.value:g}" for m, c in choices.items()}
     rows, raw = summarise(results, args.methods, measures, labels=labels)
     key = f"loss under noise {config.sigma}" if str(config.sigma) in sigmas else f"loss under noise {sigmas[-1]}"
     print(

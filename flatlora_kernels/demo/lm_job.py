@@ -19,10 +19,8 @@ from .lm_task import TINY, LmSettings, make_lm_task, mean_nll, pretrain_lm
 from .cost import load_average
 from .report import machine, print_choices, print_table, summarise
 from .runner import Workers
-from .selection import Knob, validation_search
+from .selection import CAPS, LABELS, Knob, validation_search
 
-KNOB_LABELS = {"lora": "dropout", "flat-lora": "sigma", "efmlora": "rho", "bilora": "rho"}
-CAPS = {"lora": (0.05 / 8, 0.8), "flat-lora": (0.05 / 8, 3.2), "efmlora": (0.025 / 8, 1.6), "bilora": (0.025 / 16, 1.6)}
 MEASURES = {  # name -> (metric, scale, digits)
     "test NLL (nats/byte)": (lambda r: r.test_nll, 1.0, 4),
     "test ppl (per byte)": (lambda r: r.test_ppl, 1.0, 3),
@@ -71,7 +69,7 @@ def run_lm(args) -> int:
     sigmas = sorted(results[0].loss_under_noise, key=float)
     for s in sigmas:
         measures[f"loss under noise {s}"] = ((lambda key: lambda r: r.loss_under_noise[key])(s), 1.0, 4)
-    labels = {m: f"{KNOB_LABELS[m]} {c.value:g}" for m, c in choices.items()}
+    labels = {m: f"{LABELS[m]} {c.value:g}" for m, c in choices.items()}
     rows, raw = summarise(results, args.methods, measures, labels=labels)
     print(
         f"\n{config.steps} Trainer steps (batch {config.batch_size}, cosine LR, peak {config.lr}) x {args.seeds} seeds, r={config.rank}, PEFT LoRA on "

@@ -14,6 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 
+# The knobs' caps (an extension stops past them; dropout must stay < 1) and their short names in tables.
+CAPS = {"lora": (0.05 / 8, 0.8), "flat-lora": (0.05 / 8, 3.2), "efmlora": (0.025 / 8, 1.6), "bilora": (0.025 / 16, 1.6)}
+LABELS = {"lora": "dropout", "flat-lora": "sigma", "efmlora": "rho", "bilora": "rho"}
+
+
 @dataclass(frozen=True)
 class Knob:
     """One method's hyperparameter: its name, starting grid and the bounds an extension may reach."""
