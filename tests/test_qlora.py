@@ -135,7 +135,8 @@ def test_fp32_outputs_and_gradients_match_dense_reference(backend, m):
 @pytest.mark.parametrize("m", [6, 64])
 def test_bf16_within_twice_bf16_rounding_of_dense_reference(m):
     """bf16 compute vs the fp32 dense reference on the same (bf16) inputs: y and dx (the products with
-    the perturbed 4-bit weight) within 2x the norm of bf16's own rounding of the dense result. dA, dB
+    the perturbed 4-bit weight) within 2x the norm of bf16's own rounding of the dense result, or of
+    plain PyTorch's bf16 error where that is larger. dA, dB
     and dbias do not involve W: they are the dense C++ backend's bits (test above), 2.0-2.2x here
     because it rounds s*dy@B to bf16 before the second product; bounded at 2.5x."""
     n, k = 64, 128
@@ -145,9 +146,13 @@ def test_bf16_within_twice_bf16_rounding_of_dense_reference(m):
     quant = _run(flat_qlora_linear, x, packed, lora_A, lora_B, bias, backend="cpp", **NOISE)
     ref32 = _run(flat_lora_linear, x.float(), dense.float(), lora_A.float(), lora_B.float(), bias.float(),
                  backend="reference", **NOISE)
-    for name, got, want, bound in zip(("y", "dx", "dA", "dB", "dbias"), quant, ref32, (2, 2, 2.5, 2.5, 2.5)):
+    # Plain PyTorch in bf16 on the same inputs: where its own GEMMs err by more than 2x the output's
+    # rounding (torch 2.11's bf16 CPU matmul at M=6: dx 0.36 vs 2 x 0.17), 2x its error is the bar.
+    ref16 = _run(flat_lora_linear, x, dense.to(torch.bfloat16), lora_A, lora_B, bias, backend="reference", **NOISE)
+    for name, got, want, plain, bound in zip(("y", "dx", "dA", "dB", "dbias"), quant, ref32, ref16, (2, 2, 2.5, 2.5, 2.5)):
         own_rounding = (want.to(torch.bfloat16).float() - want).norm()
-        assert (got.float() - want).norm() <= bound * own_rounding, name
+        plain_error = (plain.float() - want).norm()
+        assert (got.float() - want).norm() <= max(bound * own_rounding, 2 * plain_error), name
 
 
 def test_chunking_does_not_change_results(monkeypatch):
