@@ -42,6 +42,32 @@ def flat_lora_linear(
             "flat_lora_linear: the base weight must be frozen (weight.requires_grad is True); "
             "only lora_A, lora_B and bias are trained"
         )
+    return run_fused_op(
+        x, (weight,), lora_A, lora_B, bias, scaling, sigma, seed, backend,
+        out_features=weight.shape[0], graph_op=torch.ops.flatlora.forward, eager_cpp_op=ops.EagerCpp.apply,
+        plain_weight_tensors=(weight,),
+    )
+
+
+def run_fused_op(
+    x: Tensor,
+    weight_args: tuple,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    bias: Tensor | None,
+    scaling: float,
+    sigma: float | Tensor,
+    seed: int | Tensor,
+    backend: str,
+    *,
+    out_features: int,
+    graph_op,
+    eager_cpp_op,
+    plain_weight_tensors: tuple,
+) -> Tensor:
+    """One call of a fused layer op (dense or 4-bit) on checked arguments: resolves the backend, applies
+    autocast's compute dtype, flattens ``x`` to 2-D, and takes ``eager_cpp_op`` instead of ``graph_op``
+    where ``ops.eager_cpp_applies`` (``plain_weight_tensors``: the weight tensors that check covers)."""
     device = x.device
     backend = backends.resolve(backend, device)  # "auto" -> the device's fast path; impossible pairs raise
     # Autocast has no meta device; meta tensors (shape-only tracing) take the ops' fake kernels.
@@ -51,13 +77,12 @@ def flat_lora_linear(
         x = x.to(torch.get_autocast_dtype(device.type))
     sigma_t = scalar_tensor(sigma, torch.float32, device)
     seed_t = scalar_tensor(seed, torch.int64, device)
-    out_features, in_features = weight.shape
     # A 2-D x goes in as is: reshape would add a view node to the autograd graph (for nothing).
-    x_2d = x if x.dim() == 2 else x.reshape(-1, in_features)
-    args = (x_2d, weight, lora_A, lora_B, bias, float(scaling), sigma_t, seed_t, backend)
-    # Eager CPU calls skip torch.library's dispatch layers (ops.EagerCpp: same kernels, same results).
-    eager_cpp = backend == "cpp" and ops.eager_cpp_applies((x, weight, lora_A, lora_B, bias))
-    op = ops.EagerCpp.apply if eager_cpp else torch.ops.flatlora.forward
+    x_2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    args = (x_2d, *weight_args, lora_A, lora_B, bias, float(scaling), sigma_t, seed_t, backend)
+    # Eager CPU calls skip torch.library's dispatch layers (same kernels, same results).
+    eager_cpp = backend == "cpp" and ops.eager_cpp_applies((x, *plain_weight_tensors, lora_A, lora_B, bias))
+    op = eager_cpp_op if eager_cpp else graph_op
     if autocast_on:
         with torch.autocast(autocast_device, enabled=False):
             y, _ = op(*args)

@@ -104,33 +104,43 @@ def backward(
     return get_backend(backend).backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, lora_A, lora_B, bias, scaling, _sigma, seed, backend = inputs
-    _y, row_scale = output
+def save_common_context(ctx, row_scale, bias, scaling, backend) -> None:
+    """What every fused op's backward keeps besides its tensors (dense and 4-bit alike)."""
     ctx.mark_non_differentiable(row_scale)
-    ctx.save_for_backward(x, weight, lora_A, lora_B, row_scale, seed)
     ctx.scaling = scaling
     ctx.backend = backend
     ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def lora_input_grads(ctx, cpp_backward, backward_op, args):
+    """``dx, d_lora_A, d_lora_B`` of a fused op's backward: ``cpp_backward(*args)`` for an EagerCpp
+    plain backward (the same kernel without the dispatch layers), else ``backward_op(*args, backend)``.
+    Under create_graph the op runs, so differentiating its gradients raises the op's own error."""
+    if getattr(ctx, "eager_cpp", False) and not torch.is_grad_enabled():
+        return cpp_backward(*args)
+    return backward_op(*args, ctx.backend)
+
+
+def bias_grad(dy: Tensor, bias_dtype: torch.dtype) -> Tensor:
+    """``dy.sum(0)``: fp32 accumulation for 16-bit dy, the compute dtype's own for fp32/fp64."""
+    acc_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    return dy.sum(0, dtype=acc_dtype).to(bias_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_A, lora_B, bias, scaling, _sigma, seed, backend = inputs
+    _y, row_scale = output
+    save_common_context(ctx, row_scale, bias, scaling, backend)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, row_scale, seed)
 
 
 def _backward(ctx, dy, _d_row_scale):
     x, weight, lora_A, lora_B, row_scale, seed = ctx.saved_tensors
     need_x, need_A, need_B, need_bias = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
     dy = dy.contiguous()
-    if getattr(ctx, "eager_cpp", False) and not torch.is_grad_enabled():
-        # EagerCpp's plain backward: the same kernel without the dispatch layers. Under create_graph the
-        # op below runs instead, so differentiating its gradients raises _no_double_backward's error.
-        dx, d_lora_A, d_lora_B = get_backend("cpp").backward(
-            dy, x, weight, lora_A, lora_B, row_scale, ctx.scaling, seed, need_x
-        )
-    else:
-        dx, d_lora_A, d_lora_B = torch.ops.flatlora.backward(
-            dy, x, weight, lora_A, lora_B, row_scale, ctx.scaling, seed, need_x, ctx.backend
-        )
-    # fp32 accumulation for 16-bit dy, the compute dtype's own for fp32/fp64.
-    acc_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
-    d_bias = dy.sum(0, dtype=acc_dtype).to(ctx.bias_dtype) if need_bias else None
+    args = (dy, x, weight, lora_A, lora_B, row_scale, ctx.scaling, seed, need_x)
+    dx, d_lora_A, d_lora_B = lora_input_grads(ctx, get_backend("cpp").backward, torch.ops.flatlora.backward, args)
+    d_bias = bias_grad(dy, ctx.bias_dtype) if need_bias else None
     return (
         dx if need_x else None,
         None,
@@ -185,17 +195,22 @@ def eager_cpp_applies(tensors) -> bool:
     )
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "flat_lora_linear has no double backward: its gradients are computed by flatlora::backward, which "
-        "is not differentiable (create_graph=True, then differentiating the gradients, is not supported)"
-    )
+def no_double_backward(entry_point: str, backward_op: str):
+    """The double backward of a fused op's backward: an error (its gradients are not differentiable)."""
+
+    def raise_error(ctx, *grads):
+        raise RuntimeError(
+            f"{entry_point} has no double backward: its gradients are computed by {backward_op}, which is not "
+            "differentiable (create_graph=True, then differentiating the gradients, is not supported)"
+        )
+
+    return raise_error
 
 
-backward.register_autograd(_no_double_backward)
+backward.register_autograd(no_double_backward("flat_lora_linear", "flatlora::backward"))
 
 
-def _register_meta(op, fake) -> None:
+def register_meta(op, fake) -> None:
     """Meta tensors (shape-only model construction and tracing) get the exact fake. torch 2.11's
     ``triton_op`` already claims the Meta key with its body as the fake and refuses a second kernel; there
     the body runs on meta tensors instead (the reference backend, shape-exact too: tested)."""
@@ -206,5 +221,5 @@ def _register_meta(op, fake) -> None:
             raise
 
 
-_register_meta(forward, _forward_fake)
-_register_meta(backward, _backward_fake)
+register_meta(forward, _forward_fake)
+register_meta(backward, _backward_fake)

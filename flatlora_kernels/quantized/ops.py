@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops import eager_cpp_applies
+from ..ops import bias_grad, eager_cpp_applies, lora_input_grads, no_double_backward, register_meta, save_common_context
 
 __all__ = ["get_backend", "EagerCpp4bit", "eager_cpp_applies"]
 
@@ -117,15 +117,12 @@ def _setup_context(ctx, inputs, output):
     weight_args = inputs[1 : 1 + _WEIGHT_ARGS]
     lora_A, lora_B, bias, scaling, _sigma, seed, backend = inputs[1 + _WEIGHT_ARGS :]
     _y, row_scale = output
-    ctx.mark_non_differentiable(row_scale)
+    save_common_context(ctx, row_scale, bias, scaling, backend)
     # The weight's tensors are the base layer's own: saving them keeps nothing new alive.
     tensor_positions = [i for i, a in enumerate(weight_args) if isinstance(a, Tensor)]
     ctx.weight_args = [None if i in tensor_positions else a for i, a in enumerate(weight_args)]
     ctx.tensor_positions = tensor_positions
     ctx.save_for_backward(x, lora_A, lora_B, row_scale, seed, *(weight_args[i] for i in tensor_positions))
-    ctx.scaling = scaling
-    ctx.backend = backend
-    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, dy, _d_row_scale):
@@ -137,12 +134,8 @@ def _backward(ctx, dy, _d_row_scale):
                                                                              3 + _WEIGHT_ARGS))
     dy = dy.contiguous()
     args = (dy, x, *weight_args, lora_A, lora_B, row_scale, ctx.scaling, seed, need_x)
-    if getattr(ctx, "eager_cpp", False) and not torch.is_grad_enabled():
-        dx, d_lora_A, d_lora_B = get_backend("cpp").backward(*args)
-    else:
-        dx, d_lora_A, d_lora_B = torch.ops.flatlora_q4.backward(*args, ctx.backend)
-    acc_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
-    d_bias = dy.sum(0, dtype=acc_dtype).to(ctx.bias_dtype) if need_bias else None
+    dx, d_lora_A, d_lora_B = lora_input_grads(ctx, get_backend("cpp").backward, torch.ops.flatlora_q4.backward, args)
+    d_bias = bias_grad(dy, ctx.bias_dtype) if need_bias else None
     return (
         dx if need_x else None, *([None] * _WEIGHT_ARGS), d_lora_A if need_A else None,
         d_lora_B if need_B else None, d_bias, None, None, None, None,
@@ -166,24 +159,6 @@ class EagerCpp4bit(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "flat_qlora_linear has no double backward: its gradients come from flatlora_q4::backward, which is not "
-        "differentiable"
-    )
-
-
-backward.register_autograd(_no_double_backward)
-
-
-def _register_meta(op, fake) -> None:
-    """Meta tensors get the exact fake (torch 2.11's ``triton_op`` already claims Meta: then its body runs)."""
-    try:
-        op.register_kernel("meta")(fake)
-    except RuntimeError as error:
-        if "already a kernel registered from python" not in str(error):
-            raise
-
-
-_register_meta(forward, _forward_fake)
-_register_meta(backward, _backward_fake)
+backward.register_autograd(no_double_backward("flat_qlora_linear", "flatlora_q4::backward"))
+register_meta(forward, _forward_fake)
+register_meta(backward, _backward_fake)
