@@ -5,18 +5,19 @@ tensor-parallel styles and FMLoRA/EFMLoRA all ask this module, so they accept an
 layers, and a refusal names the layer, says why and lists what is supported (README's
 "What is and is not supported" is this module's list).
 
-Base layers are recognised by the kinds in ``BASE_LAYER_KINDS`` (first match wins). A kind that
-is not there is refused with the most specific reason found: a quantized layer (bitsandbytes
-``Linear4bit`` / ``Linear8bitLt``, torchao, integer or float8 weights; recognised by class, module
-or weight dtype, without importing bitsandbytes), an embedding, a convolution, or another module.
+Base layers are recognised by the kinds in ``BASE_LAYER_KINDS`` (first match wins): ``nn.Linear``,
+transformers' ``Conv1D`` and bitsandbytes' 4-bit ``Linear4bit`` (NF4/FP4, run by Flat-QLoRA,
+``flatlora_kernels.quantized``; recognised by class name, so bitsandbytes is never imported here). A
+module of no kind is refused with the most specific reason found: another quantized layer
+(bitsandbytes ``Linear8bitLt``, torchao, integer or float8 weights; recognised by class, module or
+weight dtype), an embedding, a convolution, or another module.
 
-To support a new base kind (e.g. a 4-bit bitsandbytes base routed to a Flat-QLoRA layer), register
-it with ``register_base_layer_kind``: its ``flat_layer(base, **config)`` (``config`` as
-``FlatLoraLinear.from_linear``'s keywords; it returns a ``FlatLoraLinear`` subclass) builds the layer
-``apply_flat_lora`` / ``from_peft`` put in the base's place (``model_conversion.build_flat_layer``),
-and ``patch_in_place`` says whether ``enable_flat_lora``'s in-place forward (``flat_lora_linear`` on
-``weight``) can run it. PEFT's LoRA layer over such a base (any LoRA layer with linear factors) is
-then accepted too.
+To support a new base kind, register it with ``register_base_layer_kind``: its
+``flat_layer(base, **config)`` (``config`` as ``FlatLoraLinear.from_linear``'s keywords; it returns a
+``FlatLoraLinear`` subclass) builds the layer ``apply_flat_lora`` / ``from_peft`` /
+``FlatLoraLinear.from_linear`` put in the base's place (``model_conversion.build_flat_layer``), and
+``patch_in_place`` says whether ``enable_flat_lora``'s in-place forward (``StepNoise.noisy_linear``)
+can run it. PEFT's LoRA layer over such a base (any LoRA layer with linear factors) is then accepted too.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ class BaseLayerKind:
     says the weight is stored ``[in, out]`` (the op gets ``weight.t()``, a view); ``base_forward`` is
     the class's forward the fused path replaces (a subclass overriding it is refused: its forward
     would be skipped); ``flat_layer(base, **config)`` builds the replacing layer (None:
-    ``FlatLoraLinear.from_linear``); ``patch_in_place``: ``enable_flat_lora`` can run it.
+    ``FlatLoraLinear.from_linear``); ``patch_in_place``: ``enable_flat_lora`` can run it;
+    ``problem(module, bypasses_forward)``: why this layer of the kind cannot run (e.g. a 4-bit weight
+    not quantized yet), or None.
     """
 
     name: str
@@ -67,6 +70,7 @@ class BaseLayerKind:
     base_forward: Callable | None = None
     flat_layer: Callable[..., nn.Module] | None = None
     patch_in_place: bool = True
+    problem: Callable[[nn.Module, bool], str | None] | None = None
 
 
 def quantization_of(module: nn.Module) -> str | None:
@@ -98,8 +102,39 @@ CONV1D = BaseLayerKind(
     "transformers Conv1D (GPT-2)", lambda m: _is_conv1d(m) and quantization_of(m) is None, fan_in_fan_out=True
 )
 
+
+def _is_bnb_4bit(module: nn.Module) -> bool:
+    from .quantized.layout import is_bnb_4bit  # by class name: no bitsandbytes import
+
+    return is_bnb_4bit(module)
+
+
+def _bnb_4bit_problem(module: nn.Module, bypasses_forward: bool) -> str | None:
+    from .quantized.layout import Packed4bit
+
+    linear4bit = next(c for c in type(module).__mro__ if c.__name__ == "Linear4bit")  # bitsandbytes' class
+    if bypasses_forward and type(module).forward is not linear4bit.forward:
+        return f"it is a {type(module).__name__} with a forward of its own, which the fused op would skip"
+    try:
+        Packed4bit.from_linear4bit(module, name=f"its {type(module).__name__} weight")
+    except (ValueError, TypeError) as error:
+        return str(error)
+    return None
+
+
+def _flat_qlora_layer(base: nn.Module, **config) -> nn.Module:
+    from .quantized.modules import FlatLoraLinear4bit
+
+    return FlatLoraLinear4bit.from_linear4bit(base, **config)
+
+
+BNB_LINEAR4BIT = BaseLayerKind(
+    "bitsandbytes Linear4bit (NF4/FP4, Flat-QLoRA)", _is_bnb_4bit, flat_layer=_flat_qlora_layer,
+    problem=_bnb_4bit_problem,
+)
+
 #: Recognised base-layer kinds, first match wins (``register_base_layer_kind`` puts new ones first).
-BASE_LAYER_KINDS: list[BaseLayerKind] = [LINEAR, CONV1D]
+BASE_LAYER_KINDS: list[BaseLayerKind] = [LINEAR, CONV1D, BNB_LINEAR4BIT]
 
 
 def register_base_layer_kind(kind: BaseLayerKind) -> None:
@@ -122,7 +157,8 @@ def supported_layers() -> str:
     kinds = ", ".join(kind.name for kind in BASE_LAYER_KINDS)
     return (
         f"supported: plain LoRA (no DoRA or other variant, no lora_bias) over a frozen base layer of kind {kinds}, "
-        "with float weights (fp32/bf16/fp16/fp64), no forward hooks and no forward of its own"
+        "with float weights (fp32/bf16/fp16/fp64) or, for Linear4bit, quantized 4-bit weights, no forward hooks "
+        "and no forward of its own"
     )
 
 
@@ -160,6 +196,8 @@ def base_layer_problem(
             return "it has forward hooks, which the fused op would skip (it never calls the layer's forward)"
     if require_frozen and getattr(module, "weight", None) is not None and module.weight.requires_grad:
         return "its weight requires grad (Flat-LoRA trains only the adapter: freeze the base weight)"
+    if kind.problem is not None:
+        return kind.problem(module, bypasses_forward)
     return None
 
 

@@ -100,12 +100,19 @@ class FlatLoraLinear(StepNoise):
         lora_dtype=None,
     ) -> "FlatLoraLinear":
         """Wrap an ``nn.Linear`` (or transformers' ``Conv1D``): weight and bias are shared (not copied), frozen.
-        Any other layer raises ``UnsupportedLayerError`` (``flatlora_kernels.layer_support``)."""
+        A base kind with a layer of its own (``layer_support``: a bitsandbytes ``Linear4bit`` gives a
+        ``FlatLoraLinear4bit``) gets that layer. Any other layer raises ``UnsupportedLayerError``."""
         kind = check_base_layer("FlatLoraLinear.from_linear", type(linear).__name__, linear)
         if kind.flat_layer is not None:
-            raise UnsupportedLayerError(
-                f"FlatLoraLinear.from_linear: a {kind.name} base is run by {kind.flat_layer.__qualname__}, not FlatLoraLinear"
-            )
+            config = dict(r=r, lora_alpha=lora_alpha, sigma=sigma, fused=fused, lora_dropout=lora_dropout,
+                          use_rslora=use_rslora, lora_dtype=lora_dtype)  # fmt: skip
+            layer = kind.flat_layer(linear, **config)
+            if not isinstance(layer, cls):
+                raise UnsupportedLayerError(
+                    f"{cls.__name__}.from_linear: a {kind.name} base is run by {type(layer).__name__}, not "
+                    f"{cls.__name__} (call FlatLoraLinear.from_linear)"
+                )
+            return layer
         conv1d = kind.fan_in_fan_out
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .functional import flat_lora_linear
 
-__all__ = ["StepNoise", "WarnOnce", "lora_branch", "dropout_correction", "user_stacklevel"]
+__all__ = ["StepNoise", "WarnOnce", "lora_branch", "dropout_correction", "with_adapter_dtype", "user_stacklevel"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -61,6 +61,20 @@ def dropout_correction(x: Tensor, dropout, lora_A: Tensor, lora_B: Tensor, scali
     holds ``s*B@A@x``, it gives PEFT's branch ``s*B@A@dropout(x)``."""
     xa = x.to(lora_A.dtype)
     return lora_branch(dropout(xa) - xa, lora_A, lora_B, scaling)
+
+
+def with_adapter_dtype(fused_op, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """``fused_op(lora_A, lora_B)`` (a fused op whose GEMMs run in ``x``'s dtype) under PEFT's adapter
+    dtype rule, where the LoRA branch runs in the adapter's dtype: when the factors' dtype is not
+    ``x``'s (fp32 adapters on a bf16 model), the op gets them detached and their gradients come from
+    ``branch - branch.detach()`` (exactly zero in the forward), a LoRA branch in the adapter's dtype:
+    what PEFT pays for its branch anyway."""
+    adapter_apart = lora_A.dtype != x.dtype or lora_B.dtype != x.dtype
+    y = fused_op(lora_A.detach() if adapter_apart else lora_A, lora_B.detach() if adapter_apart else lora_B)
+    if adapter_apart and torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad):
+        branch = lora_branch(x.detach(), lora_A, lora_B, scaling)
+        y = y + (branch - branch.detach()).to(y.dtype)
+    return y
 
 
 class WarnOnce:
@@ -109,6 +123,10 @@ class StepNoise(nn.Module):
             return self.noise_seed
         return torch.bitwise_xor(self.noise_seed, self.noise_rank_key)
 
+    def _op_backend(self) -> str:
+        """``"auto"`` (C++ on CPU, Triton on CUDA) when fused, else ``"reference"`` (plain PyTorch)."""
+        return "auto" if self.fused else "reference"
+
     def effective_sigma(self) -> Tensor:
         """``sigma * factor`` as a 0-dim fp32 tensor (no host sync, no recompile when the factor moves)."""
         return self.noise_factor * self.sigma
@@ -144,7 +162,7 @@ class StepNoise(nn.Module):
     def noisy_linear(
         self,
         x: Tensor,
-        weight: Tensor,
+        weight: Tensor | nn.Module,
         lora_A: Tensor,
         lora_B: Tensor,
         bias: Tensor | None,
@@ -153,37 +171,38 @@ class StepNoise(nn.Module):
     ) -> Tensor:
         """The training forward: ``x (W + s*B@A + eps)^T + bias`` plus the dropout correction.
 
-        ``weight`` is ``[out, in]`` (a view for ``[in, out]`` storage) and frozen: that was checked on
-        the registered Parameter when the layer was made (``layer_support``), so a weight that requires
-        grad here is a wrapper's view (FSDP1 hands the forward views of its flat parameter) and is detached.
-
-        Adapter dtype (PEFT's rule: the branch runs in the adapter's dtype): when the factors' dtype is
-        not the input's (fp32 adapters on a bf16 model), the op, whose GEMMs run in the input's dtype,
-        gets them detached, and their gradients come from ``branch - branch.detach()`` (exactly zero in
-        the forward), a LoRA branch in the adapter's dtype: what PEFT pays for its branch anyway.
+        ``weight`` is the base's float weight as ``[out, in]`` (a view for ``[in, out]`` storage), run
+        by ``flat_lora_linear``; or, for a bitsandbytes 4-bit base (``layer_support.BNB_LINEAR4BIT``),
+        the ``Linear4bit`` itself, run by ``quantized.flat_qlora_forward`` (its packed weight decoded
+        chunk by chunk, in its compute dtype; ``bias`` is not used: the base's own is). Either base is frozen:
+        that was checked on the registered Parameter when the layer was made (``layer_support``), so a
+        weight that requires grad here is a wrapper's view (FSDP1 hands the forward views of its flat
+        parameter) and is detached.
         """
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            # What nn.Linear (and PEFT's forward) does, rather than training in a silent cast.
-            raise RuntimeError(
-                f"{type(self).__name__}: input dtype {x.dtype} differs from the layer's weight dtype {weight.dtype} "
-                "(cast the input or the model, or run under torch.autocast)"
+        if isinstance(weight, nn.Module):
+            from .quantized.modules import flat_qlora_forward  # imported on first use: no cycle
+
+            self._warn_if_undriven()
+            y = flat_qlora_forward(
+                weight, x, lora_A, lora_B, scaling=scaling, sigma=self.effective_sigma(), seed=self.effective_seed(),
+                backend=self._op_backend(),
             )
-        self._warn_if_undriven()
-        adapter_apart = lora_A.dtype != x.dtype or lora_B.dtype != x.dtype
-        y = flat_lora_linear(
-            x,
-            weight.detach() if weight.requires_grad else weight,
-            lora_A.detach() if adapter_apart else lora_A,
-            lora_B.detach() if adapter_apart else lora_B,
-            bias,
-            scaling=scaling,
-            sigma=self.effective_sigma(),
-            seed=self.effective_seed(),
-            backend="auto" if self.fused else "reference",
-        )
-        if adapter_apart and torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad):
-            branch = lora_branch(x.detach(), lora_A, lora_B, scaling)
-            y = y + (branch - branch.detach()).to(y.dtype)
+        else:
+            if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+                # What nn.Linear (and PEFT's forward) does, rather than training in a silent cast.
+                raise RuntimeError(
+                    f"{type(self).__name__}: input dtype {x.dtype} differs from the layer's weight dtype {weight.dtype} "
+                    "(cast the input or the model, or run under torch.autocast)"
+                )
+            self._warn_if_undriven()
+            weight = weight.detach() if weight.requires_grad else weight
+            y = with_adapter_dtype(
+                lambda A, B: flat_lora_linear(
+                    x, weight, A, B, bias, scaling=scaling, sigma=self.effective_sigma(), seed=self.effective_seed(),
+                    backend=self._op_backend(),
+                ),
+                x, lora_A, lora_B, scaling,
+            )
         if isinstance(dropout, nn.Dropout) and dropout.p > 0:
             y = y + dropout_correction(x, dropout, lora_A, lora_B, scaling).to(y.dtype)
         return y

@@ -40,13 +40,19 @@ class Holder(nn.Module):
         self.other = nn.Linear(8, 8)
 
 
-class Linear4bit(nn.Linear):
-    """Looks like bitsandbytes' class (name and module), without bitsandbytes."""
+class Linear8bitLt(nn.Linear):
+    """Looks like bitsandbytes' 8-bit class (name and module), without bitsandbytes."""
 
     __module__ = "bitsandbytes.nn.modules"
 
     def forward(self, x):
         return super().forward(x)
+
+
+class Linear4bit(nn.Linear):
+    """Looks like bitsandbytes' 4-bit class (a supported kind) whose weight was never quantized."""
+
+    __module__ = "bitsandbytes.nn.modules"
 
 
 class ScaledLinear(nn.Linear):
@@ -70,7 +76,8 @@ def _hooked_linear():
 
 # (layer factory, fragment of the reason every entry point must give)
 REFUSED = {
-    "bnb-like 4-bit": (lambda: Linear4bit(8, 8), "quantized layer"),
+    "bnb-like 8-bit": (lambda: Linear8bitLt(8, 8), "quantized layer"),
+    "bnb-like 4-bit, not quantized": (lambda: Linear4bit(8, 8), "Linear4bit weight.*not quantized yet"),
     "int8 weight": (_int8_linear, "torch.int8 weight"),
     "embedding": (lambda: nn.Embedding(8, 8), "embedding"),
     "convolution": (lambda: nn.Conv2d(8, 8, 1), "convolution"),
@@ -106,13 +113,20 @@ def test_every_entry_point_refuses_the_same_layers_by_name(case):
             assert "layer'" in str(error.value) and "'other'" not in str(error.value), entry
 
 
-def test_real_bitsandbytes_layers_are_refused_without_a_gpu():
+def test_real_bitsandbytes_8bit_and_unquantized_4bit_layers_are_refused():
     bnb = pytest.importorskip("bitsandbytes")
-    for layer in (bnb.nn.Linear4bit(8, 8), bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False)):
+    for layer, reason in (
+        (bnb.nn.Linear4bit(8, 8), "not quantized yet"),  # quantized 4-bit bases run (tests/test_qlora_entry_points.py)
+        (bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False), "quantized layer"),
+    ):
         with pytest.raises(UnsupportedLayerError, match=type(layer).__name__):
             apply_flat_lora(Holder(layer), "all-linear")  # "all-linear" no longer skips or dies inside
-        with pytest.raises(UnsupportedLayerError, match="quantized"):
+        with pytest.raises(UnsupportedLayerError, match=reason):
             from_peft(_peft_model(layer))  # was converted silently, then failed in forward
+        with pytest.raises(UnsupportedLayerError, match=reason):
+            enable_flat_lora(_peft_model(layer))
+        with pytest.raises(UnsupportedLayerError, match=reason):
+            FlatLoraLinear.from_linear(layer)
 
 
 def test_supported_layers_are_accepted_everywhere():
@@ -148,19 +162,25 @@ def test_peft_embedding_lora_is_refused_and_the_opt_in_names_it():
 
 def test_a_registered_base_kind_is_accepted_by_every_entry_point():
     """The one place a new base kind is added (e.g. 4-bit bases routed to a Flat-QLoRA layer)."""
-    kind = BaseLayerKind("test-only Linear4bit", lambda m: isinstance(m, Linear4bit), base_forward=Linear4bit.forward)
+    kind = BaseLayerKind(
+        "test-only Linear8bitLt", lambda m: isinstance(m, Linear8bitLt), base_forward=Linear8bitLt.forward
+    )
     register_base_layer_kind(kind)
     try:
-        apply_flat_lora(Holder(Linear4bit(8, 8)), ["layer"])
-        enable_flat_lora(_peft_model(Linear4bit(8, 8)))
+        apply_flat_lora(Holder(Linear8bitLt(8, 8)), ["layer"])
+        enable_flat_lora(_peft_model(Linear8bitLt(8, 8)))
     finally:
         BASE_LAYER_KINDS.remove(kind)
     with pytest.raises(UnsupportedLayerError, match="quantized"):
-        apply_flat_lora(Holder(Linear4bit(8, 8)), ["layer"])
+        apply_flat_lora(Holder(Linear8bitLt(8, 8)), ["layer"])
 
 
 class RoutedLayer(FlatLoraLinear):
     """What a registered kind's ``flat_layer`` builds in this test."""
+
+
+class OtherLayer(FlatLoraLinear):
+    """A FlatLoraLinear subclass the routed kind does not build."""
 
 
 def _routed_layer(base, **config):
@@ -170,20 +190,21 @@ def _routed_layer(base, **config):
 
 
 def test_a_registered_kind_routes_apply_flat_lora_and_from_peft_to_its_layer():
-    kind = BaseLayerKind("test-only routed", lambda m: isinstance(m, Linear4bit), flat_layer=_routed_layer,
+    kind = BaseLayerKind("test-only routed", lambda m: isinstance(m, Linear8bitLt), flat_layer=_routed_layer,
                          patch_in_place=False)
     register_base_layer_kind(kind)
     try:
-        model = apply_flat_lora(Holder(Linear4bit(8, 8)), ["layer", "other"])
+        model = apply_flat_lora(Holder(Linear8bitLt(8, 8)), ["layer", "other"])
         assert type(model.layer) is RoutedLayer and type(model.other) is FlatLoraLinear
-        peft_model = _peft_model(Linear4bit(8, 8))
+        peft_model = _peft_model(Linear8bitLt(8, 8))
         lora_A = peft_model.base_model.model.layer.lora_A["default"].weight
         converted = from_peft(peft_model)
         assert type(converted.layer) is RoutedLayer and converted.layer.lora_A is lora_A  # PEFT's factors kept
         with pytest.raises(UnsupportedLayerError, match="not patched in place"):
-            enable_flat_lora(_peft_model(Linear4bit(8, 8)))
-        with pytest.raises(UnsupportedLayerError, match="RoutedLayer|routed"):
-            FlatLoraLinear.from_linear(Linear4bit(8, 8))
+            enable_flat_lora(_peft_model(Linear8bitLt(8, 8)))
+        assert type(FlatLoraLinear.from_linear(Linear8bitLt(8, 8))) is RoutedLayer
+        with pytest.raises(UnsupportedLayerError, match="run by RoutedLayer"):
+            OtherLayer.from_linear(Linear8bitLt(8, 8))
     finally:
         BASE_LAYER_KINDS.remove(kind)
 

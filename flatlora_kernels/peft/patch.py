@@ -1,9 +1,12 @@
 """``enable_flat_lora``: train an existing ``PeftModel``'s LoRA layers under Flat-LoRA noise, in place.
 
 Unlike ``from_peft`` (which swaps PEFT's layers for ``FlatLoraLinear``), this keeps every PEFT module
-and Parameter where it is and switches each accepted ``peft.tuners.lora.Linear`` to the subclass
-``FlatLoraPeftLinear`` (``patched_layer.py``), whose training forward calls the fused op with PEFT's
-own ``lora_A[adapter]``, ``lora_B[adapter]``, ``scaling[adapter]`` and dropout. So ``save_pretrained``,
+and Parameter where it is and switches each accepted ``peft.tuners.lora.Linear`` (over any accepted
+base, a bitsandbytes ``Linear4bit`` included) to the subclass ``FlatLoraPeftLinear``, and each
+``peft.tuners.lora.bnb.Linear4bit`` (PEFT's QLoRA layer) to ``FlatLoraPeftLinear4bit``
+(``patched_layer.py``, ``patched_layer_4bit.py``), whose training forward calls the fused op (the
+4-bit one over a 4-bit base) with PEFT's own ``lora_A[adapter]``, ``lora_B[adapter]``,
+``scaling[adapter]`` and dropout. So ``save_pretrained``,
 ``merge_and_unload``, several adapters and ``Trainer.save_model`` work untouched, and a saved adapter
 is a plain LoRA adapter. The per-step noise state lives on the layer as non-persistent buffers
 (``state_dict`` and saved adapters do not change); ``FlatLoraSchedule`` drives it.
@@ -22,14 +25,27 @@ from ..step_noise import StepNoise, WarnOnce
 __all__ = ["enable_flat_lora", "disable_flat_lora", "patched_layers"]
 
 
-def _classes():
+def _lora_layer_class():
     try:
         from peft.tuners.lora import LoraLayer
-
-        from .patched_layer import FlatLoraPeftLinear, PeftLoraLinear
     except ImportError as error:
         raise ImportError("enable_flat_lora needs the peft package: pip install peft") from error
-    return LoraLayer, FlatLoraPeftLinear, PeftLoraLinear
+    return LoraLayer
+
+
+def _patched_class(layer: nn.Module):
+    """The Flat-LoRA subclass of ``layer``'s PEFT class, or None when that class is not patched in place:
+    PEFT's ``lora.Linear``, and ``lora.bnb.Linear4bit`` (imported only when met: it needs bitsandbytes)."""
+    cls = type(layer)
+    if cls.__module__ == "peft.tuners.lora.layer" and cls.__name__ == "Linear":
+        from .patched_layer import FlatLoraPeftLinear
+
+        return FlatLoraPeftLinear
+    if cls.__module__ == "peft.tuners.lora.bnb" and cls.__name__ == "Linear4bit":
+        from .patched_layer_4bit import FlatLoraPeftLinear4bit
+
+        return FlatLoraPeftLinear4bit
+    return None
 
 
 def patched_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -64,7 +80,7 @@ def enable_flat_lora(
     Drive it with ``FlatLoraSchedule(peft_model, total_steps)`` (or ``FlatLoraCallback``); undo with
     ``disable_flat_lora``.
     """
-    lora_layer, patched_class, peft_class = _classes()
+    lora_layer = _lora_layer_class()
     check_real("sigma", sigma, low=0)
     if patched_layers(peft_model):
         raise ValueError("enable_flat_lora: the model is already converted (call disable_flat_lora first)")
@@ -75,7 +91,7 @@ def enable_flat_lora(
     problems = {}
     for name, layer in targets:
         problem = peft_lora_layer_problem(layer, adapter, require_frozen=True, in_place=True)
-        if problem is None and type(layer) is not peft_class:
+        if problem is None and _patched_class(layer) is None:
             problem = f"it is a PEFT {type(layer).__name__}, which is converted by from_peft, not patched in place"
         if problem is not None:
             problems[name] = problem
@@ -84,15 +100,14 @@ def enable_flat_lora(
     for name, layer in targets:
         if name in problems:
             continue
-        layer.__class__ = patched_class
+        layer.__class__ = _patched_class(layer)
         layer.flat_lora_adapter, layer.sigma, layer.fused = adapter, float(sigma), bool(fused)
         layer._init_step_noise(layer.get_base_layer().weight.device, warn_once)
     return peft_model
 
 
 def disable_flat_lora(peft_model: nn.Module):
-    """Undo ``enable_flat_lora``: the layers are PEFT's plain ``Linear`` again. Returns the model."""
-    _, _, peft_class = _classes()
+    """Undo ``enable_flat_lora``: the layers are PEFT's own classes again. Returns the model."""
     layers = patched_layers(peft_model)
     if not layers:
         raise ValueError("disable_flat_lora: the model has no layer patched by enable_flat_lora")
@@ -100,5 +115,5 @@ def disable_flat_lora(peft_model: nn.Module):
         layer._remove_step_noise()
         for name in ("flat_lora_adapter", "sigma", "fused"):
             delattr(layer, name)
-        layer.__class__ = peft_class
+        layer.__class__ = layer.peft_class
     return peft_model

@@ -1,8 +1,12 @@
 """``FlatLoraPeftLinear``: PEFT's LoRA ``Linear`` with Flat-LoRA's training forward.
 
-``enable_flat_lora`` switches a PEFT layer's class to this subclass in place (``disable_flat_lora``
-switches it back): every PEFT module and Parameter stays where it is, and being a module-level class
-(not a patched bound method) the model pickles, unpickles and deep-copies like a plain PEFT model.
+``enable_flat_lora`` switches a PEFT layer's class to a subclass in place (``disable_flat_lora``
+switches it back): every PEFT module and Parameter stays where it is, and being module-level classes
+(not patched bound methods) the model pickles, unpickles and deep-copies like a plain PEFT model.
+``FlatLoraPeftForward`` is the forward both subclasses share: this module's ``FlatLoraPeftLinear``
+(PEFT's ``lora.Linear``, over any accepted base, a hand-built bitsandbytes ``Linear4bit`` included)
+and ``patched_layer_4bit.FlatLoraPeftLinear4bit`` (PEFT's ``lora.bnb.Linear4bit``, what PEFT picks
+for a model loaded with ``BitsAndBytesConfig(load_in_4bit=True)``).
 This module imports peft, so the package imports it only when a PEFT model is enabled.
 """
 
@@ -11,48 +15,59 @@ from __future__ import annotations
 from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import Tensor
 
+from ..quantized.layout import is_bnb_4bit
+from ..quantized.modules import flat_qlora_forward
 from ..step_noise import StepNoise
 
-__all__ = ["FlatLoraPeftLinear", "PeftLoraLinear"]
+__all__ = ["FlatLoraPeftForward", "FlatLoraPeftLinear", "PeftLoraLinear"]
 
 
-class FlatLoraPeftLinear(PeftLoraLinear, StepNoise):
-    """A PEFT LoRA Linear whose adapter ``flat_lora_adapter`` trains under Flat-LoRA noise.
+class FlatLoraPeftForward(StepNoise):
+    """The forward of a PEFT LoRA layer whose adapter ``flat_lora_adapter`` trains under Flat-LoRA noise.
 
-    PEFT's own forward runs whenever Flat-LoRA does not apply: eval mode, disabled adapters, merged
-    layers, mixed-batch ``adapter_names``, extra arguments, or active adapters other than the enabled one.
+    PEFT's own forward runs whenever Flat-LoRA does not apply: disabled adapters, merged layers,
+    mixed-batch ``adapter_names``, extra arguments, active adapters other than the enabled one, and
+    evaluation over a float base. Evaluation over a bitsandbytes 4-bit base runs the op at sigma 0
+    (plain QLoRA) instead of ``base_layer(x)``, whose eval forward repacks the base in place on CPUs
+    with AVX512-BF16 (the Flat-QLoRA op does not read that layout).
     """
 
     flat_lora_adapter: str
+    peft_class: type  #: the PEFT class ``disable_flat_lora`` switches back to
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         adapter = self.flat_lora_adapter
+        base = self.get_base_layer()
         if (
-            not self.training
-            or self.disable_adapters
+            self.disable_adapters
             or self.merged
             or args
             or kwargs.get("adapter_names") is not None
             or list(self.active_adapters) != [adapter]
+            or not (self.training or is_bnb_4bit(base))
         ):
             return super().forward(x, *args, **kwargs)
-        base = self.get_base_layer()
         if base._forward_hooks or base._forward_pre_hooks or "forward" in vars(base):
             raise RuntimeError(
                 f"{type(self).__name__}: its base layer ({type(base).__name__}) got forward hooks or a replaced "
                 "forward after enable_flat_lora; the fused op never calls the base layer, so they would be skipped. "
                 "Remove them, or call disable_flat_lora first"
             )
-        weight = base.weight.t() if self.fan_in_fan_out else base.weight  # Conv1D: [in, out] -> view [out, in]
-        return self.noisy_linear(
-            x,
-            weight,
-            self.lora_A[adapter].weight,
-            self.lora_B[adapter].weight,
-            base.bias,
-            self.scaling[adapter],
-            self.lora_dropout[adapter],
-        )
+        lora_A, lora_B, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
+        if is_bnb_4bit(base):
+            if not self.training:
+                return flat_qlora_forward(base, x, lora_A, lora_B, scaling=scaling, sigma=0.0, seed=0,
+                                          backend=self._op_backend())  # fmt: skip
+            weight = base  # noisy_linear runs the 4-bit op on the base's packed weight
+        else:
+            weight = base.weight.t() if self.fan_in_fan_out else base.weight  # Conv1D: [in, out] -> view [out, in]
+        return self.noisy_linear(x, weight, lora_A, lora_B, base.bias, scaling, self.lora_dropout[adapter])
 
     def extra_repr(self) -> str:
         return f"flat_lora_adapter={self.flat_lora_adapter!r}, sigma={self.sigma}, fused={self.fused}"
+
+
+class FlatLoraPeftLinear(FlatLoraPeftForward, PeftLoraLinear):
+    """PEFT's ``lora.Linear`` under Flat-LoRA (``FlatLoraPeftForward``)."""
+
+    peft_class = PeftLoraLinear

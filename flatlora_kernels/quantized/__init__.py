@@ -24,12 +24,9 @@ __all__ = [
 
 
 def bnb_4bit_layer_kind():
-    """The bitsandbytes ``Linear4bit`` kind for the shared layer check (``layer_support.BaseLayerKind``):
-    ``flat_layer`` builds a ``FlatLoraLinear4bit``; ``enable_flat_lora``'s in-place patch cannot run
-    ``flat_lora_linear`` on a 4-bit weight (it would call ``flat_qlora_forward`` instead)."""
-    from ..layer_support import BaseLayerKind
+    """The bitsandbytes ``Linear4bit`` kind of the shared layer check (``layer_support.BNB_LINEAR4BIT``,
+    registered by default): ``apply_flat_lora`` / ``from_peft`` / ``FlatLoraLinear.from_linear`` build a
+    ``FlatLoraLinear4bit``; ``enable_flat_lora`` patches PEFT's layer in place (``flat_qlora_forward``)."""
+    from ..layer_support import BNB_LINEAR4BIT
 
-    return BaseLayerKind(
-        "bitsandbytes Linear4bit (NF4/FP4)", is_bnb_4bit, base_forward=None,
-        flat_layer=FlatLoraLinear4bit.from_linear4bit, patch_in_place=False,
-    )
+    return BNB_LINEAR4BIT

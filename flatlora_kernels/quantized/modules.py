@@ -14,54 +14,56 @@ same 4-bit base. What needs a float base weight is refused by name: ``merge`` (w
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import Tensor, nn
 
 from ..modules import FlatLoraLinear
-from ..step_noise import dropout_correction, lora_branch
+from ..step_noise import with_adapter_dtype
 from .functional import flat_qlora_linear
 from .layout import Packed4bit, is_bnb_4bit
 
-__all__ = ["FlatLoraLinear4bit", "flat_qlora_forward"]
+__all__ = ["FlatLoraLinear4bit", "flat_qlora_forward", "flat_qlora_layer_from", "packed_of"]
 
 
-def _packed_of(base_layer, cache: dict, name: str) -> Packed4bit:
-    """``Packed4bit`` of the base, rebuilt only when its tensors move (``.to``) or are replaced."""
+_PACKED = weakref.WeakKeyDictionary()  # base layer -> {"key", "packed"}: its Packed4bit, kept while it lives
+
+
+def packed_of(base_layer: nn.Module, name: str | None = None) -> Packed4bit:
+    """``Packed4bit`` of a ``Linear4bit`` base (checked; a bad one raises naming ``name``), rebuilt only
+    when its tensors move (``.to``) or are replaced. Nothing is stored on the base itself."""
     weight = base_layer.weight
     state = getattr(weight, "quant_state", None)
     key = (weight.data_ptr(), id(state), None if state is None else state.absmax.data_ptr())
+    cache = _PACKED.setdefault(base_layer, {})
     if cache.get("key") != key:
-        cache["packed"] = Packed4bit.from_quant_state(weight.data, state, name=name)
+        cache["packed"] = Packed4bit.from_linear4bit(base_layer, name=name)
         cache["key"] = key
     return cache["packed"]
 
 
 def flat_qlora_forward(
     base_layer, x: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling: float, sigma, seed, backend: str = "auto",
-    name: str | None = None, packed: Packed4bit | None = None,
+    name: str | None = None,
 ) -> Tensor:
-    """The training forward of a LoRA adapter over a bitsandbytes ``Linear4bit``, with Flat-LoRA noise:
-    ``base_layer(x) + s * B A x`` with the noise, computed as ``x (deq(W) + s*B@A + eps)^T + bias`` in
-    the base's ``compute_dtype`` (x's dtype when it has none), returned in x's dtype, as bitsandbytes'
-    own forward does. ``lora_A: [r, in]``, ``lora_B: [out, r]`` (a PEFT layer's ``lora_A[name].weight``).
-    ``packed``: the base's ``Packed4bit`` if the caller keeps one (else read from the base each call)."""
-    if packed is None:
-        packed = Packed4bit.from_linear4bit(base_layer, name=name)
+    """A LoRA adapter over a bitsandbytes ``Linear4bit`` with Flat-LoRA noise: ``base_layer(x) + s * B A x``
+    with the noise, computed as ``x (deq(W) + s*B@A + eps)^T + bias`` in the base's ``compute_dtype``
+    (x's dtype when it has none) and returned in x's dtype, as bitsandbytes' own forward does. The
+    op that ``StepNoise.noisy_linear`` (the one training forward) runs for a 4-bit base; at sigma 0 it
+    is plain QLoRA (the layers' evaluation forward). ``lora_A: [r, in]``, ``lora_B: [out, r]`` (a PEFT
+    layer's ``lora_A[name].weight``); adapters in another dtype than the compute one follow PEFT's
+    rule (``step_noise.with_adapter_dtype``). Bad input raises naming ``name`` (default: the base's class)."""
+    packed = packed_of(base_layer, name)
     compute_dtype = getattr(base_layer, "compute_dtype", None) or x.dtype
     bias = base_layer.bias
     x_c = x.to(compute_dtype)
-    # Adapter in another dtype than the compute one (fp32 adapters over bf16 compute, PEFT's default):
-    # the op gets the factors detached and their gradients come from the LoRA branch in the adapter's
-    # dtype, zero in the forward (as StepNoise.noisy_linear does for dense layers: PEFT's rule).
-    adapter_apart = lora_A.dtype != compute_dtype or lora_B.dtype != compute_dtype
-    y = flat_qlora_linear(
-        x_c, packed, lora_A.detach() if adapter_apart else lora_A, lora_B.detach() if adapter_apart else lora_B,
-        None if bias is None else bias.to(compute_dtype), scaling=scaling, sigma=sigma, seed=seed, backend=backend,
-    )
-    if adapter_apart and torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad):
-        branch = lora_branch(x_c.detach(), lora_A, lora_B, scaling)
-        y = y + (branch - branch.detach()).to(y.dtype)
+    bias_c = None if bias is None else bias.to(compute_dtype)
+    y = with_adapter_dtype(
+        lambda A, B: flat_qlora_linear(x_c, packed, A, B, bias_c, scaling=scaling, sigma=sigma, seed=seed,
+                                       backend=backend),
+        x_c, lora_A, lora_B, scaling,
+    )  # fmt: skip
     return y.to(x.dtype)
 
 
@@ -82,8 +84,7 @@ class FlatLoraLinear4bit(FlatLoraLinear):
         nn.Module.__init__(self)
         if not is_bnb_4bit(base_layer):
             raise TypeError(f"FlatLoraLinear4bit: expected a bitsandbytes Linear4bit base, got {type(base_layer).__name__}")
-        self._packed_cache: dict = {}
-        packed = _packed_of(base_layer, self._packed_cache, type(base_layer).__name__)
+        packed = packed_of(base_layer)
         self._configure(packed.in_features, packed.out_features, r, lora_alpha, sigma, fused, lora_dropout, use_rslora)
         self.base_layer = base_layer
         for parameter in base_layer.parameters():
@@ -108,7 +109,7 @@ class FlatLoraLinear4bit(FlatLoraLinear):
 
     @property
     def packed(self) -> Packed4bit:
-        return _packed_of(self.base_layer, self._packed_cache, type(self.base_layer).__name__)
+        return packed_of(self.base_layer)
 
     @property
     def linear_weight(self) -> Tensor:
@@ -121,21 +122,13 @@ class FlatLoraLinear4bit(FlatLoraLinear):
         ``base_layer(x)``: bitsandbytes' eval forward under no_grad repacks the base in place on CPUs
         with AVX512-BF16 (``packing_format_for_cpu``), which would change the base."""
         return flat_qlora_forward(
-            self.base_layer, x, self.lora_A, self.lora_B, scaling=self.scaling, sigma=0.0, seed=0,
-            backend=self.backend, packed=self.packed,
+            self.base_layer, x, self.lora_A, self.lora_B, scaling=self.scaling, sigma=0.0, seed=0, backend=self.backend
         )
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return self._plain_lora(x)
-        self._warn_if_undriven()
-        y = flat_qlora_forward(
-            self.base_layer, x, self.lora_A, self.lora_B, scaling=self.scaling, sigma=self.effective_sigma(),
-            seed=self.effective_seed(), backend=self.backend, packed=self.packed,
-        )
-        if self.lora_dropout is not None:
-            y = y + dropout_correction(x, self.lora_dropout, self.lora_A, self.lora_B, self.scaling).to(y.dtype)
-        return y
+        return self.noisy_linear(x, self.base_layer, self.lora_A, self.lora_B, None, self.scaling, self.lora_dropout)
 
     # --- merging is refused: the base stays as it was ----------------------------------------
 
