@@ -240,20 +240,45 @@ CODE_COUNTS = {
 }
 
 
-def resource_report(arch=90, ranks=(RANK,)):
+def compiled_resources(compiled, arch: int) -> tuple[dict, str]:
+    """``(registers, stack_bytes, spill_stores)`` of one compiled kernel (cuobjdump's resource usage;
+    ``ptxas -v`` for spills apart from the stack), each "?" where a tool says nothing, and its SASS."""
     import os
     import re
     import subprocess
     import tempfile
 
     import triton
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    cuobjdump, ptxas = os.path.join(tools, "cuobjdump"), os.path.join(tools, "ptxas")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", cubin.name], capture_output=True, text=True).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        verbose = subprocess.run([ptxas, "-v", f"-arch=sm_{arch}a", ptx.name, "-o", os.devnull],
+                                 capture_output=True, text=True).stderr  # fmt: skip
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    spills = re.search(r"(\d+) bytes spill stores", verbose)
+    return dict(
+        registers=int(found.group(1)) if found else "?",
+        stack_bytes=int(found.group(2)) if found else "?",
+        spill_stores=int(spills.group(1)) if spills else "?",
+    ), sass
+
+
+def resource_report(arch=90, ranks=(RANK,)):
+    import re
+
     from triton.backends.compiler import GPUTarget
 
     if triton_backend_module().INTERPRETING:
         sys.exit("--resources compiles real kernels: run it with TRITON_INTERPRET unset")
     target = GPUTarget("cuda", arch, 32)
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    cuobjdump, ptxas = os.path.join(tools, "cuobjdump"), os.path.join(tools, "ptxas")
     rows = {}
     cases = [(torch.bfloat16, torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16, torch.bfloat16),
              (torch.float16, torch.float16, torch.float16), (torch.float32, torch.float32, torch.float32)]  # fmt: skip
@@ -261,23 +286,10 @@ def resource_report(arch=90, ranks=(RANK,)):
         case = f"x {TRITON_TYPES[compute_dtype]}, W {TRITON_TYPES[weight_dtype]}, A/B {TRITON_TYPES[factor_dtype]}, r={rank}"
         for label, kernel, args, kwargs in recorded_launches(compute_dtype, weight_dtype, factor_dtype, rank):
             compiled = compile_recorded(kernel, args, kwargs, target)
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-                cubin.write(compiled.asm["cubin"])
-                cubin.flush()
-                usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
-                code = dict(sass=subprocess.run([cuobjdump, "-sass", cubin.name], capture_output=True, text=True).stdout,
-                            ttgir=compiled.asm["ttgir"])  # fmt: skip
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:  # ptxas -v: spills apart from the stack
-                ptx.write(compiled.asm["ptx"])
-                ptx.flush()
-                verbose = subprocess.run([ptxas, "-v", f"-arch=sm_{arch}a", ptx.name, "-o", os.devnull],
-                                         capture_output=True, text=True).stderr  # fmt: skip
-            found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-            spills = re.search(r"(\d+) bytes spill stores", verbose)
+            usage, sass = compiled_resources(compiled, arch)
+            code = dict(sass=sass, ttgir=compiled.asm["ttgir"])
             rows[f"{label} [{case}]"] = dict(
-                registers=int(found.group(1)) if found else "?",
-                stack_bytes=int(found.group(2)) if found else "?",
-                spill_stores=int(spills.group(1)) if spills else "?",
+                **usage,
                 shared_bytes=compiled.metadata.shared,
                 **{name: len(re.findall(pattern, code[source])) for name, (source, pattern) in CODE_COUNTS.items()},
                 options=" ".join(f"{k}={kwargs[k]}" for k in ("num_warps", "num_stages") if k in kwargs),

@@ -13,10 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 import torch
 
@@ -76,36 +73,21 @@ def recorded_launches(compute_dtype, factor_dtype):
 
 
 def main(arch: int = 90) -> None:
-    import triton
     from triton.backends.compiler import GPUTarget
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("compiles real kernels: run with TRITON_INTERPRET unset")
     gpu_kernels = _gpu_kernels()
     target = GPUTarget("cuda", arch, 32)
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    cuobjdump, ptxas = os.path.join(tools, "cuobjdump"), os.path.join(tools, "ptxas")
     print(f"| kernel [x, A/B dtypes], r={RANK}, {SHAPE[0]}x{SHAPE[1]} NF4 | registers | stack B | spill stores B |")
     print("|---|---|---|---|")
     for compute_dtype, factor_dtype in ((torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
                                         (torch.float16, torch.float16), (torch.float32, torch.float32)):  # fmt: skip
         for label, kernel, args, kwargs in recorded_launches(compute_dtype, factor_dtype):
             compiled = gpu_kernels.compile_recorded(kernel, args, kwargs, target)
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-                cubin.write(compiled.asm["cubin"])
-                cubin.flush()
-                usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True,
-                                       text=True).stdout  # fmt: skip
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
-                ptx.write(compiled.asm["ptx"])
-                ptx.flush()
-                verbose = subprocess.run([ptxas, "-v", f"-arch=sm_{arch}a", ptx.name, "-o", os.devnull],
-                                         capture_output=True, text=True).stderr  # fmt: skip
-            found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-            spills = re.search(r"(\d+) bytes spill stores", verbose)
+            usage, _sass = gpu_kernels.compiled_resources(compiled, arch)
             dtypes = f"{str(compute_dtype)[6:]}, {str(factor_dtype)[6:]}"
-            print(f"| {label} [{dtypes}] | {found.group(1) if found else '?'} | {found.group(2) if found else '?'} | "
-                  f"{spills.group(1) if spills else '?'} |")
+            print(f"| {label} [{dtypes}] | {usage['registers']} | {usage['stack_bytes']} | {usage['spill_stores']} |")
 
 
 if __name__ == "__main__":

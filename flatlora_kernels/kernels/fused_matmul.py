@@ -28,7 +28,8 @@ import triton.language as tl
 
 from .dot_precision import dot_accumulate
 from .noise_tile import normal_quad_tile, replace_strip, strip_columns
-from .weight_tile import load_tile, perturbed_weight_strip, program_range, weight_operands
+from .weight_source import source_perturbed_strip
+from .weight_tile import load_tile, program_range, weight_operands
 
 
 @triton.jit(do_not_specialize=["n_tokens"])
@@ -46,6 +47,25 @@ def fused_forward_kernel(
     ``counters_per_split`` is a multiple of ``BLOCK_COUNTERS``; ``bias`` is in the compute dtype.
     """
     layer = weight_operands(w_ptr, a_ptr, b_ptr, rank, scaling, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br)
+    fused_forward_program(
+        layer, layer, x_ptr, row_scale_ptr, seed_ptr, bias_ptr, y_ptr, n_tokens, out_features, in_features,
+        counters_per_row, counters_per_split, stride_xm, stride_xk, stride_ys, stride_ym, stride_yn, False, False, 0,
+        HAS_BIAS, BLOCK_TOKENS, BLOCK_OUT, BLOCK_COUNTERS, RANK_BLOCK, RANK_LOOP, FACTORS_IN_FP32, FACTOR_TF32,
+        DOT_TF32, DOTS_IN_FP32,
+    )
+
+
+@triton.jit
+def fused_forward_program(
+    quant, layer, x_ptr, row_scale_ptr, seed_ptr, bias_ptr, y_ptr,
+    n_tokens, out_features, in_features, counters_per_row, counters_per_split,
+    stride_xm, stride_xk, stride_ys, stride_ym, stride_yn,
+    QUANTIZED: tl.constexpr, NESTED: tl.constexpr, WEIGHT_ROUND: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_COUNTERS: tl.constexpr,
+    RANK_BLOCK: tl.constexpr, RANK_LOOP: tl.constexpr, FACTORS_IN_FP32: tl.constexpr, FACTOR_TF32: tl.constexpr,
+    DOT_TF32: tl.constexpr, DOTS_IN_FP32: tl.constexpr,
+):  # fmt: skip
+    """One program of a fused forward kernel, dense or 4-bit (``weight_source``)."""
     tokens, token_mask = program_range(0, BLOCK_TOKENS, n_tokens)
     rows, row_mask = program_range(1, BLOCK_OUT, out_features)
     seed = tl.load(seed_ptr)
@@ -58,8 +78,9 @@ def fused_forward_kernel(
         block = (rows, counters, row_mask, counters < counters_per_row, row_scales, counters_per_row, in_features)
         z = normal_quad_tile(seed, rows, counters, counters_per_row)
         for strip in tl.static_range(4):  # the four strips of each counter block feed one accumulator
-            weight, columns, column_mask = perturbed_weight_strip(
-                z[strip], strip, layer, block, RANK_BLOCK, RANK_LOOP, FACTORS_IN_FP32, FACTOR_TF32
+            weight, columns, column_mask = source_perturbed_strip(
+                z[strip], strip, quant, layer, block, QUANTIZED, NESTED, WEIGHT_ROUND, RANK_BLOCK, RANK_LOOP,
+                FACTORS_IN_FP32, FACTOR_TF32,
             )
             x = load_tile(x_ptr, tokens, columns, stride_xm, stride_xk, token_mask, column_mask)
             acc = dot_accumulate(x, tl.trans(weight.to(x.dtype)), acc, DOTS_IN_FP32, DOT_TF32)
@@ -89,6 +110,25 @@ def fused_input_grad_kernel(
     ``rows_per_split`` is a multiple of ``BLOCK_OUT``.
     """
     layer = weight_operands(w_ptr, a_ptr, b_ptr, rank, scaling, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br)
+    fused_input_grad_program(
+        layer, layer, dy_ptr, row_scale_ptr, seed_ptr, dx_ptr, n_tokens, out_features, in_features, counters_per_row,
+        rows_per_split, stride_dym, stride_dyn, stride_dxs, stride_dxm, stride_dxk, False, False, 0,
+        BLOCK_TOKENS, BLOCK_OUT, BLOCK_COUNTERS, RANK_BLOCK, RANK_LOOP, FACTORS_IN_FP32, FACTOR_TF32,
+        DOT_TF32, DOTS_IN_FP32,
+    )
+
+
+@triton.jit
+def fused_input_grad_program(
+    quant, layer, dy_ptr, row_scale_ptr, seed_ptr, dx_ptr,
+    n_tokens, out_features, in_features, counters_per_row, rows_per_split,
+    stride_dym, stride_dyn, stride_dxs, stride_dxm, stride_dxk,
+    QUANTIZED: tl.constexpr, NESTED: tl.constexpr, WEIGHT_ROUND: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_COUNTERS: tl.constexpr,
+    RANK_BLOCK: tl.constexpr, RANK_LOOP: tl.constexpr, FACTORS_IN_FP32: tl.constexpr, FACTOR_TF32: tl.constexpr,
+    DOT_TF32: tl.constexpr, DOTS_IN_FP32: tl.constexpr,
+):  # fmt: skip
+    """One program of a fused input-grad kernel, dense or 4-bit (``weight_source``)."""
     tokens, token_mask = program_range(0, BLOCK_TOKENS, n_tokens)
     counters, counter_mask = program_range(1, BLOCK_COUNTERS, counters_per_row)
     seed = tl.load(seed_ptr)
@@ -104,7 +144,8 @@ def fused_input_grad_kernel(
         block = (rows, counters, row_mask, counter_mask, row_scales, counters_per_row, in_features)
         z = normal_quad_tile(seed, rows, counters, counters_per_row)
         for strip in tl.static_range(4):  # unrolled: each strip's accumulator stays in registers
-            weight, _, _ = perturbed_weight_strip(z[strip], strip, layer, block, RANK_BLOCK, RANK_LOOP, FACTORS_IN_FP32, FACTOR_TF32)
+            weight, _, _ = source_perturbed_strip(z[strip], strip, quant, layer, block, QUANTIZED, NESTED, WEIGHT_ROUND,
+                                                  RANK_BLOCK, RANK_LOOP, FACTORS_IN_FP32, FACTOR_TF32)  # fmt: skip
             acc = dot_accumulate(dy, weight.to(dy.dtype), accs[strip], DOTS_IN_FP32, DOT_TF32)
             accs = replace_strip(accs, acc, strip)
     dx_rows_ptr = dx_ptr + tl.program_id(2).to(tl.int64) * stride_dxs + tokens.to(tl.int64)[:, None] * stride_dxm

@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from .noise_tile import normal_quad_tile
-from .weight_tile import perturbed_weight_strip, weight_operands
+from .weight_source import source_perturbed_strip
+from .weight_tile import weight_operands
 
 
 @triton.jit(do_not_specialize=["row_start", "row_end"])
@@ -36,6 +37,20 @@ def perturbed_weight_kernel(
 ):  # fmt: skip
     """Grid: ``(cdiv(row_end - row_start, BLOCK_ROWS), cdiv(counter_end - counter_start, BLOCK_COUNTERS))``."""
     layer = weight_operands(w_ptr, a_ptr, b_ptr, rank, scaling, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br)
+    perturbed_weight_program(layer, layer, row_scale_ptr, seed_ptr, out_ptr, row_start, row_end, counter_start,
+                             counter_end, in_features, counters_per_row, stride_out_row, stride_out_strip, False, False,
+                             0, BLOCK_ROWS, BLOCK_COUNTERS, RANK_BLOCK, RANK_LOOP, FACTORS_IN_FP32, FACTOR_TF32)  # fmt: skip
+
+
+@triton.jit
+def perturbed_weight_program(
+    quant, layer, row_scale_ptr, seed_ptr, out_ptr, row_start, row_end, counter_start, counter_end,
+    in_features, counters_per_row, stride_out_row, stride_out_strip,
+    QUANTIZED: tl.constexpr, NESTED: tl.constexpr, WEIGHT_ROUND: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COUNTERS: tl.constexpr,
+    RANK_BLOCK: tl.constexpr, RANK_LOOP: tl.constexpr, FACTORS_IN_FP32: tl.constexpr, FACTOR_TF32: tl.constexpr,
+):  # fmt: skip
+    """One program of a perturbed-weight kernel, dense or 4-bit (``weight_source``)."""
     local_rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     local_counters = tl.program_id(1) * BLOCK_COUNTERS + tl.arange(0, BLOCK_COUNTERS)
     rows = row_start + local_rows
@@ -47,6 +62,7 @@ def perturbed_weight_kernel(
     z = normal_quad_tile(tl.load(seed_ptr), rows, counters, counters_per_row)
     out_rows_ptr = out_ptr + local_rows.to(tl.int64)[:, None] * stride_out_row
     for strip in tl.static_range(4):
-        tile, _, column_mask = perturbed_weight_strip(z[strip], strip, layer, block, RANK_BLOCK, RANK_LOOP, FACTORS_IN_FP32, FACTOR_TF32)
+        tile, _, column_mask = source_perturbed_strip(z[strip], strip, quant, layer, block, QUANTIZED, NESTED,
+                                                      WEIGHT_ROUND, RANK_BLOCK, RANK_LOOP, FACTORS_IN_FP32, FACTOR_TF32)  # fmt: skip
         out_ptrs = out_rows_ptr + strip * stride_out_strip + local_counters[None, :]
         tl.store(out_ptrs, tile.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & column_mask[None, :])

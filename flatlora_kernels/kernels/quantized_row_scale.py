@@ -1,4 +1,4 @@
-"""Row scales of a 4-bit layer: ``sigma * ||deq(W) + s*B@A||_row / sqrt(K)`` in fp32 (``row_scale.py``'s twin).
+"""Row scales of a 4-bit layer: ``sigma * ||deq(W) + s*B@A||_row / sqrt(K)`` in fp32 (``row_scale.py``'s program).
 
 Each program owns a block of rows and walks K in decoded tiles (``quantized_tile.py``); nothing is stored.
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .quantized_tile import lowrank_operands, quantized_merged_tile, quantized_operands
-from .weight_tile import program_range
+from .quantized_tile import lowrank_operands, quantized_operands
+from .row_scale import row_scale_program
 
 
 @triton.jit
@@ -24,14 +24,5 @@ def quantized_row_scale_kernel(
     quant = quantized_operands(codes_ptr, absmax_ptr, table_ptr, nested_absmax_ptr, nested_code_ptr, block_shift,
                                nested_block_shift, nested_offset, in_features)  # fmt: skip
     layer = lowrank_operands(a_ptr, b_ptr, rank, scaling, stride_ar, stride_ak, stride_bn, stride_br)
-    rows, row_mask = program_range(0, BLOCK_ROWS, out_features)
-    sum_of_squares = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
-    for column_start in range(0, in_features, BLOCK_COLUMNS):
-        columns = column_start + tl.arange(0, BLOCK_COLUMNS)
-        merged = quantized_merged_tile(quant, layer, rows, columns, row_mask, columns < in_features, NESTED,
-                                       WEIGHT_ROUND, RANK_BLOCK, RANK_LOOP, FACTORS_IN_FP32, FACTOR_TF32)  # fmt: skip
-        sum_of_squares += tl.sum(merged * merged, axis=1)
-    sigma = tl.load(sigma_ptr).to(tl.float32)
-    # Correctly rounded, as row_scale.py: on sm_90 ``tl.sqrt`` and ``/`` compile to sqrt.approx / div.full.
-    scale = tl.div_rn(sigma * tl.sqrt_rn(sum_of_squares), tl.cast(sqrt_in_features, tl.float32))
-    tl.store(out_ptr + rows, scale, mask=row_mask)
+    row_scale_program(quant, layer, sigma_ptr, out_ptr, out_features, in_features, sqrt_in_features, True, NESTED,
+                      WEIGHT_ROUND, BLOCK_ROWS, BLOCK_COLUMNS, RANK_BLOCK, RANK_LOOP, FACTORS_IN_FP32, FACTOR_TF32)  # fmt: skip
