@@ -301,22 +301,20 @@ def philox_words(seed: Tensor, offsets: Tensor) -> Tensor:
 # --- streamed path ---------------------------------------------------------------------------
 
 
-def _forward_streamed(x, weight, lora_A, lora_B, bias, scaling, row_scales, seed) -> Tensor:
+def forward_by_row_chunks(x: Tensor, bias: Tensor | None, out_features: int, regenerate_rows) -> Tensor:
+    """``y = x @ W'^T (+ bias)`` with ``W'`` regenerated in row chunks by ``regenerate_rows(start, end)``
+    (in ``x.dtype``), each handed to cuBLAS at once: one chunk alive at a time."""
     n_tokens, in_features = x.shape
-    out_features = weight.shape[0]
     rows_per_chunk = _chunk_length(
         out_features, in_features * x.element_size(), output_bytes=n_tokens * out_features * x.element_size()
     )
-    regenerate = lambda start, end: perturbed_weight_rows(  # noqa: E731
-        weight, lora_A, lora_B, row_scales, scaling, seed, start, end, x.dtype
-    )
     if rows_per_chunk == out_features:
-        w_perturbed = regenerate(0, out_features)
+        w_perturbed = regenerate_rows(0, out_features)
         return torch.mm(x, w_perturbed.t()) if bias is None else torch.addmm(bias, x, w_perturbed.t())
     y = x.new_empty((n_tokens, out_features))
     for row_start in range(0, out_features, rows_per_chunk):
         row_end = min(out_features, row_start + rows_per_chunk)
-        chunk = regenerate(row_start, row_end)
+        chunk = regenerate_rows(row_start, row_end)
         y_rows = y[:, row_start:row_end]
         if bias is None:
             torch.mm(x, chunk.t(), out=y_rows)
@@ -326,9 +324,11 @@ def _forward_streamed(x, weight, lora_A, lora_B, bias, scaling, row_scales, seed
     return y
 
 
-def _input_grad_streamed(dy, weight, lora_A, lora_B, row_scales, scaling, seed) -> Tensor:
+def input_grad_by_counter_chunks(dy: Tensor, out_features: int, in_features: int, regenerate_rows, fill_counters) -> Tensor:
+    """``dx = dy @ W'``, ``W'`` regenerated whole by ``regenerate_rows(0, N)`` when it fits, else in
+    counter chunks: ``fill_counters(chunk, counter_start, width)`` writes the four column strips of every
+    row into ``chunk`` (``[N, 4, width]``, in ``dy.dtype``)."""
     n_tokens = dy.shape[0]
-    out_features, in_features = weight.shape
     kq = counters_per_row(in_features)
     # A counter chunk holds four column strips of every row of W'.
     counters_per_chunk = _chunk_length(
@@ -336,17 +336,12 @@ def _input_grad_streamed(dy, weight, lora_A, lora_B, row_scales, scaling, seed) 
     )
     whole_weight_fits = out_features * in_features * dy.element_size() <= triton_tuning.WHOLE_WEIGHT_INPUT_GRAD_BYTES
     if counters_per_chunk == kq or whole_weight_fits:  # one full-width GEMM
-        w_perturbed = perturbed_weight_rows(weight, lora_A, lora_B, row_scales, scaling, seed, 0, out_features, dy.dtype)
-        return torch.mm(dy, w_perturbed)
+        return torch.mm(dy, regenerate_rows(0, out_features))
     dx = dy.new_empty((n_tokens, in_features))
     for counter_start in range(0, kq, counters_per_chunk):
         width = min(kq, counter_start + counters_per_chunk) - counter_start
         chunk = dy.new_empty((out_features, 4, width))
-        regenerate_perturbed_weight(
-            chunk, weight, lora_A, lora_B, row_scales, scaling, seed,
-            rows=(0, out_features), counters=(counter_start, counter_start + width),
-            stride_out_row=4 * width, stride_out_strip=width,
-        )  # fmt: skip
+        fill_counters(chunk, counter_start, width)
         if triton_tuning.BATCHED_STRIP_GEMM and in_features == 4 * kq:
             # dx as [M, 4, Kq]: strip t of this chunk is dx_strips[t], a [M, width] view with row stride K.
             dx_strips = dx.view(n_tokens, 4, kq)[:, :, counter_start : counter_start + width].transpose(0, 1)
@@ -360,6 +355,26 @@ def _input_grad_streamed(dy, weight, lora_A, lora_B, row_scales, scaling, seed) 
                 torch.mm(dy, chunk[:, strip, :n_columns], out=dx[:, column_start : column_start + n_columns])
         del chunk
     return dx
+
+
+def _forward_streamed(x, weight, lora_A, lora_B, bias, scaling, row_scales, seed) -> Tensor:
+    regenerate_rows = lambda start, end: perturbed_weight_rows(  # noqa: E731
+        weight, lora_A, lora_B, row_scales, scaling, seed, start, end, x.dtype
+    )
+    return forward_by_row_chunks(x, bias, weight.shape[0], regenerate_rows)
+
+
+def _input_grad_streamed(dy, weight, lora_A, lora_B, row_scales, scaling, seed) -> Tensor:
+    out_features, in_features = weight.shape
+    regenerate_rows = lambda start, end: perturbed_weight_rows(  # noqa: E731
+        weight, lora_A, lora_B, row_scales, scaling, seed, start, end, dy.dtype
+    )
+    fill_counters = lambda chunk, counter_start, width: regenerate_perturbed_weight(  # noqa: E731
+        chunk, weight, lora_A, lora_B, row_scales, scaling, seed,
+        rows=(0, out_features), counters=(counter_start, counter_start + width),
+        stride_out_row=4 * width, stride_out_strip=width,
+    )  # fmt: skip
+    return input_grad_by_counter_chunks(dy, out_features, in_features, regenerate_rows, fill_counters)
 
 
 # --- in-register path ------------------------------------------------------------------------
@@ -376,6 +391,17 @@ def _fused_launch(kernel: str, n_tokens: int, tile_axis: tuple[int, str], loop_a
     return tiles, (*output_tiles, splits), blocks_per_split * loop_tile, out, out_strides
 
 
+def sum_split_outputs(out: Tensor, splits: int, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """An in-register kernel's result: ``out`` itself with one split, else the fp32 partials summed
+    (deterministically), plus ``bias``, in ``dtype``."""
+    if splits == 1:
+        return out
+    y = out.sum(0)
+    if bias is not None:
+        y += bias
+    return y.to(dtype)
+
+
 def _forward_in_register(x, weight, lora_A, lora_B, bias, scaling, row_scales, seed) -> Tensor:
     n_tokens, in_features = x.shape
     out_features = weight.shape[0]
@@ -389,12 +415,7 @@ def _forward_in_register(x, weight, lora_A, lora_B, bias, scaling, row_scales, s
         n_tokens, out_features, in_features, kq, counters_per_split, *x.stride(), *out_strides,
         HAS_BIAS=bias is not None and splits == 1, **tiles, **_fused_constexprs(lora_A, lora_B, x.dtype),
     )  # fmt: skip
-    if splits == 1:
-        return out
-    y = out.sum(0)
-    if bias is not None:
-        y += bias
-    return y.to(x.dtype)
+    return sum_split_outputs(out, splits, bias, x.dtype)
 
 
 def _input_grad_in_register(dy, weight, lora_A, lora_B, row_scales, scaling, seed) -> Tensor:
@@ -409,7 +430,7 @@ def _input_grad_in_register(dy, weight, lora_A, lora_B, row_scales, scaling, see
         n_tokens, out_features, in_features, kq, rows_per_split, *dy.stride(), *out_strides,
         **tiles, **_fused_constexprs(lora_A, lora_B, dy.dtype),
     )  # fmt: skip
-    return out if grid[2] == 1 else out.sum(0).to(dy.dtype)
+    return sum_split_outputs(out, grid[2], None, dy.dtype)
 
 
 # --- LoRA factor gradients -------------------------------------------------------------------
@@ -446,32 +467,45 @@ def backward(dy, x, weight, lora_A, lora_B, row_scales, scaling, seed, compute_d
         return _backward(dy, x, weight, lora_A, lora_B, row_scales, scaling, seed, compute_dx)
 
 
+def forward_by_strategy(x: Tensor, bias: Tensor | None, out_features: int, in_register, streamed) -> Tensor:
+    """``y`` by the path the tuning picks for M: ``in_register(bias)`` or ``streamed(bias)``, with
+    ``bias`` cast to the compute dtype (as F.linear adds it) and contiguous, because the in-register
+    kernel indexes it by row with unit stride (a [N] copy at most). No tokens: an empty ``y``."""
+    n_tokens = x.shape[0]
+    if n_tokens == 0:
+        return x.new_empty((0, out_features))
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    return (in_register if choose_strategy(n_tokens, x.dtype) == "in_register" else streamed)(bias)
+
+
+def input_grad_by_strategy(x: Tensor, in_features: int, compute_dx: bool, in_register, streamed) -> Tensor:
+    """``dx`` by the path the tuning picks for M: ``in_register()`` or ``streamed()``; empty when not
+    wanted (``compute_dx`` False) or with no tokens."""
+    n_tokens = x.shape[0]
+    if not compute_dx:
+        return x.new_empty(0)
+    if n_tokens == 0:
+        return x.new_empty((0, in_features))
+    return (in_register if choose_strategy(n_tokens, x.dtype, "fused_input_grad") == "in_register" else streamed)()
+
+
 def _forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
     scale = row_scale(weight, lora_A, lora_B, scaling, sigma, x.dtype)
-    n_tokens, out_features = x.shape[0], weight.shape[0]
-    if n_tokens == 0:
-        return x.new_empty((0, out_features)), scale
-    # Added as F.linear would, in the compute dtype; contiguous because the in-register kernel
-    # indexes bias by row with unit stride (a [N] copy at most).
-    bias = None if bias is None else bias.to(x.dtype).contiguous()
-    if choose_strategy(n_tokens, x.dtype) == "in_register":
-        y = _forward_in_register(x, weight, lora_A, lora_B, bias, scaling, scale, seed)
-    else:
-        y = _forward_streamed(x, weight, lora_A, lora_B, bias, scaling, scale, seed)
+    y = forward_by_strategy(
+        x, bias, weight.shape[0],
+        lambda bias: _forward_in_register(x, weight, lora_A, lora_B, bias, scaling, scale, seed),
+        lambda bias: _forward_streamed(x, weight, lora_A, lora_B, bias, scaling, scale, seed),
+    )  # fmt: skip
     return y, scale
 
 
 def _backward(dy, x, weight, lora_A, lora_B, row_scales, scaling, seed, compute_dx):
     dy = dy.to(x.dtype)
     row_scales = row_scales.contiguous()
-    n_tokens = x.shape[0]
-    if not compute_dx:
-        dx = x.new_empty(0)
-    elif n_tokens == 0:
-        dx = x.new_empty((0, weight.shape[1]))
-    elif choose_strategy(n_tokens, x.dtype, "fused_input_grad") == "in_register":
-        dx = _input_grad_in_register(dy, weight, lora_A, lora_B, row_scales, scaling, seed)
-    else:
-        dx = _input_grad_streamed(dy, weight, lora_A, lora_B, row_scales, scaling, seed)
+    dx = input_grad_by_strategy(
+        x, weight.shape[1], compute_dx,
+        lambda: _input_grad_in_register(dy, weight, lora_A, lora_B, row_scales, scaling, seed),
+        lambda: _input_grad_streamed(dy, weight, lora_A, lora_B, row_scales, scaling, seed),
+    )  # fmt: skip
     d_lora_A, d_lora_B = _lora_grads(dy, x, lora_A, lora_B, scaling)
     return dx, d_lora_A, d_lora_B

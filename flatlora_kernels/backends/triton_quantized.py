@@ -131,39 +131,17 @@ def perturbed_weight_rows(layer: _Layer, row_scales, seed, row_start, row_end, d
 
 
 def _forward_streamed(x, layer: _Layer, bias, row_scales, seed) -> Tensor:
-    n_tokens, n = x.shape[0], layer.out_features
-    rows_per_chunk = dense._chunk_length(n, layer.in_features * x.element_size(), n_tokens * n * x.element_size())
-    y = x.new_empty((n_tokens, n))
-    for row_start in range(0, n, rows_per_chunk):
-        row_end = min(n, row_start + rows_per_chunk)
-        chunk = perturbed_weight_rows(layer, row_scales, seed, row_start, row_end, x.dtype)
-        y_rows = y[:, row_start:row_end]
-        if bias is None:
-            torch.mm(x, chunk.t(), out=y_rows)
-        else:
-            torch.addmm(bias[row_start:row_end], x, chunk.t(), out=y_rows)
-        del chunk  # one chunk alive at a time
-    return y
+    regenerate_rows = lambda start, end: perturbed_weight_rows(layer, row_scales, seed, start, end, x.dtype)  # noqa: E731
+    return dense.forward_by_row_chunks(x, bias, layer.out_features, regenerate_rows)
 
 
 def _input_grad_streamed(dy, layer: _Layer, row_scales, seed) -> Tensor:
-    n_tokens, n, k = dy.shape[0], layer.out_features, layer.in_features
-    kq = counters_per_row(k)
-    counters_per_chunk = dense._chunk_length(kq, 4 * n * dy.element_size(), n_tokens * k * dy.element_size())
-    dx = dy.new_empty((n_tokens, k))
-    for counter_start in range(0, kq, counters_per_chunk):
-        width = min(kq, counter_start + counters_per_chunk) - counter_start
-        chunk = dy.new_empty((n, 4, width))  # four column strips of every row: each dx element from one GEMM
-        regenerate_perturbed_weight(chunk, layer, row_scales, seed, (0, n), (counter_start, counter_start + width),
-                                    4 * width, width)  # fmt: skip
-        for strip in range(4):
-            column_start = strip * kq + counter_start
-            n_columns = min(width, k - column_start)
-            if n_columns <= 0:
-                break
-            torch.mm(dy, chunk[:, strip, :n_columns], out=dx[:, column_start : column_start + n_columns])
-        del chunk
-    return dx
+    n = layer.out_features
+    regenerate_rows = lambda start, end: perturbed_weight_rows(layer, row_scales, seed, start, end, dy.dtype)  # noqa: E731
+    fill_counters = lambda chunk, counter_start, width: regenerate_perturbed_weight(  # noqa: E731
+        chunk, layer, row_scales, seed, (0, n), (counter_start, counter_start + width), 4 * width, width
+    )
+    return dense.input_grad_by_counter_chunks(dy, n, layer.in_features, regenerate_rows, fill_counters)
 
 
 def _forward_in_register(x, layer: _Layer, bias, row_scales, seed) -> Tensor:
@@ -179,12 +157,7 @@ def _forward_in_register(x, layer: _Layer, bias, row_scales, seed) -> Tensor:
         HAS_BIAS=bias is not None and splits == 1, **tiles,
         **dense._fused_constexprs(layer.lora_A, layer.lora_B, x.dtype),
     )  # fmt: skip
-    if splits == 1:
-        return out
-    y = out.sum(0)
-    if bias is not None:
-        y += bias
-    return y.to(x.dtype)
+    return dense.sum_split_outputs(out, splits, bias, x.dtype)
 
 
 def _input_grad_in_register(dy, layer: _Layer, row_scales, seed) -> Tensor:
@@ -197,7 +170,7 @@ def _input_grad_in_register(dy, layer: _Layer, row_scales, seed) -> Tensor:
         *layer.args, dy, row_scales, seed, out, n_tokens, n, k, kq, rows_per_split, *dy.stride(), *out_strides,
         **layer.constexprs, **tiles, **dense._fused_constexprs(layer.lora_A, layer.lora_B, dy.dtype),
     )  # fmt: skip
-    return out if grid[2] == 1 else out.sum(0).to(dy.dtype)
+    return dense.sum_split_outputs(out, grid[2], None, dy.dtype)
 
 
 # --- the quantized backend protocol (flatlora_kernels/quantized/reference.py) -----------------
@@ -209,13 +182,11 @@ def forward(x, codes, absmax, code_table, nested_absmax, nested_code, blocksize,
                    weight_dtype, out_features, in_features, lora_A, lora_B, scaling)
     with dense._on_device(x.device):
         scale = row_scale(layer, sigma, x.dtype)
-        if x.shape[0] == 0:
-            return x.new_empty((0, out_features)), scale
-        bias = None if bias is None else bias.to(x.dtype).contiguous()
-        if dense.choose_strategy(x.shape[0], x.dtype) == "in_register":
-            y = _forward_in_register(x, layer, bias, scale, seed)
-        else:
-            y = _forward_streamed(x, layer, bias, scale, seed)
+        y = dense.forward_by_strategy(
+            x, bias, out_features,
+            lambda bias: _forward_in_register(x, layer, bias, scale, seed),
+            lambda bias: _forward_streamed(x, layer, bias, scale, seed),
+        )  # fmt: skip
         return y, scale
 
 
@@ -227,15 +198,11 @@ def backward(dy, x, codes, absmax, code_table, nested_absmax, nested_code, block
     with dense._on_device(x.device):
         dy = dy.to(x.dtype)
         row_scale = row_scale.contiguous()
-        n_tokens = x.shape[0]
-        if not compute_dx:
-            dx = x.new_empty(0)
-        elif n_tokens == 0:
-            dx = x.new_empty((0, in_features))
-        elif dense.choose_strategy(n_tokens, x.dtype, "fused_input_grad") == "in_register":
-            dx = _input_grad_in_register(dy, layer, row_scale, seed)
-        else:
-            dx = _input_grad_streamed(dy, layer, row_scale, seed)
+        dx = dense.input_grad_by_strategy(
+            x, in_features, compute_dx,
+            lambda: _input_grad_in_register(dy, layer, row_scale, seed),
+            lambda: _input_grad_streamed(dy, layer, row_scale, seed),
+        )  # fmt: skip
         d_lora_A, d_lora_B = dense._lora_grads(dy, x, lora_A, lora_B, scaling)
         return dx, d_lora_A, d_lora_B
 
