@@ -7,8 +7,8 @@
   block down: measure memory and time in separate runs.
 
 Both report the peak *above* what was allocated when the block started (activations, gradients and
-temporaries; not the model already in memory). On CPU the C++ backend's per-thread chunk buffer,
-which outlives calls, is freed on entry, so the block's first pass allocates (and counts) it again.
+temporaries; not the model already in memory). On CPU the C++ backend's per-thread chunk buffers
+(the dense and the 4-bit op's), which outlive calls, are freed on entry, so the block's first pass allocates (and counts) it again.
 """
 
 from __future__ import annotations
@@ -38,11 +38,17 @@ def _quiet_native_stderr():
 
 
 def _release_cpp_chunk_workspace() -> None:
+    """Free the C++ backend's reused chunk buffers: the dense op's and the 4-bit op's."""
     try:
         from . import _C
     except ImportError:  # the C++ extension is not built: nothing held
         return
     _C.release_chunk_workspace()
+    try:
+        from .quantized import cpp_backend
+    except ImportError:  # the 4-bit backend is not importable: nothing held
+        return
+    cpp_backend.release_chunk_workspace()
 
 
 class PeakMemory:
