@@ -8,7 +8,8 @@
 
 Both report the peak *above* what was allocated when the block started (activations, gradients and
 temporaries; not the model already in memory). On CPU the C++ backend's per-thread chunk buffers
-(the dense and the 4-bit op's), which outlive calls, are freed on entry, so the block's first pass allocates (and counts) it again.
+(the dense and the 4-bit op's), which outlive calls, are freed on entry, so the block's first pass
+allocates (and counts) them again.
 """
 
 from __future__ import annotations

@@ -174,10 +174,11 @@ class StepNoise(nn.Module):
         ``weight`` is the base's float weight as ``[out, in]`` (a view for ``[in, out]`` storage), run
         by ``flat_lora_linear``; or, for a bitsandbytes 4-bit base (``layer_support.BNB_LINEAR4BIT``),
         the ``Linear4bit`` itself, run by ``quantized.flat_qlora_forward`` (its packed weight decoded
-        chunk by chunk, in its compute dtype; ``bias`` is not used: the base's own is). Either base is frozen:
-        that was checked on the registered Parameter when the layer was made (``layer_support``), so a
-        weight that requires grad here is a wrapper's view (FSDP1 hands the forward views of its flat
-        parameter) and is detached.
+        chunk by chunk, in its compute dtype; ``bias`` is not used: the base's own is). Either base
+        is frozen: that was checked on the registered Parameter when the layer was made
+        (``layer_support``), so a weight that requires grad here is a wrapper's view (FSDP1 hands the
+        forward views of its flat parameter) and is detached. Adapters in another dtype than the
+        op's follow PEFT's rule (``with_adapter_dtype``).
         """
         if isinstance(weight, nn.Module):
             from .quantized.modules import flat_qlora_forward  # imported on first use: no cycle
@@ -191,8 +192,8 @@ class StepNoise(nn.Module):
             if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
                 # What nn.Linear (and PEFT's forward) does, rather than training in a silent cast.
                 raise RuntimeError(
-                    f"{type(self).__name__}: input dtype {x.dtype} differs from the layer's weight dtype {weight.dtype} "
-                    "(cast the input or the model, or run under torch.autocast)"
+                    f"{type(self).__name__}: input dtype {x.dtype} differs from the layer's weight dtype "
+                    f"{weight.dtype} (cast the input or the model, or run under torch.autocast)"
                 )
             self._warn_if_undriven()
             weight = weight.detach() if weight.requires_grad else weight
