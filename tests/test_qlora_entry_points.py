@@ -130,6 +130,8 @@ def test_enable_flat_lora_trains_4bit_bases_in_place_through_the_4bit_op(peft_cl
     x = torch.randn(6, K)
     model.train()
     plain = model(x)
+    with model.disable_adapter():
+        base_alone = model(x)
     enable_flat_lora(model, sigma=0.2)
     assert type(layer) is not original_class and isinstance(layer, original_class)
     assert [name for name, _ in patched_layers(model)] == ["base_model.model.proj"]
@@ -148,8 +150,11 @@ def test_enable_flat_lora_trains_4bit_bases_in_place_through_the_4bit_op(peft_cl
     monkeypatch.setattr(bnb.nn.Linear4bit, "forward", lambda *a: pytest.fail("base_layer(x) was called in eval"))
     with torch.no_grad():
         evaluated = model(x)
+        with model.disable_adapter():  # e.g. a DPO reference pass: the base alone, by the op too
+            evaluated_base = model(x)
     monkeypatch.undo()
     torch.testing.assert_close(evaluated, plain, rtol=1e-5, atol=1e-5)  # adapter unchanged: no optimizer step
+    torch.testing.assert_close(evaluated_base, base_alone, rtol=1e-5, atol=1e-5)
 
     disable_flat_lora(model)
     assert type(layer) is original_class and not hasattr(layer, "noise_factor")

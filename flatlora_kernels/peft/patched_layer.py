@@ -27,9 +27,10 @@ class FlatLoraPeftForward(StepNoise):
 
     PEFT's own forward runs whenever Flat-LoRA does not apply: disabled adapters, merged layers,
     mixed-batch ``adapter_names``, extra arguments, active adapters other than the enabled one, and
-    evaluation over a float base. Evaluation over a bitsandbytes 4-bit base runs the op at sigma 0
-    (plain QLoRA) instead of ``base_layer(x)``, whose eval forward repacks the base in place on CPUs
-    with AVX512-BF16 (the Flat-QLoRA op does not read that layout).
+    evaluation over a float base. Evaluation over a bitsandbytes 4-bit base (the enabled adapter, or
+    adapters disabled) runs the op at sigma 0 (plain QLoRA; the base alone at scaling 0) instead of
+    ``base_layer(x)``, whose eval forward repacks the base in place on CPUs with AVX512-BF16 (a
+    layout the Flat-QLoRA op does not read).
     """
 
     flat_lora_adapter: str
@@ -38,30 +39,37 @@ class FlatLoraPeftForward(StepNoise):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         adapter = self.flat_lora_adapter
         base = self.get_base_layer()
-        if (
-            self.disable_adapters
-            or self.merged
-            or args
-            or kwargs.get("adapter_names") is not None
-            or list(self.active_adapters) != [adapter]
-            or not (self.training or is_bnb_4bit(base))
-        ):
+        quantized = is_bnb_4bit(base)
+        enabled_only = list(self.active_adapters) == [adapter]
+        if self.merged or args or kwargs.get("adapter_names") is not None:
             return super().forward(x, *args, **kwargs)
+        if quantized and not self.training:
+            if self.disable_adapters:
+                return self._qlora_eval(base, x, scaling=0.0)  # the base alone (e.g. a DPO reference pass)
+            if enabled_only:
+                return self._qlora_eval(base, x, scaling=self.scaling[adapter])
+        if not self.training or self.disable_adapters or not enabled_only:
+            return super().forward(x, *args, **kwargs)
+        self._check_base_unhooked(base)
+        weight = base if quantized else (base.weight.t() if self.fan_in_fan_out else base.weight)
+        lora_A, lora_B, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
+        return self.noisy_linear(x, weight, lora_A, lora_B, base.bias, scaling, self.lora_dropout[adapter])
+
+    def _qlora_eval(self, base, x: Tensor, scaling: float) -> Tensor:
+        """Evaluation over a 4-bit base: the op at sigma 0 (plain QLoRA; at scaling 0 the base alone),
+        never ``base_layer(x)``."""
+        self._check_base_unhooked(base)
+        adapter = self.flat_lora_adapter
+        return flat_qlora_forward(base, x, self.lora_A[adapter].weight, self.lora_B[adapter].weight, scaling=scaling,
+                                  sigma=0.0, seed=0, backend=self._op_backend())  # fmt: skip
+
+    def _check_base_unhooked(self, base) -> None:
         if base._forward_hooks or base._forward_pre_hooks or "forward" in vars(base):
             raise RuntimeError(
                 f"{type(self).__name__}: its base layer ({type(base).__name__}) got forward hooks or a replaced "
                 "forward after enable_flat_lora; the fused op never calls the base layer, so they would be skipped. "
                 "Remove them, or call disable_flat_lora first"
             )
-        lora_A, lora_B, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
-        if is_bnb_4bit(base):
-            if not self.training:
-                return flat_qlora_forward(base, x, lora_A, lora_B, scaling=scaling, sigma=0.0, seed=0,
-                                          backend=self._op_backend())  # fmt: skip
-            weight = base  # noisy_linear runs the 4-bit op on the base's packed weight
-        else:
-            weight = base.weight.t() if self.fan_in_fan_out else base.weight  # Conv1D: [in, out] -> view [out, in]
-        return self.noisy_linear(x, weight, lora_A, lora_B, base.bias, scaling, self.lora_dropout[adapter])
 
     def extra_repr(self) -> str:
         return f"flat_lora_adapter={self.flat_lora_adapter!r}, sigma={self.sigma}, fused={self.fused}"
