@@ -5,7 +5,8 @@
 * a list of names: a module matches when its qualified name equals an entry or ends with
   ``"." + entry`` (``["q_proj", "v_proj"]`` matches ``model.layers.0.self_attn.q_proj``);
 * a string: a regular expression that must match the whole qualified name;
-* ``"all-linear"``: every ``nn.Linear`` (and transformers ``Conv1D``, GPT-2's linear layer) except
+* ``"all-linear"``: every ``nn.Linear`` (and transformers ``Conv1D``, GPT-2's linear layer; quantized
+  ones included, a bitsandbytes 4-bit ``Linear4bit`` converted and others refused by name) except
   the output head: the module returned by ``get_output_embeddings()``, anything named ``lm_head``,
   and a top-level ``classifier`` / ``score`` head (with the Linear layers inside it). Linear layers
   owned by ``nn.MultiheadAttention`` are skipped too, because it reads their weights directly.
@@ -201,16 +202,17 @@ def apply_flat_lora(
     skip_unsupported: bool = False,
     **layer_kwargs,
 ) -> nn.Module:
-    """Swap the matching ``nn.Linear`` / ``Conv1D`` layers of ``model`` for ``FlatLoraLinear`` in place.
+    """Swap the matching ``nn.Linear`` / ``Conv1D`` layers of ``model`` for ``FlatLoraLinear`` in place
+    (bitsandbytes 4-bit ``Linear4bit`` layers for ``FlatLoraLinear4bit``, sharing the 4-bit base).
 
     Every parameter of the model is frozen except the new ``lora_A`` / ``lora_B`` and the modules in
     ``modules_to_save`` (by default a top-level ``classifier`` / ``score`` head, trained in full and
     saved with the adapter; see the module docstring). Base weights are shared, not copied.
     ``layer_kwargs`` go to ``FlatLoraLinear.from_linear`` (``lora_dropout``, ``use_rslora``,
     ``lora_dtype``). Returns ``model``. Raises when the model is already converted, and
-    ``UnsupportedLayerError`` naming every targeted layer Flat-LoRA cannot run (quantized, embedding,
-    ...: ``flatlora_kernels.layer_support``) unless ``skip_unsupported=True``, which leaves those
-    layers as they are (frozen) with a warning that names them.
+    ``UnsupportedLayerError`` naming every targeted layer Flat-LoRA cannot run (8-bit or other
+    quantized, embedding, ...: ``flatlora_kernels.layer_support``) unless ``skip_unsupported=True``,
+    which leaves those layers as they are (frozen) with a warning that names them.
 
     Then create a ``FlatLoraSchedule(model, total_steps)`` and call ``.step()`` after every optimizer
     step: without it the layers train as plain LoRA.

@@ -1,10 +1,11 @@
 """``from_peft``: turn a PEFT LoRA model into a Flat-LoRA one with the same weights.
 
 Each PEFT LoRA layer the shared check accepts (``flatlora_kernels.layer_support``: one plain LoRA
-adapter, unmerged, over an ``nn.Linear`` or ``Conv1D``) becomes a ``FlatLoraLinear`` that shares its
-base weight and bias and takes over its ``lora_A`` / ``lora_B`` Parameters, rank, scaling (PEFT's own
-value, so rsLoRA, ``alpha_pattern`` and ``set_scale`` carry over) and dropout. At noise factor 0 (the
-schedule's start) and in eval mode the outputs equal PEFT's. Other PEFT modules (e.g.
+adapter, unmerged, over an ``nn.Linear``, ``Conv1D`` or bitsandbytes 4-bit ``Linear4bit``) becomes a
+``FlatLoraLinear`` (``FlatLoraLinear4bit`` over a 4-bit base) that shares its base and takes over its
+``lora_A`` / ``lora_B`` Parameters, rank, scaling (PEFT's own value, so rsLoRA, ``alpha_pattern`` and
+``set_scale`` carry over) and dropout. At noise factor 0 (the schedule's start) and in eval mode the
+outputs equal PEFT's (to rounding over a 4-bit base, whose op computes in one pass). Other PEFT modules (e.g.
 ``modules_to_save`` wrappers) are left as they are.
 
 The result is the underlying model (``peft_model.get_base_model()``); the PEFT wrapper no longer
@@ -73,8 +74,8 @@ def from_peft(peft_model: nn.Module, *, sigma: float = 0.05, fused: bool = True,
     Accepts a ``PeftModel`` or any module containing PEFT LoRA layers. Raises when it finds no LoRA
     layer, one with several adapters, a merged or disabled adapter, and ``UnsupportedLayerError``
     naming every layer the shared check refuses (DoRA, LoRA bias, embedding or convolution LoRA,
-    quantized base, ...) unless ``skip_unsupported=True``, which converts the others and warns that
-    the named layers stay PEFT layers, training without noise.
+    a quantized base other than bitsandbytes 4-bit, ...) unless ``skip_unsupported=True``, which
+    converts the others and warns that the named layers stay PEFT layers, training without noise.
     """
     lora_layer = _peft_lora_layer_class()
     model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model

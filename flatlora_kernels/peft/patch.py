@@ -73,8 +73,8 @@ def enable_flat_lora(
     """Patch every LoRA layer of ``peft_model``'s active adapter (or ``adapter``) to train under Flat-LoRA.
 
     Returns ``peft_model`` itself. Raises ``UnsupportedLayerError`` naming every LoRA layer the
-    shared check refuses (DoRA and other variants, embedding/conv LoRA, LoRA bias, quantized base,
-    a base layer with hooks or its own forward, a trainable base weight) unless
+    shared check refuses (DoRA and other variants, embedding/conv LoRA, LoRA bias, a quantized base
+    other than bitsandbytes 4-bit, a base layer with hooks or its own forward, a trainable base weight) unless
     ``skip_unsupported=True``, which patches the others and warns that the named layers train
     without noise; raises ``ValueError`` when the model is already patched ("already converted").
     Drive it with ``FlatLoraSchedule(peft_model, total_steps)`` (or ``FlatLoraCallback``); undo with
