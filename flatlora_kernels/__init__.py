@@ -22,7 +22,7 @@ from .peft import (
     save_peft_adapter,
 )
 from .schedule import FlatLoraSchedule, cosine_factor, derive_seed
-from .sharpness import EFMLoRA, FMLoRA, RhoSchedule
+from .sharpness import BiLoRA, EFMLoRA, FMLoRA, RhoSchedule
 
 __all__ = [
     # the op, its noise and the layer
@@ -36,7 +36,7 @@ __all__ = [
     # the per-step noise schedule (and its Trainer callback, loaded on first use)
     "FlatLoraSchedule", "cosine_factor", "derive_seed", "FlatLoraCallback",
     # sharpness-aware LoRA
-    "FMLoRA", "EFMLoRA", "RhoSchedule",
+    "FMLoRA", "EFMLoRA", "BiLoRA", "RhoSchedule",
 ]
 __version__ = "0.1.0"
 
