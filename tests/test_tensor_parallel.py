@@ -250,6 +250,8 @@ def _layouts_and_errors_worker(rank, world_size):
         parallelize_module(nn.Sequential(nn.Linear(4, 4)), mesh, {"0": FlatLoraColwiseParallel()})
     with pytest.raises(UnsupportedLayerError, match="embedding"):  # the shared check names what it is
         parallelize_module(nn.Sequential(nn.Embedding(4, 4)), mesh, {"0": FlatLoraColwiseParallel()})
+    with pytest.raises(UnsupportedLayerError, match="_SubclassedLayer.*not sharded"):  # e.g. FlatLoraLinear4bit
+        parallelize_module(nn.Sequential(_SubclassedLayer(4, 4)), mesh, {"0": FlatLoraColwiseParallel()})
     with pytest.raises(ValueError, match="not divisible"):
         parallelize_module(nn.Sequential(FlatLoraLinear(7, 4)), mesh, {"0": FlatLoraRowwiseParallel()})
     with pytest.raises(RuntimeError, match="already tensor-parallel"):
@@ -263,6 +265,10 @@ def _layouts_and_errors_worker(rank, world_size):
     FlatLoraSchedule(model, total_steps=2, seed=4).step()
     with pytest.raises(RuntimeError, match="different seeds"):
         model(torch.randn(5, 12))
+
+
+class _SubclassedLayer(FlatLoraLinear):
+    """A FlatLoraLinear subclass (as the 4-bit layer is): its forward is its own, so it is not sharded."""
 
 
 def test_dtensor_styles_layouts_eval_and_errors_two_cpu_processes():

@@ -100,6 +100,11 @@ def _check_layer(layer, style: str) -> None:
             f"{style} tensor parallelism: a FlatLoraLinear over a Conv1D ([in, out] weight) is not sharded; "
             "tensor parallelism supports FlatLoraLinear over nn.Linear"
         )
+    if type(layer) not in (FlatLoraLinear, TensorParallelFlatLoraLinear):
+        raise UnsupportedLayerError(
+            f"{style} tensor parallelism: a {type(layer).__name__} (a FlatLoraLinear subclass, e.g. over a 4-bit "
+            "base) is not sharded; tensor parallelism supports FlatLoraLinear over nn.Linear"
+        )
     if layer.merged:
         raise RuntimeError("FlatLoraLinear is merged: call unmerge() before sharding it")
 
@@ -244,8 +249,6 @@ def _parallelize(style, module: nn.Module, mesh: DeviceMesh, kind: str) -> nn.Mo
     _check_layer(module, kind)
     if isinstance(module, TensorParallelFlatLoraLinear):
         raise RuntimeError("this FlatLoraLinear is already tensor-parallel")
-    if type(module) is not FlatLoraLinear:
-        raise TypeError(f"tensor parallelism supports FlatLoraLinear itself, not the subclass {type(module).__name__}")
     if mesh.ndim != 1:
         raise ValueError(f"expected a 1-D tensor-parallel mesh, got {mesh.ndim} dimensions (pass mesh['tp'])")
     rows, cols = _shard_ranges(module, kind, mesh.get_local_rank(), mesh.size())  # checks divisibility
