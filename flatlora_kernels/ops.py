@@ -36,39 +36,6 @@ def _backward_fake(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, comp
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
-@torch.library.custom_op("flatlora::forward_cpu", mutates_args=(), device_types="cpu")
-def forward_cpu(
-    x: Tensor,
-    weight: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    bias: Optional[Tensor],
-    scaling: float,
-    sigma: Tensor,
-    seed: Tensor,
-) -> tuple[Tensor, Tensor]:
-    return get_backend("cpp").forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed)
-
-
-@torch.library.custom_op("flatlora::backward_cpu", mutates_args=(), device_types="cpu")
-def backward_cpu(
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    row_scale: Tensor,
-    scaling: float,
-    seed: Tensor,
-    compute_dx: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return get_backend("cpp").backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx)
-
-
-forward_cpu.register_fake(_forward_fake)
-backward_cpu.register_fake(_backward_fake)
-
-
 @torch.library.triton_op("flatlora::forward", mutates_args=())
 def forward(
     x: Tensor,
@@ -102,6 +69,29 @@ def backward(
     if backend == "cpp":
         return torch.ops.flatlora.backward_cpu(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx)
     return get_backend(backend).backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx)
+
+
+def register_cpu_op(name: str, triton_op, kernel, fake):
+    """The opaque CPU ``custom_op`` behind ``triton_op`` (a CPU kernel registered on a triton_op is
+    ignored under torch.compile): ``triton_op``'s own schema less its trailing ``str backend``, run by
+    ``kernel`` (the C++ backend's function), with ``fake`` for tracing."""
+    schema = str(triton_op._opoverload._schema)
+    arguments = schema[schema.index("(") :].replace(", str backend)", ")", 1)
+    op = torch.library.custom_op(name, kernel, mutates_args=(), device_types="cpu", schema=arguments)
+    op.register_fake(fake)
+    return op
+
+
+def _cpp_forward(*args):
+    return get_backend("cpp").forward(*args)
+
+
+def _cpp_backward(*args):
+    return get_backend("cpp").backward(*args)
+
+
+forward_cpu = register_cpu_op("flatlora::forward_cpu", forward, _cpp_forward, _forward_fake)
+backward_cpu = register_cpu_op("flatlora::backward_cpu", backward, _cpp_backward, _backward_fake)
 
 
 def save_common_context(ctx, row_scale, bias, scaling, backend) -> None:

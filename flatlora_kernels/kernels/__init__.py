@@ -3,6 +3,9 @@
 * ``noise_tile``: the z tile, the one Triton implementation of the noise stream (row-quarter layout).
 * ``dot_precision``: dot products whose operand precision is a compile-time choice.
 * ``weight_tile``: fp32 tiles of ``W + s*B@A`` and ``W + s*B@A + eps``, never forming ``B@A`` whole.
+* ``quantized_tile``: the same tiles decoded from bitsandbytes 4-bit codes.
+* ``weight_source``: the base weight (dense or 4-bit) as a compile-time choice, so each kernel body
+  below is written once; the ``quantized_*`` kernels are its 4-bit entry points.
 * ``row_scale``: the per-row noise scales ``sigma * ||W + s*B@A||_row / sqrt(K)``.
 * ``perturbed_weight``: regenerate a bounded chunk of ``W'`` for cuBLAS (the streamed path, large M).
 * ``fused_matmul``: GEMMs that build ``W'`` tiles in registers (the in-register path, small M).

@@ -20,7 +20,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops import bias_grad, eager_cpp_applies, lora_input_grads, no_double_backward, register_meta, save_common_context
+from ..ops import (
+    bias_grad,
+    eager_cpp_applies,
+    lora_input_grads,
+    no_double_backward,
+    register_cpu_op,
+    register_meta,
+    save_common_context,
+)
 
 __all__ = ["get_backend", "EagerCpp4bit", "eager_cpp_applies"]
 
@@ -54,36 +62,6 @@ def _backward_fake(dy, x, codes, absmax, code_table, nested_absmax, nested_code,
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
-@torch.library.custom_op("flatlora_q4::forward_cpu", mutates_args=(), device_types="cpu")
-def forward_cpu(
-    x: Tensor, codes: Tensor, absmax: Tensor, code_table: Tensor, nested_absmax: Optional[Tensor],
-    nested_code: Optional[Tensor], blocksize: int, nested_blocksize: int, nested_offset: float,
-    weight_dtype: torch.dtype, out_features: int, in_features: int, lora_A: Tensor, lora_B: Tensor,
-    bias: Optional[Tensor], scaling: float, sigma: Tensor, seed: Tensor,
-) -> tuple[Tensor, Tensor]:
-    return get_backend("cpp").forward(
-        x, codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize, nested_offset,
-        weight_dtype, out_features, in_features, lora_A, lora_B, bias, scaling, sigma, seed,
-    )
-
-
-@torch.library.custom_op("flatlora_q4::backward_cpu", mutates_args=(), device_types="cpu")
-def backward_cpu(
-    dy: Tensor, x: Tensor, codes: Tensor, absmax: Tensor, code_table: Tensor, nested_absmax: Optional[Tensor],
-    nested_code: Optional[Tensor], blocksize: int, nested_blocksize: int, nested_offset: float,
-    weight_dtype: torch.dtype, out_features: int, in_features: int, lora_A: Tensor, lora_B: Tensor,
-    row_scale: Tensor, scaling: float, seed: Tensor, compute_dx: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return get_backend("cpp").backward(
-        dy, x, codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize, nested_offset,
-        weight_dtype, out_features, in_features, lora_A, lora_B, row_scale, scaling, seed, compute_dx,
-    )
-
-
-forward_cpu.register_fake(_forward_fake)
-backward_cpu.register_fake(_backward_fake)
-
-
 @torch.library.triton_op("flatlora_q4::forward", mutates_args=())
 def forward(
     x: Tensor, codes: Tensor, absmax: Tensor, code_table: Tensor, nested_absmax: Optional[Tensor],
@@ -110,6 +88,18 @@ def backward(
     if backend == "cpp":
         return torch.ops.flatlora_q4.backward_cpu(*args)
     return get_backend(backend).backward(*args)
+
+
+def _cpp_forward(*args):
+    return get_backend("cpp").forward(*args)
+
+
+def _cpp_backward(*args):
+    return get_backend("cpp").backward(*args)
+
+
+forward_cpu = register_cpu_op("flatlora_q4::forward_cpu", forward, _cpp_forward, _forward_fake)
+backward_cpu = register_cpu_op("flatlora_q4::backward_cpu", backward, _cpp_backward, _backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
