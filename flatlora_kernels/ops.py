@@ -71,27 +71,23 @@ def backward(
     return get_backend(backend).backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx)
 
 
-def register_cpu_op(name: str, triton_op, kernel, fake):
+def register_cpu_op(name: str, triton_op, backends, method: str, fake):
     """The opaque CPU ``custom_op`` behind ``triton_op`` (a CPU kernel registered on a triton_op is
     ignored under torch.compile): ``triton_op``'s own schema less its trailing ``str backend``, run by
-    ``kernel`` (the C++ backend's function), with ``fake`` for tracing."""
+    ``backends("cpp").<method>`` (the C++ backend, loaded on first call), with ``fake`` for tracing."""
     schema = str(triton_op._opoverload._schema)
     arguments = schema[schema.index("(") :].replace(", str backend)", ")", 1)
+
+    def kernel(*args):
+        return getattr(backends("cpp"), method)(*args)
+
     op = torch.library.custom_op(name, kernel, mutates_args=(), device_types="cpu", schema=arguments)
     op.register_fake(fake)
     return op
 
 
-def _cpp_forward(*args):
-    return get_backend("cpp").forward(*args)
-
-
-def _cpp_backward(*args):
-    return get_backend("cpp").backward(*args)
-
-
-forward_cpu = register_cpu_op("flatlora::forward_cpu", forward, _cpp_forward, _forward_fake)
-backward_cpu = register_cpu_op("flatlora::backward_cpu", backward, _cpp_backward, _backward_fake)
+forward_cpu = register_cpu_op("flatlora::forward_cpu", forward, get_backend, "forward", _forward_fake)
+backward_cpu = register_cpu_op("flatlora::backward_cpu", backward, get_backend, "backward", _backward_fake)
 
 
 def save_common_context(ctx, row_scale, bias, scaling, backend) -> None:

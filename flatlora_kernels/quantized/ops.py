@@ -90,16 +90,8 @@ def backward(
     return get_backend(backend).backward(*args)
 
 
-def _cpp_forward(*args):
-    return get_backend("cpp").forward(*args)
-
-
-def _cpp_backward(*args):
-    return get_backend("cpp").backward(*args)
-
-
-forward_cpu = register_cpu_op("flatlora_q4::forward_cpu", forward, _cpp_forward, _forward_fake)
-backward_cpu = register_cpu_op("flatlora_q4::backward_cpu", backward, _cpp_backward, _backward_fake)
+forward_cpu = register_cpu_op("flatlora_q4::forward_cpu", forward, get_backend, "forward", _forward_fake)
+backward_cpu = register_cpu_op("flatlora_q4::backward_cpu", backward, get_backend, "backward", _backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
