@@ -17,16 +17,8 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
-from flatlora_kernels import (  # noqa: E402
-    FlatLoraLinear,
-    FlatLoraSchedule,
-    UnsupportedLayerError,
-    apply_flat_lora,
-    disable_flat_lora,
-    enable_flat_lora,
-    flat_lora_layers,
-    from_peft,
-)
+from flatlora_kernels import FlatLoraLinear, FlatLoraSchedule, UnsupportedLayerError, apply_flat_lora  # noqa: E402
+from flatlora_kernels import disable_flat_lora, enable_flat_lora, flat_lora_layers, from_peft  # noqa: E402
 from flatlora_kernels.peft import patched_layers  # noqa: E402
 from flatlora_kernels.quantized import FlatLoraLinear4bit, Packed4bit, flat_qlora_linear  # noqa: E402
 

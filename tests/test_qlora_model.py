@@ -67,6 +67,20 @@ def digest(bases) -> str:
     return h.hexdigest()
 
 
+def train_language_model(model, tokens, schedule, steps: int) -> torch.Tensor:
+    """``steps`` AdamW steps of causal-LM loss on ``tokens``, the schedule stepped after each; the losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
 def test_loaded_4bit_model_trains_under_flat_qlora(model_dir, tmp_path):
     tokens = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
     reference = load_qlora_model(model_dir).train()
@@ -86,14 +100,7 @@ def test_loaded_4bit_model_trains_under_flat_qlora(model_dir, tmp_path):
     schedule = FlatLoraSchedule(model, total_steps=3)
     layers = [m for m in model.modules() if isinstance(m, FlatLoraLinear4bit)]
     assert len(schedule.layers) == len(layers) == 4
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        schedule.step()
-    assert torch.isfinite(loss)
+    assert torch.isfinite(train_language_model(model, tokens, schedule, steps=3)).all()
     noisy = model(input_ids=tokens).logits  # factor 1 now: differs from the noise-free eval output
     model.eval()
     with torch.no_grad():
