@@ -153,18 +153,14 @@ class BiLoRA(LoraSharpnessOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None):
         """One Bi-LoRA step from the gradients already in ``.grad`` (or those ``closure`` computes)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        step = self.steps_done + 1
+        return self._one_pass_step(closure, self._update)
+
+    def _update(self, step: int) -> None:
         self.base_optimizer.step()
         for group in self.ascent_optimizer.param_groups:
             group["lr"] = self._ascent_lr()
         self.ascent_optimizer.step()
         self._clip(self.rho_at(step))
-        self.steps_done = step
-        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)

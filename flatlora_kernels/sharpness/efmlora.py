@@ -109,18 +109,14 @@ class EFMLoRA(LoraSharpnessOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None):
         """One EFMLoRA step using the gradients already in ``.grad`` (or those ``closure`` computes)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        step = self.steps_done + 1
+        return self._one_pass_step(closure, self._update)
+
+    def _update(self, step: int) -> None:
         perturbations = self.compute_perturbations(self.rho_at(step))  # at the B the gradients saw
         self._offset.restore()
         self._update_ema(perturbations)
         self.base_optimizer.step()
         self._offset.apply(self.lora_B_params, self.perturbation_ema)
-        self.steps_done = step
-        return loss
 
     # --- checkpoints ----------------------------------------------------------------------------
 

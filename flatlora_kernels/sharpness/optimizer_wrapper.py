@@ -86,6 +86,20 @@ class LoraSharpnessOptimizer(torch.optim.Optimizer):
         """``E_B`` of every layer from the gradients now in ``.grad`` (see ``perturbation.py``)."""
         return compute_b_perturbations(self.layers, rho, normalization=self.normalization, pinv_rtol=self.pinv_rtol)
 
+    # --- the step -------------------------------------------------------------------------------
+
+    def _one_pass_step(self, closure: Callable[[], Tensor] | None, update: Callable[[int], None]) -> Tensor | None:
+        """A step with one forward/backward: ``closure`` (if given) fills ``.grad``, then ``update``
+        acts on those gradients as step ``steps_done + 1`` (1-based, the radius schedule's count)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        step = self.steps_done + 1
+        update(step)
+        self.steps_done = step  # only once the update went through
+        return loss
+
     # --- Optimizer plumbing -------------------------------------------------------------------
 
     def zero_grad(self, set_to_none: bool = True) -> None:
