@@ -5,12 +5,9 @@ against LoRA (with its own tuned dropout), plus the interleaved cost table."""
 
 from __future__ import annotations
 
-import json
 import os
-import statistics
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 
@@ -18,9 +15,11 @@ from .cost import load_average, measure_cost, print_cost
 from .data import make_digits_task
 from .digits_mlp import accuracy, pretrain
 from .finetune import KNOBS, FinetuneConfig
-from .report import machine, print_choices, print_table, summarise
+from .job import announce_machine, fine_tune, median_step_ms, output_folder, print_noise_table, save_results, search, summarise_with_noise
+from .job import knobs_for as _knobs_for
+from .report import print_table
 from .runner import Workers
-from .selection import CAPS, LABELS, Knob, validation_search
+from .selection import Knob
 
 MEASURES = {  # name -> (metric, scale, digits)
     "accuracy %": (lambda r: r.accuracy, 100.0, 1),
@@ -30,20 +29,13 @@ MEASURES = {  # name -> (metric, scale, digits)
 
 
 def knobs_for(args) -> list[Knob]:
-    grids = {"lora": args.dropout_grid, "flat-lora": args.sigma_grid, "efmlora": args.efm_rho_grid, "bilora": args.bilora_rho_grid}
-    return [Knob(m, KNOBS[m], tuple(grids[m]), *CAPS[m]) for m in args.methods]
-
-
-def search(args, config, knobs, run):
-    return validation_search(knobs, config, select_seeds=args.select_seeds, max_rounds=args.max_extensions, run=run)
+    return _knobs_for(args, KNOBS)
 
 
 def run_digits(args) -> int:
     wall = time.perf_counter()
-    host = machine()  # the load average at the start; the end is added below
-    print(f"machine: {host['cpu']}, {host['cores']} logical CPUs, torch {host['torch']}, load average {host.get('load average at start')} at the start", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    host = announce_machine()  # the load average at the end is added below
+    out = output_folder(args)
     torch.set_num_threads(args.threads)  # pretraining too, so the same thread count gives the same numbers
     task = make_digits_task(target_train_size=args.train_images)
     print(
@@ -58,22 +50,12 @@ def run_digits(args) -> int:
     with Workers(task_name="digits", payload=payload, workers=args.workers, threads=args.threads, progress=not args.no_progress) as workers:
         config = FinetuneConfig(steps=args.steps, rank=args.rank, lr=args.lr, noise_draws=args.noise_draws)
 
-        knobs = knobs_for(args)
-        print(f"validation search: {len(knobs[0].grid)} candidates x {args.select_seeds} seeds per method; an edge choice extends its grid (x2 per round, at most {args.max_extensions} rounds, caps: "
-              + ", ".join(f"{k.method} {k.name} [{k.low_cap:g}, {k.high_cap:g}]" for k in knobs) + ")", flush=True)
-        choices, reference = search(args, config, knobs, workers.run)
-        print_choices(choices, reference["val"])
+        choices, reference = search(args, config, knobs_for(args), workers.run)
         print("plain LoRA validation NLL by step (overfitting shows as a rise): " + ", ".join(f"{k}: {v:.3f}" for k, v in reference["curve"].items()))
         config = replace(config, **{KNOBS[m]: c.value for m, c in choices.items()})
-
-        jobs = [(m, s, config, False) for s in range(args.seeds) for m in args.methods]
-        results = workers.run(jobs, "fine-tuning")
-    measures = dict(MEASURES)
+        results = fine_tune(args, config, workers.run)
+    rows, raw = summarise_with_noise(results, args.methods, MEASURES, choices)
     sigmas = sorted(results[0].loss_under_noise, key=float)
-    for s in sigmas:
-        measures[f"loss under noise {s}"] = ((lambda key: lambda r: r.loss_under_noise[key])(s), 1.0, 4)
-    labels = {m: f"{LABELS[m]} {c.value:g}" for m, c in choices.items()}
-    rows, raw = summarise(results, args.methods, measures, labels=labels)
     key = f"loss under noise {config.sigma}" if str(config.sigma) in sigmas else f"loss under noise {sigmas[-1]}"
     print(
         f"\n{config.steps} steps (cosine LR, peak {config.lr}) x {args.seeds} seeds, {args.train_images} training images, r={config.rank}; "
@@ -82,10 +64,8 @@ def run_digits(args) -> int:
         f"{config.noise_draws} shared draws."
     )
     print_table(rows, columns=["method", "knob (chosen on validation)", *MEASURES, key])
-    noise_columns = [c for c in rows[0] if c.startswith("loss under noise")]
-    print("\nloss under noise (nats) at each sigma' (negative at small sigma' for an overfit model: small noise can lower its test NLL):")
-    print_table([{"method": r["method"], **{c.removeprefix("loss under noise "): r[c] for c in noise_columns}} for r in rows])
-    timing = {m: statistics.median(r.step_ms for r in results if r.method == m) for m in args.methods}
+    print_noise_table(rows, "\nloss under noise (nats) at each sigma' (negative at small sigma' for an overfit model: small noise can lower its test NLL):")
+    timing = median_step_ms(results, args.methods)
     print("digits MLP step ms (median, per worker, too small to show the kernels' cost): " + ", ".join(f"{m} {t:.2f}" for m, t in timing.items()))
 
     cost = None
@@ -98,23 +78,17 @@ def run_digits(args) -> int:
 
     paths = save_plots(results, args.methods, out)
     seconds = time.perf_counter() - wall
-    (out / "results.json").write_text(
-        json.dumps(
-            {
-                "task": "digits",
-                "machine": {**host, "load average at end": load_average()},
-                "settings": {**vars(args), "config": asdict(config)},
-                "selection": {m: c.as_json() for m, c in choices.items()},
-                "plain lora validation NLL": reference["val"],
-                "plain lora validation NLL by step": reference["curve"],
-                "summary": raw,
-                "cost": cost,
-                "wall seconds": seconds,
-                "runs": [asdict(r) for r in results],
-            },
-            indent=1,
-        )
-    )
-    print(f"\nload average at the end: {load_average()}")
-    print(f"saved {out / 'results.json'} and {', '.join(str(p) for p in paths)} ({seconds:.0f} s)")
+    saved = {
+        "task": "digits",
+        "machine": {**host, "load average at end": load_average()},
+        "settings": {**vars(args), "config": asdict(config)},
+        "selection": {m: c.as_json() for m, c in choices.items()},
+        "plain lora validation NLL": reference["val"],
+        "plain lora validation NLL by step": reference["curve"],
+        "summary": raw,
+        "cost": cost,
+        "wall seconds": seconds,
+        "runs": [asdict(r) for r in results],
+    }
+    save_results(out, saved, paths, seconds)
     return 0

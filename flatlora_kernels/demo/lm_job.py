@@ -5,21 +5,18 @@ test NLL, perplexity and loss under weight noise with paired intervals vs LoRA (
 
 from __future__ import annotations
 
-import json
 import math
-import statistics
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 
 from .lm_finetune import LM_KNOBS, LmConfig
 from .lm_task import TINY, LmSettings, make_lm_task, mean_nll, pretrain_lm
 from .cost import load_average
-from .report import machine, print_choices, print_table, summarise
+from .job import announce_machine, fine_tune, knobs_for, median_step_ms, output_folder, print_noise_table, save_results, search, summarise_with_noise
+from .report import print_table
 from .runner import Workers
-from .selection import CAPS, LABELS, Knob, validation_search
 
 MEASURES = {  # name -> (metric, scale, digits)
     "test NLL (nats/byte)": (lambda r: r.test_nll, 1.0, 4),
@@ -29,10 +26,8 @@ MEASURES = {  # name -> (metric, scale, digits)
 
 def run_lm(args) -> int:
     wall = time.perf_counter()
-    host = machine()  # the load average at the start; the end is added below
-    print(f"machine: {host['cpu']}, {host['cores']} logical CPUs, torch {host['torch']}, load average {host.get('load average at start')} at the start", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    host = announce_machine()  # the load average at the end is added below
+    out = output_folder(args)
     torch.set_num_threads(args.threads)
     settings = TINY if args.lm_tiny else LmSettings()
     if args.train_bytes is not None:
@@ -55,32 +50,18 @@ def run_lm(args) -> int:
     with Workers(task_name="lm", payload=payload, workers=args.workers, threads=args.threads, progress=not args.no_progress) as workers:
         config = LmConfig(steps=args.steps, rank=args.rank, lr=args.lr, noise_draws=args.noise_draws)
 
-        grids = {"lora": args.dropout_grid, "flat-lora": args.sigma_grid, "efmlora": args.efm_rho_grid, "bilora": args.bilora_rho_grid}
-        knobs = [Knob(m, LM_KNOBS[m], tuple(grids[m]), *CAPS[m]) for m in args.methods]
-        print(f"validation search: {len(knobs[0].grid)} candidates x {args.select_seeds} seeds per method; an edge choice extends its grid (x2 per round, at most {args.max_extensions} rounds, caps: "
-              + ", ".join(f"{k.method} {k.name} [{k.low_cap:g}, {k.high_cap:g}]" for k in knobs) + ")", flush=True)
-        choices, reference = validation_search(knobs, config, select_seeds=args.select_seeds, max_rounds=args.max_extensions, run=workers.run)
-        print_choices(choices, reference["val"])
+        choices, reference = search(args, config, knobs_for(args, LM_KNOBS), workers.run)
         config = replace(config, **{LM_KNOBS[m]: c.value for m, c in choices.items()})
-
-        jobs = [(m, s, config, False) for s in range(args.seeds) for m in args.methods]
-        results = workers.run(jobs, "fine-tuning")
-    measures = dict(MEASURES)
-    sigmas = sorted(results[0].loss_under_noise, key=float)
-    for s in sigmas:
-        measures[f"loss under noise {s}"] = ((lambda key: lambda r: r.loss_under_noise[key])(s), 1.0, 4)
-    labels = {m: f"{LABELS[m]} {c.value:g}" for m, c in choices.items()}
-    rows, raw = summarise(results, args.methods, measures, labels=labels)
+        results = fine_tune(args, config, workers.run)
+    rows, raw = summarise_with_noise(results, args.methods, MEASURES, choices)
     print(
         f"\n{config.steps} Trainer steps (batch {config.batch_size}, cosine LR, peak {config.lr}) x {args.seeds} seeds, r={config.rank}, PEFT LoRA on "
         f"c_attn/c_proj/c_fc; each method with its own knob as chosen above. Each cell: mean (paired difference vs LoRA with its tuned "
         f"dropout [95% t-interval] p=paired t-test)."
     )
     print_table(rows, columns=["method", "knob (chosen on validation)", *MEASURES])
-    noise_columns = [c for c in rows[0] if c.startswith("loss under noise")]
-    print(f"\nloss under noise (test NLL increase, nats/byte, filter-wise noise at sigma' on every LoRA layer's merged weight, {config.noise_draws} shared draws):")
-    print_table([{"method": r["method"], **{c.removeprefix("loss under noise "): r[c] for c in noise_columns}} for r in rows])
-    timing = {m: statistics.median(r.step_ms for r in results if r.method == m) for m in args.methods}
+    print_noise_table(rows, f"\nloss under noise (test NLL increase, nats/byte, filter-wise noise at sigma' on every LoRA layer's merged weight, {config.noise_draws} shared draws):")
+    timing = median_step_ms(results, args.methods)
     print("Trainer step ms (median of train_runtime / steps, per worker; a tiny model: Python overhead dominates): " + ", ".join(f"{m} {t:.1f}" for m, t in timing.items()))
     checks = {m: [r.method_check for r in results if r.method == m][0] for m in args.methods if m != "lora"}
     print("the methods acted (seed 0): " + "; ".join(f"{m} {c}" for m, c in checks.items()))
@@ -89,21 +70,15 @@ def run_lm(args) -> int:
 
     paths = save_lm_plots(results, args.methods, out)
     seconds = time.perf_counter() - wall
-    (out / "results.json").write_text(
-        json.dumps(
-            {
-                "task": "lm",
-                "machine": {**host, "load average at end": load_average()},
-                "settings": {**vars(args), "config": asdict(config), "lm": asdict(settings)},
-                "selection": {m: c.as_json() for m, c in choices.items()},
-                "plain lora validation NLL": reference["val"],
-                "summary": raw,
-                "wall seconds": seconds,
-                "runs": [{**asdict(r), "test_ppl": r.test_ppl if math.isfinite(r.test_nll) else None} for r in results],
-            },
-            indent=1,
-        )
-    )
-    print(f"\nload average at the end: {load_average()}")
-    print(f"saved {out / 'results.json'} and {', '.join(str(p) for p in paths)} ({seconds:.0f} s)")
+    saved = {
+        "task": "lm",
+        "machine": {**host, "load average at end": load_average()},
+        "settings": {**vars(args), "config": asdict(config), "lm": asdict(settings)},
+        "selection": {m: c.as_json() for m, c in choices.items()},
+        "plain lora validation NLL": reference["val"],
+        "summary": raw,
+        "wall seconds": seconds,
+        "runs": [{**asdict(r), "test_ppl": r.test_ppl if math.isfinite(r.test_nll) else None} for r in results],
+    }
+    save_results(out, saved, paths, seconds)
     return 0
