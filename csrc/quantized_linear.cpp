@@ -1,14 +1,11 @@
 // Forward and backward of the Flat-QLoRA linear: 4-bit rows decoded into chunks of the perturbed
-// weight that go straight into BLAS, as flatlora_cpu.cpp does for a dense W (same chunking, same
-// dtypes, same summation of bf16 dx over chunks), so results equal the dense path on deq(W).
+// weight (QuantizedPerturbedWeight) that chunk_passes.h's loops feed to BLAS, as for a dense W, so
+// results equal the dense path on deq(W).
 #include "quantized_linear.h"
 
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
-#include "cpu_kernels.h"
-#include "perturbed_chunk.h"
+#include "chunk_passes.h"
 
 namespace flatlora {
 namespace {
@@ -40,70 +37,11 @@ void check_scalar(const at::Tensor& t, const char* name, at::ScalarType dtype) {
               " must be a one-element CPU ", dtype, " tensor");
 }
 
-// bf16 GEMMs for bf16 compute, fp32 otherwise (fp16 widened: CPU fp16 GEMMs are slow), as the dense path.
-at::ScalarType gemm_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
-}
-
-thread_local at::Tensor workspace_bytes_buffer;
-
-// The chunk buffer of one pass: this thread's reused workspace up to workspace_bytes (see
-// flatlora_cpu.cpp's chunk_workspace for why), a fresh allocation above.
-at::Tensor chunk_buffer(int64_t rows, int64_t k, at::ScalarType dtype, int64_t workspace_bytes,
-                        const at::TensorOptions& options) {
-  const int64_t bytes = rows * k * static_cast<int64_t>(c10::elementSize(dtype));
-  if (bytes > workspace_bytes) return at::empty({rows, k}, options.dtype(dtype));
-  at::Tensor& workspace = workspace_bytes_buffer;
-  if (!workspace.defined() || workspace.numel() < bytes) {
-    workspace = at::Tensor();
-    workspace = at::empty({bytes}, options.dtype(at::kByte));
-  }
-  return at::from_blob(workspace.data_ptr(), {rows, k}, options.dtype(dtype));
-}
-
 uint64_t seed_value(const at::Tensor& seed) { return static_cast<uint64_t>(seed.item<int64_t>()); }
-
-// bf16 dx over several chunks: bf16 GEMM per chunk, products summed in fp32, rounded once (as the
-// dense backend's bfloat16_dx_over_chunks).
-at::Tensor bfloat16_dx_over_chunks(const QuantizedPerturbedWeight& perturbed, const at::Tensor& dy,
-                                   const at::Tensor& dy_b, const at::Tensor& lora_A, const at::Tensor& saved_scale,
-                                   at::Tensor& buffer, bool fold_lora, int64_t parallel_grain) {
-  const int64_t m = dy.size(0), n = dy.size(1), k = buffer.size(1), chunk_rows = buffer.size(0);
-  at::Tensor product = at::empty({m, k}, dy.options());
-  at::Tensor dx_sum = at::empty({m, k}, dy.options().dtype(at::kFloat));
-  float* sum = dx_sum.data_ptr<float>();
-  uint16_t* product_bits = reinterpret_cast<uint16_t*>(product.data_ptr<c10::BFloat16>());
-  const CpuKernels& kernels = cpu_kernels();
-  auto over_elements = [&](auto body) {
-    at::parallel_for(0, m * k, parallel_grain, [&](int64_t begin, int64_t end) { body(begin, end - begin); });
-  };
-  bool first = true;
-  auto accumulate = [&] {
-    if (first) {
-      over_elements([&](int64_t at, int64_t count) { kernels.widen_bfloat16(product_bits + at, count, sum + at); });
-    } else {
-      over_elements([&](int64_t at, int64_t count) { kernels.add_bfloat16(product_bits + at, count, sum + at); });
-    }
-    first = false;
-  };
-  if (!fold_lora) {
-    at::mm_out(product, dy_b, lora_A);
-    accumulate();
-  }
-  for (int64_t row0 = 0; row0 < n; row0 += chunk_rows) {
-    const int64_t rows = std::min(chunk_rows, n - row0);
-    at::Tensor chunk = buffer.narrow(0, 0, rows);
-    perturbed.build_with_saved_scale(row0, chunk, saved_scale.data_ptr<float>() + row0, fold_lora);
-    at::mm_out(product, dy.narrow(1, row0, rows), chunk);
-    accumulate();
-  }
-  over_elements([&](int64_t at, int64_t count) { kernels.round_to_bfloat16(sum + at, count, product_bits + at); });
-  return product;
-}
 
 }  // namespace
 
-void release_4bit_chunk_workspace() { workspace_bytes_buffer = at::Tensor(); }
+void release_4bit_chunk_workspace() { release_chunk_workspace(); }  // one workspace serves both bases
 
 std::tuple<at::Tensor, at::Tensor> forward_4bit_cpu(const at::Tensor& x, const Packed4bit& weight,
                                                     const at::Tensor& lora_A, const at::Tensor& lora_B,
@@ -127,15 +65,7 @@ std::tuple<at::Tensor, at::Tensor> forward_4bit_cpu(const at::Tensor& x, const P
   const QuantizedPerturbedWeight perturbed(weight, lora_A, lora_B, scaling, seed_value(seed), x.scalar_type(),
                                            parallel_grain);
   const float sigma_value = sigma.item<float>();
-  const int64_t chunk_rows = rows_per_chunk(n, k, c10::elementSize(compute), chunk_bytes);
-  at::Tensor buffer = chunk_buffer(chunk_rows, k, compute, workspace_bytes, x.options());
-  for (int64_t row0 = 0; row0 < n; row0 += chunk_rows) {
-    const int64_t rows = std::min(chunk_rows, n - row0);
-    at::Tensor chunk = buffer.narrow(0, 0, rows);
-    perturbed.build_with_new_scale(row0, chunk, sigma_value, row_scale.data_ptr<float>() + row0);
-    at::Tensor y_block = y.narrow(1, row0, rows);
-    at::mm_out(y_block, x_gemm, chunk.t());
-  }
+  forward_over_chunks(perturbed, x_gemm, y, sigma_value, row_scale.data_ptr<float>(), chunk_bytes, workspace_bytes);
   if (bias.has_value()) y.add_(bias->to(compute));
   return {y.to(x.scalar_type()), row_scale};
 }
@@ -146,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_4bit_cpu(
     bool fold_lora, int64_t chunk_bytes, int64_t parallel_grain, int64_t workspace_bytes) {
   check_layer(x, weight, lora_A, lora_B);
   check_operand(dy, "dy", 2);
-  const int64_t m = x.size(0), n = weight.out_features, k = weight.in_features;
+  const int64_t m = x.size(0), n = weight.out_features;
   TORCH_CHECK(dy.size(0) == m && dy.size(1) == n, kLayer, ": dy must be [", m, ", ", n, "], got ", dy.sizes());
   TORCH_CHECK(row_scale.device().is_cpu() && row_scale.scalar_type() == at::kFloat && row_scale.dim() == 1 &&
                   row_scale.size(0) == n,
@@ -161,31 +91,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_4bit_cpu(
 
   at::Tensor dx = at::empty({0}, x.options());
   if (compute_dx) {
-    const at::Tensor saved_scale = row_scale.contiguous();
     const QuantizedPerturbedWeight perturbed(weight, lora_A, lora_B, scaling, seed_value(seed), x.scalar_type(),
                                              parallel_grain);
-    const int64_t chunk_rows = rows_per_chunk(n, k, c10::elementSize(compute), chunk_bytes);
-    at::Tensor buffer = chunk_buffer(chunk_rows, k, compute, workspace_bytes, x.options());
-    if (compute == at::kBFloat16 && chunk_rows < n) {
-      dx = bfloat16_dx_over_chunks(perturbed, dy_gemm, dy_b, lora_A_gemm, saved_scale, buffer, fold_lora,
-                                   parallel_grain);
-    } else {
-      at::Tensor dx_sum = at::empty({m, k}, x.options().dtype(compute));
-      for (int64_t row0 = 0; row0 < n; row0 += chunk_rows) {
-        const int64_t rows = std::min(chunk_rows, n - row0);
-        at::Tensor chunk = buffer.narrow(0, 0, rows);
-        perturbed.build_with_saved_scale(row0, chunk, saved_scale.data_ptr<float>() + row0, fold_lora);
-        const at::Tensor dy_block = dy_gemm.narrow(1, row0, rows);
-        row0 == 0 ? at::mm_out(dx_sum, dy_block, chunk) : dx_sum.addmm_(dy_block, chunk);
-      }
-      if (!fold_lora) dx_sum.addmm_(dy_b, lora_A_gemm);
-      dx = dx_sum.to(x.scalar_type());
-    }
+    dx = input_grad_over_chunks(perturbed, dy_gemm, dy_b, lora_A_gemm, row_scale, x.scalar_type(), fold_lora,
+                                chunk_bytes, parallel_grain, workspace_bytes);
   }
-  const at::Tensor x_a = at::mm(x_gemm, lora_A_gemm.t()).mul_(scaling);  // s * x @ A^T  [M, r]
-  at::Tensor d_lora_A = at::mm(dy_b.t(), x_gemm).to(lora_A.scalar_type());
-  at::Tensor d_lora_B = compute == at::kFloat ? at::mm(x_a.t(), dy_gemm).t().contiguous() : at::mm(dy_gemm.t(), x_a);
-  d_lora_B = d_lora_B.to(lora_B.scalar_type());
+  auto [d_lora_A, d_lora_B] =
+      lora_factor_grads(x_gemm, dy_gemm, dy_b, lora_A_gemm, scaling, lora_A.scalar_type(), lora_B.scalar_type());
   return {dx, d_lora_A, d_lora_B};
 }
 

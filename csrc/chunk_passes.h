@@ -1,0 +1,135 @@
+// The chunked passes shared by the dense and the 4-bit base. `Perturbed` (PerturbedWeight,
+// QuantizedPerturbedWeight) builds rows [row0, row0 + rows) of W' = W + s*B@A + eps into a chunk;
+// these loops feed each chunk straight into BLAS, so nothing weight-sized outlives one chunk, and both
+// bases get the same chunking, dtypes and summation (the 4-bit path equals the dense one on deq(W)).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "cpu_kernels.h"
+#include "perturbed_chunk.h"
+
+namespace flatlora {
+
+// The big GEMMs run in x's dtype for fp32, fp64 and bf16: oneDNN's bf16 GEMM accumulates in fp32 and
+// runs at ~2.6x the fp32 rate on CPUs with bf16 dot products (measured 10 vs 26 ms at 2048x1024x1024),
+// and rounding the perturbed block to bf16 is what a bf16 nn.Linear does to its weight anyway. fp16
+// is widened to fp32: CPU fp16 GEMMs measured 4x slower than fp32. Chunks are built in this dtype too.
+inline at::ScalarType gemm_dtype(const at::Tensor& x) {
+  const at::ScalarType dtype = x.scalar_type();
+  return dtype == at::kDouble || dtype == at::kBFloat16 ? dtype : at::kFloat;
+}
+
+// The chunk buffer of one pass, [rows, k] of dtype (chunk_passes.cpp: this thread's reused workspace
+// up to workspace_bytes, a fresh allocation above).
+at::Tensor chunk_workspace(int64_t rows, int64_t k, at::ScalarType dtype, int64_t workspace_bytes,
+                           const at::TensorOptions& options);
+
+// Frees this thread's reused chunk buffer (both bases share it).
+void release_chunk_workspace();
+
+// y[:, rows] = x @ chunk^T for each row chunk of W' (new row scales written as the chunks are built);
+// y is [M, N] in x_gemm's dtype.
+template <class Perturbed>
+void forward_over_chunks(const Perturbed& perturbed, const at::Tensor& x_gemm, at::Tensor& y, float sigma,
+                         float* row_scale, int64_t chunk_bytes, int64_t workspace_bytes) {
+  const int64_t n = y.size(1), k = x_gemm.size(1);
+  const at::ScalarType compute = x_gemm.scalar_type();
+  const int64_t chunk_rows = rows_per_chunk(n, k, c10::elementSize(compute), chunk_bytes);
+  at::Tensor buffer = chunk_workspace(chunk_rows, k, compute, workspace_bytes, x_gemm.options());
+  for (int64_t row0 = 0; row0 < n; row0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, n - row0);
+    at::Tensor chunk = buffer.narrow(0, 0, rows);
+    perturbed.build_with_new_scale(row0, chunk, sigma, row_scale + row0);
+    // y[:, rows] is a strided column block (row stride N): BLAS writes it in place via ldc.
+    at::Tensor y_block = y.narrow(1, row0, rows);
+    at::mm_out(y_block, x_gemm, chunk.t());
+  }
+}
+
+// bf16 dx from several chunks: one bf16 GEMM per chunk (oneDNN, fp32 accumulation), the products
+// summed in fp32 and rounded once at the end, so dx is rounded once per chunk product, not once per
+// running sum. The widen / add / round passes are the ISA kernels, split over threads: torch's
+// mixed-dtype add_ and copy_ measured 2.1 and 0.7 ms per [512, 3072] on one core. Without the fold,
+// the low-rank branch (s * dy @ B) @ A is the first product.
+template <class Perturbed>
+at::Tensor bfloat16_dx_over_chunks(const Perturbed& perturbed, const at::Tensor& dy, const at::Tensor& dy_b,
+                                   const at::Tensor& lora_A, const float* saved_scale, at::Tensor& chunk_buffer,
+                                   bool fold_lora, int64_t parallel_grain) {
+  const int64_t m = dy.size(0), n = dy.size(1), k = chunk_buffer.size(1), chunk_rows = chunk_buffer.size(0);
+  at::Tensor product = at::empty({m, k}, dy.options());
+  at::Tensor dx_sum = at::empty({m, k}, dy.options().dtype(at::kFloat));
+  float* sum = dx_sum.data_ptr<float>();
+  uint16_t* product_bits = reinterpret_cast<uint16_t*>(product.data_ptr<c10::BFloat16>());
+  const CpuKernels& kernels = cpu_kernels();
+  auto over_elements = [&](auto body) {
+    at::parallel_for(0, m * k, parallel_grain, [&](int64_t begin, int64_t end) { body(begin, end - begin); });
+  };
+  bool first = true;
+  auto accumulate = [&] {
+    if (first) {
+      over_elements([&](int64_t at, int64_t count) { kernels.widen_bfloat16(product_bits + at, count, sum + at); });
+    } else {
+      over_elements([&](int64_t at, int64_t count) { kernels.add_bfloat16(product_bits + at, count, sum + at); });
+    }
+    first = false;
+  };
+  if (!fold_lora) {
+    at::mm_out(product, dy_b, lora_A);
+    accumulate();
+  }
+  for (int64_t row0 = 0; row0 < n; row0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, n - row0);
+    at::Tensor chunk = chunk_buffer.narrow(0, 0, rows);
+    perturbed.build_with_saved_scale(row0, chunk, saved_scale + row0, fold_lora);
+    at::mm_out(product, dy.narrow(1, row0, rows), chunk);
+    accumulate();
+  }
+  // The product buffer receives the rounded sum (peak: the fp32 sum plus one bf16 dx).
+  over_elements([&](int64_t at, int64_t count) { kernels.round_to_bfloat16(sum + at, count, product_bits + at); });
+  return product;
+}
+
+// dx = dy @ W' (its low-rank part folded into the chunks, or added as (s * dy @ B) @ A), in x_dtype.
+// dy_gemm, dy_b = s * dy @ B and lora_A_gemm are in the GEMM dtype; row_scale is the forward's.
+template <class Perturbed>
+at::Tensor input_grad_over_chunks(const Perturbed& perturbed, const at::Tensor& dy_gemm, const at::Tensor& dy_b,
+                                  const at::Tensor& lora_A_gemm, const at::Tensor& row_scale, at::ScalarType x_dtype,
+                                  bool fold_lora, int64_t chunk_bytes, int64_t parallel_grain,
+                                  int64_t workspace_bytes) {
+  const int64_t m = dy_gemm.size(0), n = dy_gemm.size(1), k = lora_A_gemm.size(1);
+  const at::ScalarType compute = dy_gemm.scalar_type();
+  const at::Tensor saved_scale = row_scale.contiguous();
+  const float* scale = saved_scale.data_ptr<float>();
+  const int64_t chunk_rows = rows_per_chunk(n, k, c10::elementSize(compute), chunk_bytes);
+  at::Tensor buffer = chunk_workspace(chunk_rows, k, compute, workspace_bytes, dy_gemm.options());
+  if (compute == at::kBFloat16 && chunk_rows < n) {
+    return bfloat16_dx_over_chunks(perturbed, dy_gemm, dy_b, lora_A_gemm, scale, buffer, fold_lora, parallel_grain);
+  }
+  // One chunk in bf16, or fp32 / fp64 partial sums: dx += dy[:, rows] @ chunk; the first chunk
+  // overwrites, so dx needs no zero fill.
+  at::Tensor dx_sum = at::empty({m, k}, dy_gemm.options());
+  for (int64_t row0 = 0; row0 < n; row0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, n - row0);
+    at::Tensor chunk = buffer.narrow(0, 0, rows);
+    perturbed.build_with_saved_scale(row0, chunk, scale + row0, fold_lora);
+    const at::Tensor dy_block = dy_gemm.narrow(1, row0, rows);
+    row0 == 0 ? at::mm_out(dx_sum, dy_block, chunk) : dx_sum.addmm_(dy_block, chunk);
+  }
+  if (!fold_lora) dx_sum.addmm_(dy_b, lora_A_gemm);  // the unfolded branch: (s * dy @ B) @ A
+  return dx_sum.to(x_dtype);
+}
+
+// The LoRA gradients through rank-r products only: dA = (s * dy @ B)^T @ x, dB = dy^T @ (s * x @ A^T),
+// returned in the factors' dtypes.
+std::tuple<at::Tensor, at::Tensor> lora_factor_grads(const at::Tensor& x_gemm, const at::Tensor& dy_gemm,
+                                                     const at::Tensor& dy_b, const at::Tensor& lora_A_gemm,
+                                                     double scaling, at::ScalarType lora_A_dtype,
+                                                     at::ScalarType lora_B_dtype);
+
+}  // namespace flatlora
