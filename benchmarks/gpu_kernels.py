@@ -169,7 +169,7 @@ def recorded_launches(compute_dtype, weight_dtype, factor_dtype, rank=RANK, shap
     N, K = shape
     calls = []
 
-    class Recorder:  # stands in for triton_backend._traceable (wrap_triton): kernel[grid](*args, **kwargs) is recorded
+    class Recorder:  # stands in for tb.traceable_kernel (wrap_triton): kernel[grid](*args, **kwargs) is recorded
         def __init__(self, kernel):
             self.kernel = kernel
 
@@ -180,7 +180,7 @@ def recorded_launches(compute_dtype, weight_dtype, factor_dtype, rank=RANK, shap
     weight, lora_A, lora_B = zeros(N, K, dtype=weight_dtype), zeros(rank, K, dtype=factor_dtype), zeros(N, rank, dtype=factor_dtype)
     seed, sigma, scales, bias = zeros((), dtype=torch.int64), zeros(()), zeros(N), zeros(N, dtype=compute_dtype)
     labels = []
-    with patched(tb, "_traceable", Recorder):
+    with patched(tb, "traceable_kernel", Recorder):
         tb.row_scale(weight, lora_A, lora_B, SCALING, sigma, compute_dtype)
         labels.append("row_scale")
         tb.perturbed_weight_rows(weight, lora_A, lora_B, scales, SCALING, seed, 0, N, compute_dtype)
@@ -191,8 +191,8 @@ def recorded_launches(compute_dtype, weight_dtype, factor_dtype, rank=RANK, shap
                                        counters=(width, 2 * width), stride_out_row=4 * width, stride_out_strip=width)  # fmt: skip
         labels.append("perturbed_weight dx chunk")
         for M in token_counts:
-            tb._forward_in_register(zeros(M, K, dtype=compute_dtype), weight, lora_A, lora_B, bias, SCALING, scales, seed)
-            tb._input_grad_in_register(zeros(M, N, dtype=compute_dtype), weight, lora_A, lora_B, scales, SCALING, seed)
+            tb.forward_in_register(zeros(M, K, dtype=compute_dtype), weight, lora_A, lora_B, bias, SCALING, scales, seed)
+            tb.input_grad_in_register(zeros(M, N, dtype=compute_dtype), weight, lora_A, lora_B, scales, SCALING, seed)
             labels += [f"fused_forward M={M}", f"fused_input_grad M={M}"]
         tb.normal_rows(seed, K, 0, N, compute_dtype)
         labels.append("normal_rows")
@@ -600,7 +600,7 @@ def strip_gemm_check(M, N, K, cap_mib=16):
     for batched in (False, True):
         label = "one batched GEMM per chunk" if batched else "four strip GEMMs per chunk"
         with chunk_cap(int(cap_mib * 2**20), False), patched(triton_tuning, "BATCHED_STRIP_GEMM", batched):
-            run = lambda: tb._input_grad_streamed(dy, weight, lora_A, lora_B, scale, SCALING, seed)  # noqa: E731
+            run = lambda: tb.input_grad_streamed(dy, weight, lora_A, lora_B, scale, SCALING, seed)  # noqa: E731
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -664,13 +664,13 @@ def time_kernels(N, K, M_in_register=256):
     for key in ("regenerate W' (bf16 out)", "z tile only (bf16 out)"):
         rows[key]["G normals/s"] = normals / (rows[key]["ms"] * 1e-3) / 1e9
     x, dy = make_inputs(M_in_register, N, K)
-    regenerations = math.ceil(M_in_register / tb._fused_tiles("fused_forward", M_in_register, DTYPE)["BLOCK_TOKENS"])
+    regenerations = math.ceil(M_in_register / tb.fused_tiles("fused_forward", M_in_register, DTYPE)["BLOCK_TOKENS"])
     with torch.no_grad():
         key = f"in-register fwd GEMM, M={M_in_register}"
-        rows[key] = bench(lambda: tb._forward_in_register(x, weight, lora_A, lora_B, bias, SCALING, scale, seed))
+        rows[key] = bench(lambda: tb.forward_in_register(x, weight, lora_A, lora_B, bias, SCALING, scale, seed))
         rows[key]["G normals/s"] = regenerations * normals / (rows[key]["ms"] * 1e-3) / 1e9
         key = f"streamed fwd, M={M_in_register}"
-        rows[key] = bench(lambda: tb._forward_streamed(x, weight, lora_A, lora_B, bias, SCALING, scale, seed))
+        rows[key] = bench(lambda: tb.forward_streamed(x, weight, lora_A, lora_B, bias, SCALING, scale, seed))
         rows[key]["G normals/s"] = normals / (rows[key]["ms"] * 1e-3) / 1e9
     return rows
 

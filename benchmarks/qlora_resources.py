@@ -37,12 +37,12 @@ def _recording(module, calls):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
 
-    previous = module._traceable
-    module._traceable = Recorder
+    previous = module.traceable_kernel
+    module.traceable_kernel = Recorder
     try:
         yield
     finally:
-        module._traceable = previous
+        module.traceable_kernel = previous
 
 
 def recorded_launches(compute_dtype, factor_dtype):
@@ -56,7 +56,7 @@ def recorded_launches(compute_dtype, factor_dtype):
                                                 quant_type="nf4", compress_statistics=True)
     packed = Packed4bit.from_quant_state(codes, state)
     lora_A, lora_B = torch.zeros(RANK, k, dtype=factor_dtype), torch.zeros(n, RANK, dtype=factor_dtype)
-    layer = triton_quantized._Layer(*packed.op_args(), lora_A, lora_B, SCALING)
+    layer = triton_quantized.Layer4bit(*packed.op_args(), lora_A, lora_B, SCALING)
     seed, sigma, scales = torch.zeros((), dtype=torch.int64), torch.zeros(()), torch.zeros(n)
     calls, labels = [], []
     with _recording(triton_backend, calls):
@@ -65,8 +65,8 @@ def recorded_launches(compute_dtype, factor_dtype):
         triton_quantized.perturbed_weight_rows(layer, scales, seed, 0, n, compute_dtype)
         labels.append("quantized_perturbed_weight")
         for m in TOKENS:
-            triton_quantized._forward_in_register(torch.zeros(m, k, dtype=compute_dtype), layer, None, scales, seed)
-            triton_quantized._input_grad_in_register(torch.zeros(m, n, dtype=compute_dtype), layer, scales, seed)
+            triton_quantized.forward_in_register(torch.zeros(m, k, dtype=compute_dtype), layer, None, scales, seed)
+            triton_quantized.input_grad_in_register(torch.zeros(m, n, dtype=compute_dtype), layer, scales, seed)
             labels += [f"quantized_fused_forward M={m}", f"quantized_fused_input_grad M={m}"]
     assert len(calls) == len(labels)
     return [(label, *call) for label, call in zip(labels, calls)]

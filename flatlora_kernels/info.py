@@ -75,9 +75,9 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _threads() -> str:
-    """torch's thread count next to the cores this process may use: several training processes that each
-    use every core slow each other down several times over (OpenMP workers spin while they wait)."""
+def thread_line() -> str:
+    """The report's thread line: torch's thread count next to the cores this process may use (several
+    training processes that each use every core slow each other down, as OpenMP workers spin while they wait)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     omp = os.environ.get("OMP_NUM_THREADS", "unset")
     return f"threads in use {torch.get_num_threads()} (OMP_NUM_THREADS {omp}) on {cores} usable cores"
@@ -134,7 +134,7 @@ def report() -> tuple[list[str], bool]:
     lines = [
         f"flatlora_kernels {__version__}",
         f"python {platform.python_version()} on {platform.machine()} ({platform.system()})",
-        f"CPU: {_cpu_model()}; {_threads()}",
+        f"CPU: {_cpu_model()}; {thread_line()}",
         f"torch {torch.__version__} (CUDA build {torch.version.cuda or 'none'}, "
         f"CUDA available: {torch.cuda.is_available()})",
         f"triton {_version('triton')}" + (" (TRITON_INTERPRET=1: kernels run in its interpreter on CPU)" if interpreting else ""),

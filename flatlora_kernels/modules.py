@@ -153,7 +153,7 @@ class FlatLoraLinear(StepNoise):
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, device=device, dtype=dtype))
         self.lora_dropout = nn.Dropout(self.lora_dropout_p) if self.lora_dropout_p > 0 else None
-        self._init_step_noise(device)
+        self.init_step_noise(device)
         # The original base weight while merged (a buffer so that .to() moves it along).
         self.register_buffer("_unmerged_weight", None, persistent=False)
         self.reset_lora_parameters()

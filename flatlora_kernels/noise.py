@@ -31,7 +31,8 @@ dropped). A kernel that walks ``c`` over a row gets four contiguous column strip
 shuffling between lanes, on any tile or SIMD width: this is why the layout was chosen. Row chunks
 ``[i0, i1)`` are always made of whole calls.
 
-The normals of one call are Box-Muller pairs, with Triton's uniform mapping and clamp::
+The normals of one call are Box-Muller pairs, with Triton's uniform mapping and clamp (``u`` is
+``uniform_from_bits`` below, ``BoxMuller`` is ``box_muller``)::
 
     (c0, c1, c2, c3) = Philox4x32_10(counter, key)
     u(x)  = fp32(x') * fp32(4.6566127342e-10), x' = int32(x) if int32(x) >= 0 else -int32(x) - 1
@@ -67,6 +68,8 @@ __all__ = [
     "PHILOX_ROUNDS",
     "counters_per_row",
     "philox4x32_10",
+    "uniform_from_bits",
+    "box_muller",
     "normal_rows",
     "normal_submatrix",
     "merge_dtype",
@@ -118,14 +121,15 @@ def philox4x32_10(seed: Tensor, offset: Tensor) -> tuple[Tensor, Tensor, Tensor,
     return c0, c1, c2, c3
 
 
-def _uniform(x: Tensor) -> Tensor:
+def uniform_from_bits(x: Tensor) -> Tensor:
+    """The definition's ``u(x)``: fp32 uniforms in [0, 1) from Philox words (uint32 held in int64)."""
     signed = torch.where(x >= 2**31, x - 2**32, x)
     signed = torch.where(signed < 0, -signed - 1, signed)
     return signed.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
 
 
-def _box_muller(u1: Tensor, u2: Tensor) -> tuple[Tensor, Tensor]:
-    """Box-Muller of fp32 uniforms, evaluated in float64 and rounded once to fp32 (see the module doc)."""
+def box_muller(u1: Tensor, u2: Tensor) -> tuple[Tensor, Tensor]:
+    """The definition's ``BoxMuller(u1, u2)`` of fp32 uniforms, evaluated in float64 and rounded once to fp32."""
     u1 = torch.clamp_min(u1, 1.0e-7).double()  # the clamp is the fp32 one of the definition
     theta = (torch.tensor(_TWO_PI, dtype=torch.float32) * u2).double()  # th rounded to fp32, as Triton's
     radius = torch.sqrt(-2.0 * torch.log(u1))
@@ -140,7 +144,8 @@ _SERIAL_ELEMENTS = 16384
 def _normals_from_words(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor) -> list[Tensor]:
     """The four lanes' normals of Philox outputs ``[rows, Kq]``; on CPU, slab by slab in this thread."""
     if c0.device.type != "cpu" or c0.numel() <= _SERIAL_ELEMENTS:
-        return [*_box_muller(_uniform(c0), _uniform(c1)), *_box_muller(_uniform(c2), _uniform(c3))]
+        return [*box_muller(uniform_from_bits(c0), uniform_from_bits(c1)),
+                *box_muller(uniform_from_bits(c2), uniform_from_bits(c3))]
     words = [c.reshape(-1) for c in (c0, c1, c2, c3)]
     lanes = [torch.empty(c0.numel(), dtype=torch.float32) for _ in range(4)]
     for start in range(0, c0.numel(), _SERIAL_ELEMENTS):

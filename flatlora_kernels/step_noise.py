@@ -89,12 +89,13 @@ _STEP_NOISE_ATTRIBUTES = ("noise_rank_key", "noise_warning", "_noise_driven", "_
 
 
 class StepNoise(nn.Module):
-    """Mixin: call ``_init_step_noise(device)``; needs ``sigma`` (float) and ``fused`` (bool) attributes."""
+    """Mixin: call ``init_step_noise(device)``; needs ``sigma`` (float) and ``fused`` (bool) attributes."""
 
     sigma: float
     fused: bool
 
-    def _init_step_noise(self, device, warn_once: WarnOnce | None = None) -> None:
+    def init_step_noise(self, device, warn_once: WarnOnce | None = None) -> None:
+        """Give the layer its step-noise state: zero seed and factor buffers on ``device``, not yet driven."""
         self.register_buffer("noise_seed", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("noise_factor", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
         self.noise_rank_key = 0
@@ -102,7 +103,8 @@ class StepNoise(nn.Module):
         self._noise_driven = False
         self._noise_waits_for_total_steps = False
 
-    def _remove_step_noise(self) -> None:
+    def remove_step_noise(self) -> None:
+        """Delete what ``init_step_noise`` added (``disable_flat_lora`` hands the layer back to PEFT)."""
         for name in ("noise_seed", "noise_factor", *_STEP_NOISE_ATTRIBUTES):
             delattr(self, name)
 

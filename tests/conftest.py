@@ -55,7 +55,8 @@ def assert_close_to_truth(name, actual, low_precision_ref, truth):
     assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (reference error {ref_err:.3e}, scale {scale:.3e})"
 
 
-def _forward_backward(fn, x, weight, lora_A, lora_B, bias, grad_out, **kw):
+def forward_backward(fn, x, weight, lora_A, lora_B, bias, grad_out, **kw):
+    """``[y, dx, dA, dB(, dbias)]`` of ``fn(x, weight, lora_A, lora_B, bias, **kw)`` for the upstream gradient ``grad_out``."""
     x = x.detach().requires_grad_(True)
     lora_A = lora_A.detach().requires_grad_(True)
     lora_B = lora_B.detach().requires_grad_(True)
@@ -77,10 +78,10 @@ def check_backend_against_reference(
     x = torch.randn(*batch_shape, M, K, generator=g).to(device, dtype)
     grad_out = torch.randn(*batch_shape, M, N, generator=g).to(device, dtype)
     kw = dict(scaling=scaling, sigma=sigma, seed=seed)
-    got = _forward_backward(flat_lora_linear, x, weight, lora_A, lora_B, bias, grad_out, backend=backend, **kw)
-    ref = _forward_backward(naive_flat_lora_linear, x, weight, lora_A, lora_B, bias, grad_out, **kw)
+    got = forward_backward(flat_lora_linear, x, weight, lora_A, lora_B, bias, grad_out, backend=backend, **kw)
+    ref = forward_backward(naive_flat_lora_linear, x, weight, lora_A, lora_B, bias, grad_out, **kw)
     to64 = lambda t: None if t is None else t.double()  # noqa: E731
-    truth = _forward_backward(
+    truth = forward_backward(
         naive_flat_lora_linear, to64(x), weight, to64(lora_A), to64(lora_B), to64(bias), to64(grad_out), **kw
     )
     names = ["y", "dx", "dA", "dB", "dbias"]

@@ -115,7 +115,7 @@ def _box_muller_error(bits1):
     words bits1 paired with the scrambled bits1 * 2654435761 mod 2^32."""
     bits2 = (bits1 * 2654435761) % 2**32
     got = _C.box_muller(bits1, bits2)
-    want = noise._box_muller(noise._uniform(bits1), noise._uniform(bits2))
+    want = noise.box_muller(noise.uniform_from_bits(bits1), noise.uniform_from_bits(bits2))
     return max((g - w).abs().max().item() for g, w in zip(got, want))
 
 
@@ -177,7 +177,7 @@ def test_forced_isa_runs_the_same_stream(isa):
         "assert all(torch.equal(a, b) for a, b in zip(cpp._C.philox4x32_10(7, off), noise.philox4x32_10(torch.tensor(7), off)))\n"
         "assert (cpp._C.normal_rows(7, 1027, 0, 5) - noise.normal_rows(7, 1027, 0, 5)).abs().max() <= 1e-6\n"
         "b1 = torch.arange(123, 2**32, 40999); b2 = b1 * 2654435761 % 2**32\n"
-        "want = noise._box_muller(noise._uniform(b1), noise._uniform(b2))\n"
+        "want = noise.box_muller(noise.uniform_from_bits(b1), noise.uniform_from_bits(b2))\n"
         "assert max((g - w).abs().max().item() for g, w in zip(cpp._C.box_muller(b1, b2), want)) <= 4.8e-7\n"
     ) + _ISA_AND_NORMALS_DIGEST
     got_isa, digest = _run_with_isa(isa, code)

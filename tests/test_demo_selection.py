@@ -80,11 +80,11 @@ def test_the_digits_search_never_touches_the_test_split(monkeypatch):
     from flatlora_kernels.demo.data import make_digits_task
     from flatlora_kernels.demo.digits_mlp import DigitsMLP
     from flatlora_kernels.demo.finetune import FinetuneConfig
-    from flatlora_kernels.demo.__main__ import _parse_args
+    from flatlora_kernels.demo.__main__ import parse_args
 
     guarded = replace(make_digits_task(target_train_size=20), target_test=_Forbidden(), target_test_corrupted=_Forbidden())
     monkeypatch.setattr(runner.data, "make_digits_task", lambda **_: guarded)
-    args = _parse_args(["--select-seeds", "1", "--max-extensions", "1", "--workers", "1"])
+    args = parse_args(["--select-seeds", "1", "--max-extensions", "1", "--workers", "1"])
     torch.manual_seed(0)
     payload = (DigitsMLP().state_dict(), 20)
     run = runner.Workers(task_name="digits", payload=payload, workers=1, threads=1, progress=False).run

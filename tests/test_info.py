@@ -101,4 +101,4 @@ def test_an_unknown_cpu_isa_is_a_clear_error_at_the_first_training_call():
 
 def test_the_thread_line_names_omp_num_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert "OMP_NUM_THREADS 1" in info._threads()
+    assert "OMP_NUM_THREADS 1" in info.thread_line()

@@ -39,7 +39,7 @@ def test_philox_integers_match_triton_randint4x(seed):
 
 def test_layout_is_row_quarter_counters():
     """z(seed, i, j) = randn4x(seed, i*Kq + j mod Kq)[j div Kq], written out by hand for a few (i, j)."""
-    from flatlora_kernels.noise import _box_muller, _uniform
+    from flatlora_kernels.noise import box_muller, uniform_from_bits
 
     seed, K = 99, 13
     kq = counters_per_row(K)
@@ -48,7 +48,8 @@ def test_layout_is_row_quarter_counters():
     for i, j in [(0, 0), (0, 4), (1, 5), (3, 12), (4, 9)]:
         lane, c = divmod(j, kq)
         c0, c1, c2, c3 = philox4x32_10(torch.tensor(seed), torch.tensor([i * kq + c]))
-        pair = _box_muller(_uniform(c0), _uniform(c1)) + _box_muller(_uniform(c2), _uniform(c3))
+        u = [uniform_from_bits(word) for word in (c0, c1, c2, c3)]
+        pair = box_muller(u[0], u[1]) + box_muller(u[2], u[3])
         assert z[i, j] == pair[lane][0]
 
 

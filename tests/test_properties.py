@@ -21,7 +21,7 @@ from flatlora_kernels import flat_lora_linear  # noqa: E402
 from flatlora_kernels.backends import cpp  # noqa: E402
 from flatlora_kernels.baselines import dense_perturbed_weight, naive_flat_lora_linear  # noqa: E402
 
-from .conftest import _forward_backward, assert_close_to_truth, make_layer  # noqa: E402
+from .conftest import assert_close_to_truth, forward_backward, make_layer  # noqa: E402
 
 BOUNDED = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
@@ -73,10 +73,10 @@ def _check_backend(backend, case):
     x, weight, lora_A, lora_B, bias, grad_out = _inputs(case)
     kw = dict(scaling=case["scaling"], sigma=case["sigma"], seed=case["seed"])
     with cpu_setting(case["chunk_rows"], case["threads"], case["K"], 4):
-        got = _forward_backward(flat_lora_linear, x, weight, lora_A, lora_B, bias, grad_out, backend=backend, **kw)
-    ref = _forward_backward(naive_flat_lora_linear, x, weight, lora_A, lora_B, bias, grad_out, **kw)
+        got = forward_backward(flat_lora_linear, x, weight, lora_A, lora_B, bias, grad_out, backend=backend, **kw)
+    ref = forward_backward(naive_flat_lora_linear, x, weight, lora_A, lora_B, bias, grad_out, **kw)
     d = lambda t: None if t is None else t.double()  # noqa: E731
-    truth = _forward_backward(naive_flat_lora_linear, d(x), weight, d(lora_A), d(lora_B), d(bias), d(grad_out), **kw)
+    truth = forward_backward(naive_flat_lora_linear, d(x), weight, d(lora_A), d(lora_B), d(bias), d(grad_out), **kw)
     for name, a, b, t in zip(["y", "dx", "dA", "dB", "dbias"], got, ref, truth):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         if a.dtype == torch.float64 and case["sigma"] > 0:

@@ -65,7 +65,7 @@ def test_triton_row_scales_and_chunk_equal_the_dense_definition():
     packed, lora_A, lora_B, _ = _layer(16, 96, dtype=torch.bfloat16, quant_type="nf4", blocksize=64, nested=True)
     dense = dequantize(*packed.op_args())
     args = (*packed.op_args()[:8], lora_A, lora_B, 0.5)
-    layer = triton_quantized._Layer(*packed.op_args(), lora_A, lora_B, 0.5)
+    layer = triton_quantized.Layer4bit(*packed.op_args(), lora_A, lora_B, 0.5)
     sigma = torch.tensor(0.2)
     scale = triton_quantized.row_scale(layer, sigma, torch.float32)
     want = perturbation_row_scale(dense, lora_A, lora_B, scaling=0.5, sigma=sigma)

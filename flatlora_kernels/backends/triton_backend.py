@@ -63,7 +63,7 @@ STRATEGY_ENV = "FLATLORA_TRITON_STRATEGY"
 STRATEGIES = ("auto", "streamed", "in_register")
 
 
-def _traceable(kernel):
+def traceable_kernel(kernel):
     """``wrap_triton(kernel)`` (so Inductor traces into it), or the kernel itself under the interpreter:
     torch 2.13's ``wrap_triton`` returns an interpreted kernel unchanged, torch 2.11's refuses it."""
     return kernel if INTERPRETING else wrap_triton(kernel)
@@ -126,7 +126,8 @@ def choose_strategy(n_tokens: int, compute_dtype: torch.dtype, kernel: str = "fu
 # ---------------------------------------------------------------------------------------------
 
 
-def _tiles(kernel: str) -> dict:
+def launch_tiles(kernel: str) -> dict:
+    """A copy of ``kernel``'s tile entry (block sizes, warps, stages) from the GPU or interpreter table."""
     return dict(_tile_table()[kernel])
 
 
@@ -136,9 +137,10 @@ def _fused_table_entry(kernel: str, compute_dtype: torch.dtype) -> dict:
     return table.get(f"{kernel}_fp32", table[kernel]) if compute_dtype == torch.float32 else table[kernel]
 
 
-def _fused_tiles(kernel: str, n_tokens: int, compute_dtype: torch.dtype) -> dict:
-    """Tiles of an in-register kernel, with ``BLOCK_TOKENS`` sized to M (16 at least, for ``tl.dot``)."""
-    tiles = dict(_fused_table_entry(kernel, compute_dtype))
+def fused_tiles(kernel: str, n_tokens: int, compute_dtype: torch.dtype, table_entry: dict | None = None) -> dict:
+    """Tiles of an in-register kernel, with ``BLOCK_TOKENS`` sized to M (16 at least, for ``tl.dot``);
+    ``table_entry`` replaces the kernel's entry in the tile table (the 4-bit backend's overrides)."""
+    tiles = dict(table_entry or _fused_table_entry(kernel, compute_dtype))
     cap = tiles.pop("MAX_BLOCK_TOKENS")
     # Plain comparisons: under torch.compile with a dynamic M they become simple guards.
     tiles["BLOCK_TOKENS"] = next((size for size in (16, 32, 64, 128) if n_tokens <= size or size >= cap), cap)
@@ -154,7 +156,7 @@ def _main_dot_tf32(compute_dtype: torch.dtype) -> bool:
     return compute_dtype != torch.float32 or _tf32_allowed()
 
 
-def _factor_constexprs(lora_A: Tensor, lora_B: Tensor, compute_dtype: torch.dtype) -> dict:
+def factor_constexprs(lora_A: Tensor, lora_B: Tensor, compute_dtype: torch.dtype) -> dict:
     """Compile-time settings of the ``B@A`` tiles (see ``kernels/weight_tile.py``)."""
     rank = lora_A.shape[0]
     native = (
@@ -177,10 +179,10 @@ def _layer_args(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) 
     return (weight, lora_A, lora_B, lora_A.shape[0], float(scaling), *weight.stride(), *lora_A.stride(), *lora_B.stride())
 
 
-def _fused_constexprs(lora_A: Tensor, lora_B: Tensor, compute_dtype: torch.dtype) -> dict:
+def fused_constexprs(lora_A: Tensor, lora_B: Tensor, compute_dtype: torch.dtype) -> dict:
     """Compile-time settings of an in-register kernel: its ``B@A`` tiles and its main dots."""
     return dict(
-        **_factor_constexprs(lora_A, lora_B, compute_dtype),
+        **factor_constexprs(lora_A, lora_B, compute_dtype),
         DOT_TF32=_main_dot_tf32(compute_dtype),
         DOTS_IN_FP32=INTERPRETING and compute_dtype == torch.bfloat16,  # the interpreter's bf16 dot is wrong
     )
@@ -232,11 +234,11 @@ def row_scale(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, si
         return perturbation_row_scale(weight, lora_A, lora_B, scaling=scaling, sigma=sigma)
     out_features, in_features = weight.shape
     scale = torch.empty(out_features, dtype=torch.float32, device=weight.device)
-    tiles = _tiles("row_scale")
+    tiles = launch_tiles("row_scale")
     grid = (triton.cdiv(out_features, tiles["BLOCK_ROWS"]),)
-    _traceable(row_scale_kernel)[grid](
+    traceable_kernel(row_scale_kernel)[grid](
         *_layer_args(weight, lora_A, lora_B, scaling), sigma, scale, out_features, in_features, math.sqrt(in_features),
-        **tiles, **_factor_constexprs(lora_A, lora_B, compute_dtype),
+        **tiles, **factor_constexprs(lora_A, lora_B, compute_dtype),
     )  # fmt: skip
     return scale
 
@@ -257,15 +259,15 @@ def regenerate_perturbed_weight(
     """Write ``W'`` for ``rows x counters`` into ``out`` (layout: see ``kernels/perturbed_weight.py``)."""
     (row_start, row_end), (counter_start, counter_end) = rows, counters
     in_features = weight.shape[1]
-    tiles = _tiles("perturbed_weight")
+    tiles = launch_tiles("perturbed_weight")
     grid = (
         triton.cdiv(row_end - row_start, tiles["BLOCK_ROWS"]),
         triton.cdiv(counter_end - counter_start, tiles["BLOCK_COUNTERS"]),
     )
-    _traceable(perturbed_weight_kernel)[grid](
+    traceable_kernel(perturbed_weight_kernel)[grid](
         *_layer_args(weight, lora_A, lora_B, scaling), row_scales, seed, out, row_start, row_end, counter_start, counter_end,
         in_features, counters_per_row(in_features), stride_out_row, stride_out_strip,
-        **tiles, **_factor_constexprs(lora_A, lora_B, out.dtype),
+        **tiles, **factor_constexprs(lora_A, lora_B, out.dtype),
     )  # fmt: skip
 
 
@@ -285,9 +287,9 @@ def normal_rows(seed: Tensor, in_features: int, row_start: int, row_end: int, dt
     """``z(seed, i, j)`` for rows ``[row_start, row_end)``, from the Triton z tile (tests, RNG benchmark)."""
     kq = counters_per_row(in_features)
     out = torch.empty((row_end - row_start, in_features), dtype=dtype, device=seed.device)
-    tiles = _tiles("normal_rows")
+    tiles = launch_tiles("normal_rows")
     grid = (triton.cdiv(row_end - row_start, tiles["BLOCK_ROWS"]), triton.cdiv(kq, tiles["BLOCK_COUNTERS"]))
-    _traceable(normal_rows_kernel)[grid](seed, out, row_start, row_end - row_start, in_features, kq, in_features, **tiles)
+    traceable_kernel(normal_rows_kernel)[grid](seed, out, row_start, row_end - row_start, in_features, kq, in_features, **tiles)
     return out
 
 
@@ -357,14 +359,16 @@ def input_grad_by_counter_chunks(dy: Tensor, out_features: int, in_features: int
     return dx
 
 
-def _forward_streamed(x, weight, lora_A, lora_B, bias, scaling, row_scales, seed) -> Tensor:
+def forward_streamed(x, weight, lora_A, lora_B, bias, scaling, row_scales, seed) -> Tensor:
+    """``y = x @ W'^T (+ bias)`` by the streamed strategy (``W'`` regenerated in row chunks)."""
     regenerate_rows = lambda start, end: perturbed_weight_rows(  # noqa: E731
         weight, lora_A, lora_B, row_scales, scaling, seed, start, end, x.dtype
     )
     return forward_by_row_chunks(x, bias, weight.shape[0], regenerate_rows)
 
 
-def _input_grad_streamed(dy, weight, lora_A, lora_B, row_scales, scaling, seed) -> Tensor:
+def input_grad_streamed(dy, weight, lora_A, lora_B, row_scales, scaling, seed) -> Tensor:
+    """``dx = dy @ W'`` by the streamed strategy (``W'`` regenerated whole or in counter chunks)."""
     out_features, in_features = weight.shape
     regenerate_rows = lambda start, end: perturbed_weight_rows(  # noqa: E731
         weight, lora_A, lora_B, row_scales, scaling, seed, start, end, dy.dtype
@@ -380,10 +384,12 @@ def _input_grad_streamed(dy, weight, lora_A, lora_B, row_scales, scaling, seed) 
 # --- in-register path ------------------------------------------------------------------------
 
 
-def _fused_launch(kernel: str, n_tokens: int, tile_axis: tuple[int, str], loop_axis: tuple[int, str], out_width, dtype, device):
+def fused_launch_plan(kernel: str, n_tokens: int, tile_axis: tuple[int, str], loop_axis: tuple[int, str], out_width,
+                      dtype, device, table_entry: dict | None = None):
     """Tiles, grid, split size and output of an in-register kernel whose output tiles are
-    ``[BLOCK_TOKENS, tile_axis]`` and whose reduction loop walks ``loop_axis`` (each: extent, tile key)."""
-    tiles = _fused_tiles(kernel, n_tokens, dtype)
+    ``[BLOCK_TOKENS, tile_axis]`` and whose reduction loop walks ``loop_axis`` (each: extent, tile key);
+    ``table_entry``: as in ``fused_tiles``."""
+    tiles = fused_tiles(kernel, n_tokens, dtype, table_entry)
     output_tiles = (triton.cdiv(n_tokens, tiles["BLOCK_TOKENS"]), triton.cdiv(tile_axis[0], tiles[tile_axis[1]]))
     loop_extent, loop_tile = loop_axis[0], tiles[loop_axis[1]]
     splits, blocks_per_split = _split_reduction(output_tiles[0] * output_tiles[1], triton.cdiv(loop_extent, loop_tile), device)
@@ -402,33 +408,35 @@ def sum_split_outputs(out: Tensor, splits: int, bias: Tensor | None, dtype: torc
     return y.to(dtype)
 
 
-def _forward_in_register(x, weight, lora_A, lora_B, bias, scaling, row_scales, seed) -> Tensor:
+def forward_in_register(x, weight, lora_A, lora_B, bias, scaling, row_scales, seed) -> Tensor:
+    """``y = x @ W'^T (+ bias)`` by the in-register strategy (one fused GEMM launch, split over K)."""
     n_tokens, in_features = x.shape
     out_features = weight.shape[0]
     kq = counters_per_row(in_features)
-    tiles, grid, counters_per_split, out, out_strides = _fused_launch(
+    tiles, grid, counters_per_split, out, out_strides = fused_launch_plan(
         "fused_forward", n_tokens, (out_features, "BLOCK_OUT"), (kq, "BLOCK_COUNTERS"), out_features, x.dtype, x.device
     )
     splits = grid[2]
-    _traceable(fused_forward_kernel)[grid](
+    traceable_kernel(fused_forward_kernel)[grid](
         *_layer_args(weight, lora_A, lora_B, scaling), x, row_scales, seed, row_scales if bias is None else bias, out,
         n_tokens, out_features, in_features, kq, counters_per_split, *x.stride(), *out_strides,
-        HAS_BIAS=bias is not None and splits == 1, **tiles, **_fused_constexprs(lora_A, lora_B, x.dtype),
+        HAS_BIAS=bias is not None and splits == 1, **tiles, **fused_constexprs(lora_A, lora_B, x.dtype),
     )  # fmt: skip
     return sum_split_outputs(out, splits, bias, x.dtype)
 
 
-def _input_grad_in_register(dy, weight, lora_A, lora_B, row_scales, scaling, seed) -> Tensor:
+def input_grad_in_register(dy, weight, lora_A, lora_B, row_scales, scaling, seed) -> Tensor:
+    """``dx = dy @ W'`` by the in-register strategy (one fused GEMM launch, split over N)."""
     n_tokens = dy.shape[0]
     out_features, in_features = weight.shape
     kq = counters_per_row(in_features)
-    tiles, grid, rows_per_split, out, out_strides = _fused_launch(
+    tiles, grid, rows_per_split, out, out_strides = fused_launch_plan(
         "fused_input_grad", n_tokens, (kq, "BLOCK_COUNTERS"), (out_features, "BLOCK_OUT"), in_features, dy.dtype, dy.device
     )
-    _traceable(fused_input_grad_kernel)[grid](
+    traceable_kernel(fused_input_grad_kernel)[grid](
         *_layer_args(weight, lora_A, lora_B, scaling), dy, row_scales, seed, out,
         n_tokens, out_features, in_features, kq, rows_per_split, *dy.stride(), *out_strides,
-        **tiles, **_fused_constexprs(lora_A, lora_B, dy.dtype),
+        **tiles, **fused_constexprs(lora_A, lora_B, dy.dtype),
     )  # fmt: skip
     return sum_split_outputs(out, grid[2], None, dy.dtype)
 
@@ -436,7 +444,7 @@ def _input_grad_in_register(dy, weight, lora_A, lora_B, row_scales, scaling, see
 # --- LoRA factor gradients -------------------------------------------------------------------
 
 
-def _lora_grads(dy: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+def lora_grads(dy: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
     """``dA = s*(dy@B)^T@x``, ``dB = s*dy^T@(x@A^T)``: skinny cuBLAS matmuls (fp32 accumulation) in
     the compute dtype, with ``s`` folded into the small factor copies."""
     dtype = x.dtype
@@ -452,18 +460,18 @@ def _lora_grads(dy: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: 
 # ---------------------------------------------------------------------------------------------
 
 
-def _on_device(device: torch.device):
+def on_device(device: torch.device):
     """Launch under the tensors' device, not the current one (e.g. layers on cuda:1 under ``device_map``)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
-    with _on_device(x.device):
+    with on_device(x.device):
         return _forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed)
 
 
 def backward(dy, x, weight, lora_A, lora_B, row_scales, scaling, seed, compute_dx):
-    with _on_device(x.device):
+    with on_device(x.device):
         return _backward(dy, x, weight, lora_A, lora_B, row_scales, scaling, seed, compute_dx)
 
 
@@ -493,8 +501,8 @@ def _forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
     scale = row_scale(weight, lora_A, lora_B, scaling, sigma, x.dtype)
     y = forward_by_strategy(
         x, bias, weight.shape[0],
-        lambda bias: _forward_in_register(x, weight, lora_A, lora_B, bias, scaling, scale, seed),
-        lambda bias: _forward_streamed(x, weight, lora_A, lora_B, bias, scaling, scale, seed),
+        lambda bias: forward_in_register(x, weight, lora_A, lora_B, bias, scaling, scale, seed),
+        lambda bias: forward_streamed(x, weight, lora_A, lora_B, bias, scaling, scale, seed),
     )  # fmt: skip
     return y, scale
 
@@ -504,8 +512,8 @@ def _backward(dy, x, weight, lora_A, lora_B, row_scales, scaling, seed, compute_
     row_scales = row_scales.contiguous()
     dx = input_grad_by_strategy(
         x, weight.shape[1], compute_dx,
-        lambda: _input_grad_in_register(dy, weight, lora_A, lora_B, row_scales, scaling, seed),
-        lambda: _input_grad_streamed(dy, weight, lora_A, lora_B, row_scales, scaling, seed),
+        lambda: input_grad_in_register(dy, weight, lora_A, lora_B, row_scales, scaling, seed),
+        lambda: input_grad_streamed(dy, weight, lora_A, lora_B, row_scales, scaling, seed),
     )  # fmt: skip
-    d_lora_A, d_lora_B = _lora_grads(dy, x, lora_A, lora_B, scaling)
+    d_lora_A, d_lora_B = lora_grads(dy, x, lora_A, lora_B, scaling)
     return dx, d_lora_A, d_lora_B

@@ -39,25 +39,17 @@ GPU_TILE_OVERRIDES: dict[str, dict] = {
 
 
 def _tiles(kernel: str) -> dict:
+    """``triton_backend.launch_tiles`` with this module's GPU tile overrides."""
     if not dense.INTERPRETING and kernel in GPU_TILE_OVERRIDES:
         return dict(GPU_TILE_OVERRIDES[kernel])
-    return dense._tiles(kernel)
+    return dense.launch_tiles(kernel)
 
 
-def _fused_launch(kernel, n_tokens, tile_axis, loop_axis, out_width, dtype, device):
-    """``triton_backend._fused_launch`` with this module's tile overrides."""
+def _quantized_launch_plan(kernel, n_tokens, tile_axis, loop_axis, out_width, dtype, device):
+    """``triton_backend.fused_launch_plan`` with this module's GPU tile overrides."""
     name = f"{kernel}_fp32" if dtype == torch.float32 else kernel
-    if dense.INTERPRETING or name not in GPU_TILE_OVERRIDES:
-        return dense._fused_launch(kernel, n_tokens, tile_axis, loop_axis, out_width, dtype, device)
-    tiles = dict(GPU_TILE_OVERRIDES[name])
-    cap = tiles.pop("MAX_BLOCK_TOKENS")
-    tiles["BLOCK_TOKENS"] = next((size for size in (16, 32, 64, 128) if n_tokens <= size or size >= cap), cap)
-    output_tiles = (triton.cdiv(n_tokens, tiles["BLOCK_TOKENS"]), triton.cdiv(tile_axis[0], tiles[tile_axis[1]]))
-    loop_tile = tiles[loop_axis[1]]
-    splits, blocks_per_split = dense._split_reduction(output_tiles[0] * output_tiles[1],
-                                                      triton.cdiv(loop_axis[0], loop_tile), device)  # fmt: skip
-    out, out_strides = dense._split_outputs(splits, (n_tokens, out_width), dtype, device)
-    return tiles, (*output_tiles, splits), blocks_per_split * loop_tile, out, out_strides
+    override = None if dense.INTERPRETING else GPU_TILE_OVERRIDES.get(name)
+    return dense.fused_launch_plan(kernel, n_tokens, tile_axis, loop_axis, out_width, dtype, device, table_entry=override)
 
 
 def _log2(blocksize: int) -> int:
@@ -83,7 +75,7 @@ def _weight_constexprs(nested_absmax, weight_dtype) -> dict:
     return dict(NESTED=nested_absmax is not None, WEIGHT_ROUND=_WEIGHT_ROUND[weight_dtype])
 
 
-class _Layer:
+class Layer4bit:
     """One 4-bit layer's launch arguments (built per call; holds no tensors beyond the call)."""
 
     def __init__(self, codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize,
@@ -96,32 +88,33 @@ class _Layer:
         self.device = codes.device
 
 
-def row_scale(layer: _Layer, sigma: Tensor, compute_dtype) -> Tensor:
+def row_scale(layer: Layer4bit, sigma: Tensor, compute_dtype) -> Tensor:
+    """fp32 ``[N]``: ``sigma * ||deq(W) + s*B@A||_row / sqrt(K)``, from decoded tiles (one read of the codes)."""
     scale = torch.empty(layer.out_features, dtype=torch.float32, device=layer.device)
     tiles = _tiles("row_scale")
     grid = (triton.cdiv(layer.out_features, tiles["BLOCK_ROWS"]),)
-    dense._traceable(quantized_row_scale_kernel)[grid](
+    dense.traceable_kernel(quantized_row_scale_kernel)[grid](
         *layer.args, sigma, scale, layer.out_features, layer.in_features, math.sqrt(layer.in_features),
-        **layer.constexprs, **tiles, **dense._factor_constexprs(layer.lora_A, layer.lora_B, compute_dtype),
+        **layer.constexprs, **tiles, **dense.factor_constexprs(layer.lora_A, layer.lora_B, compute_dtype),
     )  # fmt: skip
     return scale
 
 
-def regenerate_perturbed_weight(out: Tensor, layer: _Layer, row_scales, seed, rows, counters, stride_out_row,
+def regenerate_perturbed_weight(out: Tensor, layer: Layer4bit, row_scales, seed, rows, counters, stride_out_row,
                                 stride_out_strip) -> None:
     """Write ``W'`` for ``rows x counters`` into ``out`` (layout: ``kernels/quantized_perturbed_weight.py``)."""
     (row_start, row_end), (counter_start, counter_end) = rows, counters
     tiles = _tiles("perturbed_weight")
     grid = (triton.cdiv(row_end - row_start, tiles["BLOCK_ROWS"]),
             triton.cdiv(counter_end - counter_start, tiles["BLOCK_COUNTERS"]))  # fmt: skip
-    dense._traceable(quantized_perturbed_weight_kernel)[grid](
+    dense.traceable_kernel(quantized_perturbed_weight_kernel)[grid](
         *layer.args, row_scales, seed, out, row_start, row_end, counter_start, counter_end,
         layer.in_features, counters_per_row(layer.in_features), stride_out_row, stride_out_strip,
-        **layer.constexprs, **tiles, **dense._factor_constexprs(layer.lora_A, layer.lora_B, out.dtype),
+        **layer.constexprs, **tiles, **dense.factor_constexprs(layer.lora_A, layer.lora_B, out.dtype),
     )  # fmt: skip
 
 
-def perturbed_weight_rows(layer: _Layer, row_scales, seed, row_start, row_end, dtype) -> Tensor:
+def perturbed_weight_rows(layer: Layer4bit, row_scales, seed, row_start, row_end, dtype) -> Tensor:
     """``W'[row_start:row_end]`` as a new ``[rows, K]`` tensor of ``dtype`` (also: tests)."""
     k = layer.in_features
     out = torch.empty((row_end - row_start, k), dtype=dtype, device=layer.device)
@@ -130,12 +123,14 @@ def perturbed_weight_rows(layer: _Layer, row_scales, seed, row_start, row_end, d
     return out
 
 
-def _forward_streamed(x, layer: _Layer, bias, row_scales, seed) -> Tensor:
+def forward_streamed(x, layer: Layer4bit, bias, row_scales, seed) -> Tensor:
+    """``y = x @ W'^T (+ bias)`` by the streamed strategy (``W'`` decoded in row chunks)."""
     regenerate_rows = lambda start, end: perturbed_weight_rows(layer, row_scales, seed, start, end, x.dtype)  # noqa: E731
     return dense.forward_by_row_chunks(x, bias, layer.out_features, regenerate_rows)
 
 
-def _input_grad_streamed(dy, layer: _Layer, row_scales, seed) -> Tensor:
+def input_grad_streamed(dy, layer: Layer4bit, row_scales, seed) -> Tensor:
+    """``dx = dy @ W'`` by the streamed strategy (``W'`` decoded whole or in counter chunks)."""
     n = layer.out_features
     regenerate_rows = lambda start, end: perturbed_weight_rows(layer, row_scales, seed, start, end, dy.dtype)  # noqa: E731
     fill_counters = lambda chunk, counter_start, width: regenerate_perturbed_weight(  # noqa: E731
@@ -144,31 +139,33 @@ def _input_grad_streamed(dy, layer: _Layer, row_scales, seed) -> Tensor:
     return dense.input_grad_by_counter_chunks(dy, n, layer.in_features, regenerate_rows, fill_counters)
 
 
-def _forward_in_register(x, layer: _Layer, bias, row_scales, seed) -> Tensor:
+def forward_in_register(x, layer: Layer4bit, bias, row_scales, seed) -> Tensor:
+    """``y = x @ W'^T (+ bias)`` by the in-register strategy (one fused GEMM launch decoding each tile)."""
     n_tokens, n, k = x.shape[0], layer.out_features, layer.in_features
     kq = counters_per_row(k)
-    tiles, grid, counters_per_split, out, out_strides = _fused_launch(
+    tiles, grid, counters_per_split, out, out_strides = _quantized_launch_plan(
         "fused_forward", n_tokens, (n, "BLOCK_OUT"), (kq, "BLOCK_COUNTERS"), n, x.dtype, x.device
     )
     splits = grid[2]
-    dense._traceable(quantized_fused_forward_kernel)[grid](
+    dense.traceable_kernel(quantized_fused_forward_kernel)[grid](
         *layer.args, x, row_scales, seed, row_scales if bias is None else bias, out,
         n_tokens, n, k, kq, counters_per_split, *x.stride(), *out_strides, **layer.constexprs,
         HAS_BIAS=bias is not None and splits == 1, **tiles,
-        **dense._fused_constexprs(layer.lora_A, layer.lora_B, x.dtype),
+        **dense.fused_constexprs(layer.lora_A, layer.lora_B, x.dtype),
     )  # fmt: skip
     return dense.sum_split_outputs(out, splits, bias, x.dtype)
 
 
-def _input_grad_in_register(dy, layer: _Layer, row_scales, seed) -> Tensor:
+def input_grad_in_register(dy, layer: Layer4bit, row_scales, seed) -> Tensor:
+    """``dx = dy @ W'`` by the in-register strategy (one fused GEMM launch decoding each tile)."""
     n_tokens, n, k = dy.shape[0], layer.out_features, layer.in_features
     kq = counters_per_row(k)
-    tiles, grid, rows_per_split, out, out_strides = _fused_launch(
+    tiles, grid, rows_per_split, out, out_strides = _quantized_launch_plan(
         "fused_input_grad", n_tokens, (kq, "BLOCK_COUNTERS"), (n, "BLOCK_OUT"), k, dy.dtype, dy.device
     )
-    dense._traceable(quantized_fused_input_grad_kernel)[grid](
+    dense.traceable_kernel(quantized_fused_input_grad_kernel)[grid](
         *layer.args, dy, row_scales, seed, out, n_tokens, n, k, kq, rows_per_split, *dy.stride(), *out_strides,
-        **layer.constexprs, **tiles, **dense._fused_constexprs(layer.lora_A, layer.lora_B, dy.dtype),
+        **layer.constexprs, **tiles, **dense.fused_constexprs(layer.lora_A, layer.lora_B, dy.dtype),
     )  # fmt: skip
     return dense.sum_split_outputs(out, grid[2], None, dy.dtype)
 
@@ -178,14 +175,14 @@ def _input_grad_in_register(dy, layer: _Layer, row_scales, seed) -> Tensor:
 
 def forward(x, codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize, nested_offset,
             weight_dtype, out_features, in_features, lora_A, lora_B, bias, scaling, sigma, seed):
-    layer = _Layer(codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize, nested_offset,
+    layer = Layer4bit(codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize, nested_offset,
                    weight_dtype, out_features, in_features, lora_A, lora_B, scaling)
-    with dense._on_device(x.device):
+    with dense.on_device(x.device):
         scale = row_scale(layer, sigma, x.dtype)
         y = dense.forward_by_strategy(
             x, bias, out_features,
-            lambda bias: _forward_in_register(x, layer, bias, scale, seed),
-            lambda bias: _forward_streamed(x, layer, bias, scale, seed),
+            lambda bias: forward_in_register(x, layer, bias, scale, seed),
+            lambda bias: forward_streamed(x, layer, bias, scale, seed),
         )  # fmt: skip
         return y, scale
 
@@ -193,18 +190,21 @@ def forward(x, codes, absmax, code_table, nested_absmax, nested_code, blocksize,
 def backward(dy, x, codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize,
              nested_offset, weight_dtype, out_features, in_features, lora_A, lora_B, row_scale, scaling, seed,
              compute_dx):
-    layer = _Layer(codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize, nested_offset,
+    layer = Layer4bit(codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize, nested_offset,
                    weight_dtype, out_features, in_features, lora_A, lora_B, scaling)
-    with dense._on_device(x.device):
+    with dense.on_device(x.device):
         dy = dy.to(x.dtype)
         row_scale = row_scale.contiguous()
         dx = dense.input_grad_by_strategy(
             x, in_features, compute_dx,
-            lambda: _input_grad_in_register(dy, layer, row_scale, seed),
-            lambda: _input_grad_streamed(dy, layer, row_scale, seed),
+            lambda: input_grad_in_register(dy, layer, row_scale, seed),
+            lambda: input_grad_streamed(dy, layer, row_scale, seed),
         )  # fmt: skip
-        d_lora_A, d_lora_B = dense._lora_grads(dy, x, lora_A, lora_B, scaling)
+        d_lora_A, d_lora_B = dense.lora_grads(dy, x, lora_A, lora_B, scaling)
         return dx, d_lora_A, d_lora_B
 
 
-__all__ = ["forward", "backward", "perturbed_weight_rows", "row_scale", "triton_tuning"]
+__all__ = [
+    "Layer4bit", "forward", "backward", "forward_in_register", "input_grad_in_register", "perturbed_weight_rows",
+    "row_scale", "triton_tuning",
+]  # fmt: skip

@@ -47,7 +47,8 @@ def _floats(parser, name, text):
     return sorted(values)
 
 
-def _parse_args(argv):
+def parse_args(argv):
+    """The demo's command line (``python -m flatlora_kernels.demo --help``) parsed into its options."""
     parser = argparse.ArgumentParser(prog="python -m flatlora_kernels.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=("digits", "lm"), default="digits", help="digits MLP (default, ~2-5 min) or tiny GPT-2 through PEFT + Trainer (~10 min)")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning optimizer steps per run (digits 400, lm 120)")
@@ -103,7 +104,7 @@ def _parse_args(argv):
 
 
 def main(argv=None) -> int:
-    args = _parse_args(argv)
+    args = parse_args(argv)
     if args.task == "lm":
         from .lm_job import run_lm
 

@@ -102,7 +102,7 @@ def enable_flat_lora(
             continue
         layer.__class__ = _patched_class(layer)
         layer.flat_lora_adapter, layer.sigma, layer.fused = adapter, float(sigma), bool(fused)
-        layer._init_step_noise(layer.get_base_layer().weight.device, warn_once)
+        layer.init_step_noise(layer.get_base_layer().weight.device, warn_once)
     return peft_model
 
 
@@ -112,7 +112,7 @@ def disable_flat_lora(peft_model: nn.Module):
     if not layers:
         raise ValueError("disable_flat_lora: the model has no layer patched by enable_flat_lora")
     for _, layer in layers:
-        layer._remove_step_noise()
+        layer.remove_step_noise()
         for name in ("flat_lora_adapter", "sigma", "fused"):
             delattr(layer, name)
         layer.__class__ = layer.peft_class
