@@ -15,21 +15,15 @@ from .cost import load_average, measure_cost, print_cost
 from .data import make_digits_task
 from .digits_mlp import accuracy, pretrain
 from .finetune import KNOBS, FinetuneConfig
-from .job import announce_machine, fine_tune, median_step_ms, output_folder, print_noise_table, save_results, search, summarise_with_noise
-from .job import knobs_for as _knobs_for
+from .job import announce_machine, fine_tune, knobs_for, median_step_ms, output_folder, print_noise_table, save_results, search, summarise_with_noise
 from .report import print_table
 from .runner import Workers
-from .selection import Knob
 
 MEASURES = {  # name -> (metric, scale, digits)
     "accuracy %": (lambda r: r.accuracy, 100.0, 1),
     "corrupted acc %": (lambda r: r.mean_corrupted_accuracy, 100.0, 1),
     "test NLL": (lambda r: r.test_nll, 1.0, 3),
 }
-
-
-def knobs_for(args) -> list[Knob]:
-    return _knobs_for(args, KNOBS)
 
 
 def run_digits(args) -> int:
@@ -50,7 +44,7 @@ def run_digits(args) -> int:
     with Workers(task_name="digits", payload=payload, workers=args.workers, threads=args.threads, progress=not args.no_progress) as workers:
         config = FinetuneConfig(steps=args.steps, rank=args.rank, lr=args.lr, noise_draws=args.noise_draws)
 
-        choices, reference = search(args, config, knobs_for(args), workers.run)
+        choices, reference = search(args, config, knobs_for(args, KNOBS), workers.run)
         print("plain LoRA validation NLL by step (overfitting shows as a rise): " + ", ".join(f"{k}: {v:.3f}" for k, v in reference["curve"].items()))
         config = replace(config, **{KNOBS[m]: c.value for m, c in choices.items()})
         results = fine_tune(args, config, workers.run)
