@@ -9,6 +9,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <optional>
 #include <tuple>
 
 #include "cpu_kernels.h"
@@ -131,5 +132,45 @@ std::tuple<at::Tensor, at::Tensor> lora_factor_grads(const at::Tensor& x_gemm, c
                                                      const at::Tensor& dy_b, const at::Tensor& lora_A_gemm,
                                                      double scaling, at::ScalarType lora_A_dtype,
                                                      at::ScalarType lora_B_dtype);
+
+// The forward of either base once its arguments are checked: (y = x @ W'^T + bias in x's dtype,
+// the fp32 row scales [N] the backward reuses).
+template <class Perturbed>
+std::tuple<at::Tensor, at::Tensor> forward_pass(const Perturbed& perturbed, const at::Tensor& x, int64_t out_features,
+                                                const std::optional<at::Tensor>& bias, const at::Tensor& sigma,
+                                                int64_t chunk_bytes, int64_t workspace_bytes) {
+  const at::ScalarType compute = gemm_dtype(x);
+  const at::Tensor x_gemm = x.to(compute);
+  at::Tensor y = at::empty({x.size(0), out_features}, x.options().dtype(compute));
+  at::Tensor row_scale = at::empty({out_features}, x.options().dtype(at::kFloat));
+  forward_over_chunks(perturbed, x_gemm, y, sigma.item<float>(), row_scale.data_ptr<float>(), chunk_bytes,
+                      workspace_bytes);
+  if (bias.has_value()) y.add_(bias->to(compute));
+  return {y.to(x.scalar_type()), row_scale};
+}
+
+// The backward of either base once its arguments are checked: (dx or an empty tensor, dA, dB).
+// make_perturbed() builds the Perturbed for dx, only when dx is wanted.
+template <class MakePerturbed>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_pass(const MakePerturbed& make_perturbed, const at::Tensor& dy,
+                                                             const at::Tensor& x, const at::Tensor& lora_A,
+                                                             const at::Tensor& lora_B, const at::Tensor& row_scale,
+                                                             double scaling, bool compute_dx, bool fold_lora,
+                                                             int64_t chunk_bytes, int64_t parallel_grain,
+                                                             int64_t workspace_bytes) {
+  const at::ScalarType compute = gemm_dtype(x);
+  const at::Tensor dy_gemm = dy.to(compute);
+  const at::Tensor x_gemm = x.to(compute);
+  const at::Tensor lora_A_gemm = lora_A.to(compute);
+  const at::Tensor dy_b = at::mm(dy_gemm, lora_B.to(compute)).mul_(scaling);  // s * dy @ B   [M, r]
+  at::Tensor dx = at::empty({0}, x.options());
+  if (compute_dx) {
+    dx = input_grad_over_chunks(make_perturbed(), dy_gemm, dy_b, lora_A_gemm, row_scale, x.scalar_type(), fold_lora,
+                                chunk_bytes, parallel_grain, workspace_bytes);
+  }
+  auto [d_lora_A, d_lora_B] =
+      lora_factor_grads(x_gemm, dy_gemm, dy_b, lora_A_gemm, scaling, lora_A.scalar_type(), lora_B.scalar_type());
+  return {dx, d_lora_A, d_lora_B};
+}
 
 }  // namespace flatlora

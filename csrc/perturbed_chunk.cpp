@@ -1,13 +1,10 @@
-// Each group of chunk rows is finished in one visit while it sits in L1: widen the W rows, add the
-// rank-r LoRA update (kFoldRows rows at once, so each load of A serves them all), take the norms
-// (forward), add the noise, round to the compute dtype. No separate copy / BLAS update / norm passes
-// over the chunk, and no full B@A.
+// The dense builder: widens W's rows into row_pipeline.h's pipeline (fp32, bf16, fp16 compute), or
+// builds fp64 rows itself (fp64 compute keeps W + s*B@A exact to fp64).
 #include "perturbed_chunk.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
@@ -63,74 +60,36 @@ void widen_row(const CpuKernels& kernels, const T* src, float* dst, int64_t n) {
   }
 }
 
-void round_row_to_half(float* row, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) row[j] = static_cast<float>(static_cast<c10::Half>(row[j]));
-}
-
 }  // namespace
 
-void PerturbedWeight::build_rows(int64_t row0, at::Tensor& chunk, float sigma, const float* saved_scale,
-                                 float* new_scale, bool fold_lora) const {
-  if (round_to_ == at::kDouble) return build_rows_fp64(row0, chunk, sigma, saved_scale, new_scale, fold_lora);
+void PerturbedWeight::build_rows(int64_t row0, at::Tensor& chunk, const ChunkRowScales& scales, bool fold_lora) const {
+  if (round_to_ == at::kDouble) return build_rows_fp64(row0, chunk, scales, fold_lora);
   const int64_t rows = chunk.size(0);
   const int64_t in_features = chunk.size(1);
-  const int64_t rank = lora_A_.size(0);
-  // A bf16 chunk (bf16 compute) is half the memory of an fp32 one: its rows are built in an fp32
-  // scratch block, then stored rounded. Any other chunk is fp32 and rows are built in place.
-  const bool bf16_chunk = chunk.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(bf16_chunk == (round_to_ == at::kBFloat16) && (bf16_chunk || chunk.scalar_type() == at::kFloat),
-              "flatlora: a chunk is bf16 for bf16 compute, fp32 otherwise");
-  const float* lora_A = lora_A_.data_ptr<float>();
-  const float* lora_B = lora_B_scaled_.data_ptr<float>() + row0 * rank;
-  const float sqrt_k = static_cast<float>(std::sqrt(static_cast<double>(in_features)));
-  // Rows must be contiguous to be read in place; otherwise gather this chunk's rows first (rare).
-  const bool read_in_place = weight_.stride(1) == 1;
-  const at::Tensor gathered =
-      read_in_place ? at::Tensor() : weight_.narrow(0, row0, rows).to(at::kFloat).contiguous();
-  const float* gathered_data = read_in_place ? nullptr : gathered.data_ptr<float>();
-  float* chunk_f32 = bf16_chunk ? nullptr : chunk.data_ptr<float>();
-  uint16_t* chunk_bf16 = bf16_chunk ? reinterpret_cast<uint16_t*>(chunk.data_ptr<c10::BFloat16>()) : nullptr;
-
+  const RowPipeline pipeline{lora_A_.data_ptr<float>(), lora_B_scaled_.data_ptr<float>(), lora_A_.size(0), seed_,
+                             round_to_, grain_rows(in_features)};
+  if (weight_.stride(1) != 1) {  // rows are read in place when contiguous; otherwise gathered first (rare)
+    const at::Tensor gathered = weight_.narrow(0, row0, rows).to(at::kFloat).contiguous();
+    const float* gathered_rows = gathered.data_ptr<float>();
+    build_perturbed_rows(pipeline, row0, chunk, scales, fold_lora, [&](int64_t first, int64_t count, float* block) {
+      std::copy_n(gathered_rows + first * in_features, count * in_features, block);
+    });
+    return;
+  }
   const CpuKernels& kernels = cpu_kernels();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight_.scalar_type(), "flatlora_build_rows", [&] {
     const scalar_t* weight = weight_.data_ptr<scalar_t>() + row0 * weight_.stride(0);
     const int64_t weight_row_stride = weight_.stride(0);
-    at::parallel_for(0, rows, grain_rows(in_features), [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch(bf16_chunk ? kFoldRows * in_features : 0);
-      for (int64_t group = begin; group < end; group += kFoldRows) {
-        const int64_t count = std::min(kFoldRows, end - group);
-        float* block = bf16_chunk ? scratch.data() : chunk_f32 + group * in_features;
-        for (int64_t r = 0; r < count; ++r) {
-          const int64_t i = group + r;
-          if (read_in_place) {
-            widen_row(kernels, weight + i * weight_row_stride, block + r * in_features, in_features);
-          } else {
-            std::copy_n(gathered_data + i * in_features, in_features, block + r * in_features);
-          }
-        }
-        if (fold_lora) kernels.add_low_rank_rows(lora_B + group * rank, lora_A, rank, in_features, count, block);
-        for (int64_t r = 0; r < count; ++r) {
-          const int64_t i = group + r;
-          float* row = block + r * in_features;
-          float scale;
-          if (saved_scale != nullptr) {
-            scale = saved_scale[i];
-          } else {
-            scale = sigma * static_cast<float>(std::sqrt(kernels.row_squared_norm(row, in_features))) / sqrt_k;
-            new_scale[i] = scale;
-          }
-          // |z| <= 5.7 always, so a zero scale adds exactly nothing: skip the generator (sigma = 0).
-          if (scale != 0.0f) add_scaled_normal_row(seed_, row0 + i, in_features, scale, row);
-          if (round_to_ == at::kHalf) round_row_to_half(row, in_features);
-          if (bf16_chunk) kernels.round_to_bfloat16(row, in_features, chunk_bf16 + i * in_features);
-        }
+    build_perturbed_rows(pipeline, row0, chunk, scales, fold_lora, [&](int64_t first, int64_t count, float* block) {
+      for (int64_t r = 0; r < count; ++r) {
+        widen_row(kernels, weight + (first + r) * weight_row_stride, block + r * in_features, in_features);
       }
     });
   });
 }
 
-void PerturbedWeight::build_rows_fp64(int64_t row0, at::Tensor& chunk, float sigma, const float* saved_scale,
-                                      float* new_scale, bool fold_lora) const {
+void PerturbedWeight::build_rows_fp64(int64_t row0, at::Tensor& chunk, const ChunkRowScales& scales,
+                                      bool fold_lora) const {
   TORCH_CHECK(chunk.scalar_type() == at::kDouble, "flatlora: an fp64 build needs an fp64 chunk");
   const int64_t rows = chunk.size(0);
   const int64_t in_features = chunk.size(1);
@@ -155,13 +114,13 @@ void PerturbedWeight::build_rows_fp64(int64_t row0, at::Tensor& chunk, float sig
         }
       }
       float scale;
-      if (saved_scale != nullptr) {
-        scale = saved_scale[i];
+      if (scales.saved != nullptr) {
+        scale = scales.saved[i];
       } else {
         double squared_norm = 0.0;
         for (int64_t j = 0; j < in_features; ++j) squared_norm += row[j] * row[j];
-        scale = sigma * static_cast<float>(std::sqrt(squared_norm)) / sqrt_k;
-        new_scale[i] = scale;
+        scale = scales.sigma * static_cast<float>(std::sqrt(squared_norm)) / sqrt_k;
+        scales.fresh[i] = scale;
       }
       if (scale == 0.0f) continue;
       normal_row(seed_, row0 + i, in_features, z.data());
@@ -172,12 +131,12 @@ void PerturbedWeight::build_rows_fp64(int64_t row0, at::Tensor& chunk, float sig
 }
 
 void PerturbedWeight::build_with_new_scale(int64_t row0, at::Tensor& chunk, float sigma, float* row_scale) const {
-  build_rows(row0, chunk, sigma, /*saved_scale=*/nullptr, row_scale, /*fold_lora=*/true);
+  build_rows(row0, chunk, ChunkRowScales{sigma, /*saved=*/nullptr, /*fresh=*/row_scale}, /*fold_lora=*/true);
 }
 
 void PerturbedWeight::build_with_saved_scale(int64_t row0, at::Tensor& chunk, const float* row_scale,
                                              bool fold_lora) const {
-  build_rows(row0, chunk, /*sigma=*/0.0f, row_scale, /*new_scale=*/nullptr, fold_lora);
+  build_rows(row0, chunk, ChunkRowScales{/*sigma=*/0.0f, /*saved=*/row_scale, /*fresh=*/nullptr}, fold_lora);
 }
 
 }  // namespace flatlora

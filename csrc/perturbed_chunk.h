@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "row_pipeline.h"
+
 namespace flatlora {
 
 // The chunk byte cap and the parallel grain are tuning: they come from Python
@@ -30,11 +32,8 @@ class PerturbedWeight {
   void build_with_saved_scale(int64_t row0, at::Tensor& chunk, const float* row_scale, bool fold_lora) const;
 
  private:
-  // With saved_scale null, the scales come from the rows' norms and are written to new_scale.
-  void build_rows(int64_t row0, at::Tensor& chunk, float sigma, const float* saved_scale, float* new_scale,
-                  bool fold_lora) const;
-  void build_rows_fp64(int64_t row0, at::Tensor& chunk, float sigma, const float* saved_scale, float* new_scale,
-                       bool fold_lora) const;
+  void build_rows(int64_t row0, at::Tensor& chunk, const ChunkRowScales& scales, bool fold_lora) const;
+  void build_rows_fp64(int64_t row0, at::Tensor& chunk, const ChunkRowScales& scales, bool fold_lora) const;
   int64_t grain_rows(int64_t in_features) const;
 
   at::Tensor weight_;

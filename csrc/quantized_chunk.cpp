@@ -1,20 +1,14 @@
-// The 4-bit chunk builder: per group of kFoldRows rows, while they sit in L1, decode the codes into
-// fp32 rows (rounded through the dequantized dtype), add the rank-r update, take the norms, add the
-// noise, round to the compute dtype. The steps after the decode are the dense builder's, through the
-// same ISA kernels (cpu_kernels.h), so a chunk equals PerturbedWeight's chunk of deq(W) bit for bit.
+// The 4-bit builder: decodes the codes into fp32 rows (rounded through the dequantized dtype) for
+// row_pipeline.h's pipeline, the dense builder's, so a chunk equals PerturbedWeight's chunk of deq(W)
+// bit for bit.
 #include "quantized_chunk.h"
 
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <cmath>
 #include <string>
-#include <vector>
 
 #include "cpu_kernels.h"
-#include "normal_stream.h"
 #include "quantized_decode.h"
 
 namespace flatlora {
@@ -108,56 +102,24 @@ void QuantizedPerturbedWeight::decode_row(int64_t row, float* dst) const {
   }
 }
 
-void QuantizedPerturbedWeight::build_rows(int64_t row0, at::Tensor& chunk, float sigma, const float* saved_scale,
-                                          float* new_scale, bool fold_lora) const {
-  const int64_t rows = chunk.size(0);
+void QuantizedPerturbedWeight::build_rows(int64_t row0, at::Tensor& chunk, const ChunkRowScales& scales,
+                                          bool fold_lora) const {
   const int64_t k = chunk.size(1);
-  const int64_t rank = lora_A_.size(0);
-  const bool bf16_chunk = chunk.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(bf16_chunk == (round_to_ == at::kBFloat16) && (bf16_chunk || chunk.scalar_type() == at::kFloat),
-              "flatlora 4-bit: a chunk is bf16 for bf16 compute, fp32 otherwise");
-  const float* lora_A = lora_A_.data_ptr<float>();
-  const float* lora_B = lora_B_scaled_.data_ptr<float>() + row0 * rank;
-  const float sqrt_k = static_cast<float>(std::sqrt(static_cast<double>(k)));
-  float* chunk_f32 = bf16_chunk ? nullptr : chunk.data_ptr<float>();
-  uint16_t* chunk_bf16 = bf16_chunk ? reinterpret_cast<uint16_t*>(chunk.data_ptr<c10::BFloat16>()) : nullptr;
-  const CpuKernels& kernels = cpu_kernels();
-  const int64_t grain = std::max<int64_t>(1, grain_elements_ / k);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(bf16_chunk ? kFoldRows * k : 0);
-    for (int64_t group = begin; group < end; group += kFoldRows) {
-      const int64_t count = std::min(kFoldRows, end - group);
-      float* block = bf16_chunk ? scratch.data() : chunk_f32 + group * k;
-      for (int64_t r = 0; r < count; ++r) decode_row(row0 + group + r, block + r * k);
-      if (fold_lora) kernels.add_low_rank_rows(lora_B + group * rank, lora_A, rank, k, count, block);
-      for (int64_t r = 0; r < count; ++r) {
-        const int64_t i = group + r;
-        float* row = block + r * k;
-        float scale;
-        if (saved_scale != nullptr) {
-          scale = saved_scale[i];
-        } else {
-          scale = sigma * static_cast<float>(std::sqrt(kernels.row_squared_norm(row, k))) / sqrt_k;
-          new_scale[i] = scale;
-        }
-        if (scale != 0.0f) add_scaled_normal_row(seed_, row0 + i, k, scale, row);  // sigma = 0: exactly LoRA
-        if (round_to_ == at::kHalf) {
-          for (int64_t j = 0; j < k; ++j) row[j] = static_cast<float>(static_cast<c10::Half>(row[j]));
-        }
-        if (bf16_chunk) kernels.round_to_bfloat16(row, k, chunk_bf16 + i * k);
-      }
-    }
+  const RowPipeline pipeline{lora_A_.data_ptr<float>(), lora_B_scaled_.data_ptr<float>(), lora_A_.size(0), seed_,
+                             round_to_, std::max<int64_t>(1, grain_elements_ / k)};
+  build_perturbed_rows(pipeline, row0, chunk, scales, fold_lora, [&](int64_t first, int64_t count, float* block) {
+    for (int64_t r = 0; r < count; ++r) decode_row(row0 + first + r, block + r * k);
   });
 }
 
 void QuantizedPerturbedWeight::build_with_new_scale(int64_t row0, at::Tensor& chunk, float sigma,
                                                     float* row_scale) const {
-  build_rows(row0, chunk, sigma, /*saved_scale=*/nullptr, row_scale, /*fold_lora=*/true);
+  build_rows(row0, chunk, ChunkRowScales{sigma, /*saved=*/nullptr, /*fresh=*/row_scale}, /*fold_lora=*/true);
 }
 
 void QuantizedPerturbedWeight::build_with_saved_scale(int64_t row0, at::Tensor& chunk, const float* row_scale,
                                                       bool fold_lora) const {
-  build_rows(row0, chunk, 0.0f, row_scale, /*new_scale=*/nullptr, fold_lora);
+  build_rows(row0, chunk, ChunkRowScales{/*sigma=*/0.0f, /*saved=*/row_scale, /*fresh=*/nullptr}, fold_lora);
 }
 
 }  // namespace flatlora

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <optional>
 
+#include "row_pipeline.h"
+
 namespace flatlora {
 
 // A 4-bit weight [n, k] in bitsandbytes' layout (flatlora_kernels/quantized/layout.py): flat codes, two
@@ -40,8 +42,7 @@ class QuantizedPerturbedWeight {
   void build_with_saved_scale(int64_t row0, at::Tensor& chunk, const float* row_scale, bool fold_lora) const;
 
  private:
-  void build_rows(int64_t row0, at::Tensor& chunk, float sigma, const float* saved_scale, float* new_scale,
-                  bool fold_lora) const;
+  void build_rows(int64_t row0, at::Tensor& chunk, const ChunkRowScales& scales, bool fold_lora) const;
   // dst = deq(W) row `row` in fp32 (rounded through weight_dtype).
   void decode_row(int64_t row, float* dst) const;
   float block_scale(int64_t block) const;
