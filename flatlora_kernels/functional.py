@@ -1,6 +1,9 @@
-"""``flat_lora_linear``: the functional entry point (validation, backend choice, shapes, autocast)."""
+"""``flat_lora_linear``: the functional entry point, for a dense or a 4-bit base (validation, backend
+choice, shapes, autocast)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -8,12 +11,15 @@ from torch import Tensor
 from . import backends, ops  # noqa: F401  (ops registers torch.ops.flatlora.*)
 from ._validation import check_op_arguments, scalar_tensor
 
+if TYPE_CHECKING:
+    from .quantized.layout import Packed4bit
+
 __all__ = ["flat_lora_linear"]
 
 
 def flat_lora_linear(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | Packed4bit,
     lora_A: Tensor,
     lora_B: Tensor,
     bias: Tensor | None = None,
@@ -27,7 +33,11 @@ def flat_lora_linear(
 
     Args:
         x: ``[..., in_features]``; its dtype is the compute dtype (under autocast, the autocast dtype).
-        weight: the frozen base weight ``[out_features, in_features]`` (must not require grad).
+        weight: the frozen base weight ``[out_features, in_features]`` (must not require grad), or a 4-bit
+            one (``flatlora_kernels.quantized.Packed4bit``): then ``y = x @ (deq(W) + s*B@A + eps)^T + bias``
+            with eps from the row norms of ``deq(W) + s*B@A`` (exactly what the dequantized weight gets),
+            decoded chunk by chunk (``"cpp"``, ``"triton"``: ``deq(W)`` is never held whole; ``"reference"``
+            dequantizes); fp64 compute is refused there.
         lora_A: ``[r, in_features]``; lora_B: ``[out_features, r]``; bias: ``[out_features]`` or None.
         scaling: the LoRA scale ``s`` (``lora_alpha / r``).
         sigma: the noise level (already multiplied by any schedule factor); float or 1-element tensor.
@@ -36,6 +46,8 @@ def flat_lora_linear(
 
     Differentiable in ``x``, ``lora_A``, ``lora_B`` and ``bias``; eps is a constant (no gradient).
     """
+    if not isinstance(weight, Tensor):
+        return _linear_4bit(x, weight, lora_A, lora_B, bias, scaling, sigma, seed, backend)
     check_op_arguments(x, weight, lora_A, lora_B, bias, scaling, sigma, seed)
     if weight.requires_grad:
         raise ValueError(
@@ -47,6 +59,30 @@ def flat_lora_linear(
         out_features=weight.shape[0], graph_op=torch.ops.flatlora.forward, eager_cpp_op=ops.EagerCpp.apply,
         plain_weight_tensors=(weight,),
     )
+
+
+def _linear_4bit(x, weight, lora_A, lora_B, bias, scaling, sigma, seed, backend) -> Tensor:
+    """``flat_lora_linear`` for a weight that is not a tensor: a ``Packed4bit``, else TypeError."""
+    # Imported at the first 4-bit call: quantized/ builds on this module (its layer is a FlatLoraLinear).
+    from .quantized import ops as ops_4bit
+    from .quantized.layout import Packed4bit
+
+    if not isinstance(weight, Packed4bit):
+        raise TypeError(f"flat_lora_linear: weight must be a torch.Tensor or a Packed4bit, got {type(weight).__name__}")
+    check_op_arguments(x, _shape_stand_in(weight), lora_A, lora_B, bias, scaling, sigma, seed)
+    if x.dtype == torch.float64:
+        raise TypeError("flat_lora_linear: fp64 compute is not supported on a 4-bit base (use fp32, bf16 or fp16)")
+    return run_fused_op(
+        x, weight.op_args(), lora_A, lora_B, bias, scaling, sigma, seed, backend,
+        out_features=weight.out_features, graph_op=torch.ops.flatlora_q4.forward,
+        eager_cpp_op=ops_4bit.EagerCpp4bit.apply, plain_weight_tensors=(),
+    )  # fmt: skip
+
+
+def _shape_stand_in(packed: Packed4bit) -> Tensor:
+    """A one-element fp32 tensor viewed as ``[N, K]`` on the weight's device: lets the dense layer's
+    shape and device checks (``_validation``) check a 4-bit weight too, allocating nothing weight-sized."""
+    return torch.empty((1, 1), device=packed.device).expand(packed.out_features, packed.in_features)
 
 
 def run_fused_op(

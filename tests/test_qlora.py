@@ -297,6 +297,26 @@ def test_adapter_saves_as_plain_peft_adapter(tmp_path):
     torch.testing.assert_close(peft_model(x), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n,k,dtype,quant_type,blocksize,nested", LAYOUTS[:2])
+def test_flat_lora_linear_on_a_packed_weight_is_flat_qlora_linear(n, k, dtype, quant_type, blocksize, nested):
+    """One entry point for both bases: ``flat_lora_linear`` on a ``Packed4bit`` gives what the strict
+    ``flat_qlora_linear`` gives, bit for bit (output and gradients); a weight that is neither a tensor nor
+    a ``Packed4bit`` is a TypeError naming the function."""
+    packed, lora_A, lora_B, bias = _layer(n, k, 4, dtype=dtype, quant_type=quant_type, blocksize=blocksize,
+                                          nested=nested)
+    x = torch.randn(2, 5, k).to(dtype)
+    either = _run(flat_lora_linear, x, packed, lora_A, lora_B, bias, backend="cpp", **NOISE)
+    strict = _run(flat_qlora_linear, x, packed, lora_A, lora_B, bias, backend="cpp", **NOISE)
+    for got, want in zip(either, strict):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    with pytest.raises(TypeError, match=r"^flat_lora_linear: weight must be a torch.Tensor or a Packed4bit, got list"):
+        flat_lora_linear(x, [[0.0] * k] * n, lora_A, lora_B, **NOISE)
+    with pytest.raises(TypeError, match=r"^flat_qlora_linear: weight must be a Packed4bit, got Tensor"):
+        flat_qlora_linear(x, dequantize(*packed.op_args()), lora_A, lora_B, **NOISE)
+    with pytest.raises(TypeError, match=r"^flat_lora_linear: fp64 compute is not supported on a 4-bit base"):
+        flat_lora_linear(x.double(), packed, lora_A.double(), lora_B.double(), **NOISE)
+
+
 def test_bad_input_names_the_problem():
     base = linear4bit(16, 32)
     assert is_bnb_4bit(base) and not is_bnb_4bit(torch.nn.Linear(2, 2))

@@ -5,7 +5,8 @@
 * ``ops``: ``torch.ops.flatlora_q4.forward`` / ``backward`` with autograd and fakes; backends
   ``reference`` (dequantizes), ``cpp`` (``csrc/quantized_*.cpp``), ``triton``
   (``backends/triton_quantized.py``);
-* ``functional.flat_qlora_linear``: the op's entry point;
+* ``functional.flat_qlora_linear``: the strict 4-bit spelling of ``flat_lora_linear`` (which runs these
+  ops for a ``Packed4bit`` weight): any other weight is a TypeError;
 * ``modules.FlatLoraLinear4bit``: the layer; ``flat_qlora_layer_from`` / ``flat_qlora_forward``: what
   the model entry points call for a PEFT QLoRA layer (replace it, or patch its forward).
 
