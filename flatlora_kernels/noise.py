@@ -137,7 +137,7 @@ def box_muller(u1: Tensor, u2: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # Elementwise ops below this many elements run in the calling thread (ATen's GRAIN_SIZE is 32768):
-# slabs of this size keep the transcendental math off the OpenMP workers (issue: load-dependent floats).
+# slabs of this size keep the transcendental math off the OpenMP workers, whose fp32 results depend on load.
 _SERIAL_ELEMENTS = 16384
 
 

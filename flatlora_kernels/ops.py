@@ -169,7 +169,8 @@ _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 def eager_cpp_applies(tensors) -> bool:
     """Whether ``EagerCpp`` may stand in for the ops: nothing that intercepts them (tracing, modes,
     functorch, forward-mode AD, jit tracing, subclasses) is active; the caller has already resolved the backend to
-    ``"cpp"``. (Under forward AD the ops give no tangent, where the Function would raise: kept as it was.)"""
+    ``"cpp"``. (Forward-mode AD takes the ops too: they give no tangent where the Function would raise, and
+    the shortcut must not change what a call does.)"""
     return not (
         torch.compiler.is_compiling()
         or torch.autograd.forward_ad._current_level >= 0
