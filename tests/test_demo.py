@@ -41,6 +41,7 @@ def test_tiny_demo_prints_every_measure_and_reproduces(tmp_path, capsys):
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     assert saved["machine"]["torch"] == torch.__version__ and saved["settings"]["seeds"] == 2
     assert saved["machine"]["cpu"] and len(saved["machine"]["load average at start"]) == 3
+    assert saved["plain lora validation NLL by step"] and "plain LoRA validation NLL by step" in printed
     config, selection = saved["settings"]["config"], saved["selection"]
     for method, knob in (("lora", "lora_dropout"), ("flat-lora", "sigma"), ("efmlora", "efm_rho"), ("bilora", "bilora_rho")):
         chosen = selection[method]

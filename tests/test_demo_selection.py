@@ -76,7 +76,7 @@ def test_the_digits_search_never_touches_the_test_split(monkeypatch):
     pytest.importorskip("sklearn")
     from dataclasses import replace
 
-    from flatlora_kernels.demo import digits_job, runner
+    from flatlora_kernels.demo import digits_job, job, runner
     from flatlora_kernels.demo.data import make_digits_task
     from flatlora_kernels.demo.digits_mlp import DigitsMLP
     from flatlora_kernels.demo.finetune import FinetuneConfig
@@ -89,7 +89,7 @@ def test_the_digits_search_never_touches_the_test_split(monkeypatch):
     payload = (DigitsMLP().state_dict(), 20)
     run = runner.Workers(task_name="digits", payload=payload, workers=1, threads=1, progress=False).run
     config = FinetuneConfig(steps=3, eval_every=2)
-    choices, reference = digits_job.search(args, config, digits_job.knobs_for(args, digits_job.KNOBS), run)
+    choices, reference = job.search(args, config, job.knobs_for(args, digits_job.KNOBS), run)
     assert set(choices) == {"lora", "flat-lora", "efmlora", "bilora"} and reference["val"] > 0
     assert all(len(c.validation) >= 4 for c in choices.values())
     with pytest.raises(AssertionError, match="test split was used"):  # the guard bites when a reported run touches it

@@ -6,16 +6,15 @@ against LoRA (with its own tuned dropout), plus the interleaved cost table."""
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 
-from .cost import load_average, measure_cost, print_cost
+from .cost import measure_cost, print_cost
 from .data import make_digits_task
 from .digits_mlp import accuracy, pretrain
 from .finetune import KNOBS, FinetuneConfig
-from .job import announce_machine, fine_tune, knobs_for, median_step_ms, output_folder, print_noise_table, save_results, search, summarise_with_noise
+from .job import median_step_ms, print_noise_table, save_results, start_job, summarise_with_noise, tuned_runs
 from .report import print_table
 from .runner import Workers
 
@@ -27,10 +26,7 @@ MEASURES = {  # name -> (metric, scale, digits)
 
 
 def run_digits(args) -> int:
-    wall = time.perf_counter()
-    host = announce_machine()  # the load average at the end is added below
-    out = output_folder(args)
-    torch.set_num_threads(args.threads)  # pretraining too, so the same thread count gives the same numbers
+    start = start_job(args)
     task = make_digits_task(target_train_size=args.train_images)
     print(
         f"digits: {task.source_train.labels.numel()} source training images; shifted target: {task.target_train.labels.numel()} "
@@ -43,11 +39,7 @@ def run_digits(args) -> int:
     payload = (base.state_dict(), args.train_images)
     with Workers(task_name="digits", payload=payload, workers=args.workers, threads=args.threads, progress=not args.no_progress) as workers:
         config = FinetuneConfig(steps=args.steps, rank=args.rank, lr=args.lr, noise_draws=args.noise_draws)
-
-        choices, reference = search(args, config, knobs_for(args, KNOBS), workers.run)
-        print("plain LoRA validation NLL by step (overfitting shows as a rise): " + ", ".join(f"{k}: {v:.3f}" for k, v in reference["curve"].items()))
-        config = replace(config, **{KNOBS[m]: c.value for m, c in choices.items()})
-        results = fine_tune(args, config, workers.run)
+        config, choices, reference, results = tuned_runs(args, config, KNOBS, workers.run)
     rows, raw = summarise_with_noise(results, args.methods, MEASURES, choices)
     sigmas = sorted(results[0].loss_under_noise, key=float)
     key = f"loss under noise {config.sigma}" if str(config.sigma) in sigmas else f"loss under noise {sigmas[-1]}"
@@ -70,19 +62,9 @@ def run_digits(args) -> int:
 
     from .plots import save_plots
 
-    paths = save_plots(results, args.methods, out)
-    seconds = time.perf_counter() - wall
-    saved = {
-        "task": "digits",
-        "machine": {**host, "load average at end": load_average()},
-        "settings": {**vars(args), "config": asdict(config)},
-        "selection": {m: c.as_json() for m, c in choices.items()},
-        "plain lora validation NLL": reference["val"],
-        "plain lora validation NLL by step": reference["curve"],
-        "summary": raw,
-        "cost": cost,
-        "wall seconds": seconds,
-        "runs": [asdict(r) for r in results],
-    }
-    save_results(out, saved, paths, seconds)
+    paths = save_plots(results, args.methods, start.out)
+    save_results(
+        start, paths, task="digits", settings={**vars(args), "config": asdict(config)}, choices=choices, reference=reference,
+        summary=raw, runs=[asdict(r) for r in results], cost=cost, **{"plain lora validation NLL by step": reference["curve"]},
+    )
     return 0

@@ -1,29 +1,39 @@
-"""The steps every task's job takes the same way (digits_job.py, lm_job.py): announcing the machine,
-the validation search, the reported fine-tuning runs, their summary with loss under noise, and
-saving results.json."""
+"""The steps every task's job takes the same way (digits_job.py, lm_job.py): starting (machine,
+output folder, threads), the validation search, the reported fine-tuning runs, their summary with
+loss under noise, and saving results.json."""
 
 from __future__ import annotations
 
 import json
 import statistics
+import time
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
+
+import torch
 
 from .cost import load_average
 from .report import machine, print_choices, print_table, summarise
 from .selection import CAPS, LABELS, Knob, validation_search
 
 
-def announce_machine() -> dict:
-    """The machine every timing goes with, printed; the load average is the one at the start."""
+class JobStart(NamedTuple):
+    wall: float  # perf_counter at the start
+    host: dict  # the machine, with the load average at the start
+    out: Path  # the output folder
+
+
+def start_job(args) -> JobStart:
+    """Prints the machine every timing goes with, makes the output folder and sets the thread count
+    (for pretraining too, so the same thread count gives the same numbers)."""
+    wall = time.perf_counter()
     host = machine()
     print(f"machine: {host['cpu']}, {host['cores']} logical CPUs, torch {host['torch']}, load average {host.get('load average at start')} at the start", flush=True)
-    return host
-
-
-def output_folder(args) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    return out
+    torch.set_num_threads(args.threads)
+    return JobStart(wall, host, out)
 
 
 def knobs_for(args, knob_fields: dict[str, str]) -> list[Knob]:
@@ -38,12 +48,18 @@ def search(args, config, knobs, run):
           + ", ".join(f"{k.method} {k.name} [{k.low_cap:g}, {k.high_cap:g}]" for k in knobs) + ")", flush=True)
     choices, reference = validation_search(knobs, config, select_seeds=args.select_seeds, max_rounds=args.max_extensions, run=run)
     print_choices(choices, reference["val"])
+    if "curve" in reference:
+        print("plain LoRA validation NLL by step (overfitting shows as a rise): " + ", ".join(f"{k}: {v:.3f}" for k, v in reference["curve"].items()))
     return choices, reference
 
 
-def fine_tune(args, config, run):
-    """The reported runs: every method with its chosen knob (in ``config``) over ``args.seeds`` seeds."""
-    return run([(m, s, config, False) for s in range(args.seeds) for m in args.methods], "fine-tuning")
+def tuned_runs(args, config, knob_fields: dict[str, str], run):
+    """The validation search, then the reported runs: every method with its chosen knob over
+    ``args.seeds`` seeds. Returns (config with the chosen knobs, choices, LoRA's reference, results)."""
+    choices, reference = search(args, config, knobs_for(args, knob_fields), run)
+    config = replace(config, **{knob_fields[m]: c.value for m, c in choices.items()})
+    results = run([(m, s, config, False) for s in range(args.seeds) for m in args.methods], "fine-tuning")
+    return config, choices, reference, results
 
 
 def summarise_with_noise(results, methods, measures, choices):
@@ -67,8 +83,22 @@ def median_step_ms(results, methods) -> dict[str, float]:
     return {m: statistics.median(r.step_ms for r in results if r.method == m) for m in methods}
 
 
-def save_results(out: Path, results: dict, plots: list[Path], seconds: float) -> None:
-    """results.json, then the load average at the end and what was saved."""
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"\nload average at the end: {load_average()}")
-    print(f"saved {out / 'results.json'} and {', '.join(str(p) for p in plots)} ({seconds:.0f} s)")
+def save_results(start: JobStart, plots: list[Path], *, task: str, settings: dict, choices, reference: dict, summary, runs: list, **extra) -> None:
+    """results.json (the machine, settings, choices, summary, runs and ``extra``), then the load
+    average at the end and what was saved."""
+    seconds = time.perf_counter() - start.wall
+    end_load = load_average()
+    saved = {
+        "task": task,
+        "machine": {**start.host, "load average at end": end_load},
+        "settings": settings,
+        "selection": {m: c.as_json() for m, c in choices.items()},
+        "plain lora validation NLL": reference["val"],
+        **extra,
+        "summary": summary,
+        "wall seconds": seconds,
+        "runs": runs,
+    }
+    (start.out / "results.json").write_text(json.dumps(saved, indent=1))
+    print(f"\nload average at the end: {end_load}")
+    print(f"saved {start.out / 'results.json'} and {', '.join(str(p) for p in plots)} ({seconds:.0f} s)")

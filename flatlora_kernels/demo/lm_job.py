@@ -9,12 +9,9 @@ import math
 import time
 from dataclasses import asdict, replace
 
-import torch
-
 from .lm_finetune import LM_KNOBS, LmConfig
 from .lm_task import TINY, LmSettings, make_lm_task, mean_nll, pretrain_lm
-from .cost import load_average
-from .job import announce_machine, fine_tune, knobs_for, median_step_ms, output_folder, print_noise_table, save_results, search, summarise_with_noise
+from .job import median_step_ms, print_noise_table, save_results, start_job, summarise_with_noise, tuned_runs
 from .report import print_table
 from .runner import Workers
 
@@ -25,10 +22,7 @@ MEASURES = {  # name -> (metric, scale, digits)
 
 
 def run_lm(args) -> int:
-    wall = time.perf_counter()
-    host = announce_machine()  # the load average at the end is added below
-    out = output_folder(args)
-    torch.set_num_threads(args.threads)
+    start = start_job(args)
     settings = TINY if args.lm_tiny else LmSettings()
     if args.train_bytes is not None:
         settings = replace(settings, train_bytes=args.train_bytes)
@@ -49,10 +43,7 @@ def run_lm(args) -> int:
     payload = (base.state_dict(), settings)
     with Workers(task_name="lm", payload=payload, workers=args.workers, threads=args.threads, progress=not args.no_progress) as workers:
         config = LmConfig(steps=args.steps, rank=args.rank, lr=args.lr, noise_draws=args.noise_draws)
-
-        choices, reference = search(args, config, knobs_for(args, LM_KNOBS), workers.run)
-        config = replace(config, **{LM_KNOBS[m]: c.value for m, c in choices.items()})
-        results = fine_tune(args, config, workers.run)
+        config, choices, reference, results = tuned_runs(args, config, LM_KNOBS, workers.run)
     rows, raw = summarise_with_noise(results, args.methods, MEASURES, choices)
     print(
         f"\n{config.steps} Trainer steps (batch {config.batch_size}, cosine LR, peak {config.lr}) x {args.seeds} seeds, r={config.rank}, PEFT LoRA on "
@@ -68,17 +59,9 @@ def run_lm(args) -> int:
 
     from .plots import save_lm_plots
 
-    paths = save_lm_plots(results, args.methods, out)
-    seconds = time.perf_counter() - wall
-    saved = {
-        "task": "lm",
-        "machine": {**host, "load average at end": load_average()},
-        "settings": {**vars(args), "config": asdict(config), "lm": asdict(settings)},
-        "selection": {m: c.as_json() for m, c in choices.items()},
-        "plain lora validation NLL": reference["val"],
-        "summary": raw,
-        "wall seconds": seconds,
-        "runs": [{**asdict(r), "test_ppl": r.test_ppl if math.isfinite(r.test_nll) else None} for r in results],
-    }
-    save_results(out, saved, paths, seconds)
+    paths = save_lm_plots(results, args.methods, start.out)
+    save_results(
+        start, paths, task="lm", settings={**vars(args), "config": asdict(config), "lm": asdict(settings)}, choices=choices,
+        reference=reference, summary=raw, runs=[{**asdict(r), "test_ppl": r.test_ppl if math.isfinite(r.test_nll) else None} for r in results],
+    )
     return 0
