@@ -12,7 +12,7 @@ thread_local at::Tensor chunk_workspace_bytes;
 // Up to workspace_bytes the chunk buffer is this thread's reused workspace (held for the thread's
 // lifetime, never returned to the caller, one pass at a time): a fresh multi-MB buffer per pass made
 // the kernel fault in and zero every page again, because glibc hands a freed heap top back to the OS
-// (its measured cost: docs/DESIGN.md, "Chunk workspace"). Larger chunks (grown to the output's size)
+// (its measured cost: flatlora_kernels/backends/cpu_tuning.py, WORKSPACE_BYTES). Larger chunks (grown to the output's size)
 // are allocated per pass: holding those would raise every later layer's peak.
 at::Tensor chunk_workspace(int64_t rows, int64_t k, at::ScalarType dtype, int64_t workspace_bytes,
                            const at::TensorOptions& options) {

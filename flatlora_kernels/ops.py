@@ -147,8 +147,8 @@ class EagerCpp(torch.autograd.Function):
     """``flatlora::forward`` with backend ``"cpp"`` for eager calls on plain CPU tensors (the caller,
     ``functional.flat_lora_linear``, checks ``eager_cpp_applies``): the same kernels, saved tensors and
     gradients, without torch.library's Python dispatch (a triton_op wrapping a custom_op, each way),
-    which cost more per call than the kernels at small shapes (about 115 of 205 us per fwd+bwd step at
-    M=4, 64x64, r=16, one CPU thread; docs/DESIGN.md). Compiled code, dispatch modes, torch.func
+    which cost more per call than the kernels at small shapes (measured: docs/DESIGN.md, "Eager CPU calls
+    bypass torch.library"). Compiled code, dispatch modes, torch.func
     transforms and tensor subclasses keep going through the ops."""
 
     # ctx-first forward, no setup_context: Function.apply then skips binding the arguments by signature.

@@ -8,8 +8,8 @@ scratch), which says nothing about speed.
 from __future__ import annotations
 
 #: Cap on one regenerated chunk of ``W'`` (bytes, compute dtype): the only memory the backend adds
-#: to LoRA's. Guess, sized to the memory target: 16 MiB is under 1% of LoRA's 1668 MiB peak for a
-#: 16-layer 4096-wide stack at M=8192 (docs/DESIGN.md, "memory"). Not swept.
+#: to LoRA's. Guess, sized to the memory target: 16 MiB is under 1% of LoRA's measured peak for a
+#: 16-layer 4096-wide stack at M=8192 (docs/DESIGN.md, "Why not naive perturbation"). Not swept.
 CHUNK_BYTES: int = 16 * 2**20
 
 #: A chunk may also grow to the size of its pass's output (y forward, dx backward): LoRA's own pass
