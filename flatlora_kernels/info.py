@@ -1,6 +1,7 @@
 """``python -m flatlora_kernels.info``: what this install runs on, and a self-check of every backend.
 
-Prints versions (Python, torch, triton, CUDA, transformers/peft/bitsandbytes), the CPU model and the
+Prints versions (Python, torch, triton, CUDA, transformers/peft/bitsandbytes) and whether CI's matrix
+tests that stack (``tested_stacks``; ``--stack`` prints only that line), the CPU model and the
 thread count in use, how the installed C++ extension was compiled (its own record) and the CPU ISA it
 chose, which backend ``"auto"`` picks per device (and why a backend cannot run here), and checks that
 each backend that can run here reproduces the noise stream: ``flat_lora_linear`` against
@@ -17,6 +18,8 @@ import platform
 import sys
 
 import torch
+
+from .tested_stacks import stack_line
 
 _SHAPE = (12, 40, 24, 4)  # tokens, in, out, rank: small, with in not a multiple of the Philox group of 4
 
@@ -139,6 +142,7 @@ def report() -> tuple[list[str], bool]:
         f"CUDA available: {torch.cuda.is_available()})",
         f"triton {_version('triton')}" + (" (TRITON_INTERPRET=1: kernels run in its interpreter on CPU)" if interpreting else ""),
         f"transformers {_version('transformers')}, peft {_version('peft')}, bitsandbytes {_version('bitsandbytes')}",
+        stack_line(),
         f"C++ extension: {build}",
         f"C++ CPU ISA: {isa}",
     ]
@@ -160,11 +164,18 @@ def report() -> tuple[list[str], bool]:
     return lines, all_ok
 
 
-def main() -> int:
+def main(argv: list[str] = ()) -> int:
+    argv = list(argv)
+    if argv == ["--stack"]:
+        print(stack_line())
+        return 0
+    if argv:
+        print("usage: python -m flatlora_kernels.info [--stack]", file=sys.stderr)
+        return 2
     lines, ok = report()
     print("\n".join(lines))
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

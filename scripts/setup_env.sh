@@ -8,8 +8,9 @@
 # Safe to run again: it only installs what is missing.
 #
 # Another stack in another venv: VENV=.venv-torch2.11 REQUIREMENTS=requirements-torch2.11.txt PYTHON=python3.12
-# (scripts/test_torch211.sh does this): REQUIREMENTS' pins replace the same packages' lines of
-# requirements-cpu.txt. The C++ extension is built per venv (its file name carries the Python version).
+# (scripts/test_stack.sh NAME does this for each stack of CI's matrix): REQUIREMENTS' pins replace the
+# same packages' lines of requirements-cpu.txt. The C++ extension is built in place, one file per Python
+# version, so two venvs of one Python share it: it is rebuilt whenever it was built against another torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -44,12 +45,13 @@ if [ ! -e "$VENV/.system-stack" ] && ! cmp -s "$wanted" "$VENV/.requirements-ins
   cp "$wanted" "$VENV/.requirements-installed"
 fi
 
-# Rebuild only when this venv's extension is missing or a build input is newer than it (a build takes ~1 min).
+# Rebuild only when this venv's extension is missing, a build input is newer than it, or it was built
+# against another torch than this venv's (its own build record says which).
 suffix=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 built=flatlora_kernels/_C$suffix
 venv_python=$(cd "$VENV" && pwd)/bin/python
 if [ -e "$built" ] && [ -z "$(find csrc setup.py pyproject.toml -newer "$built" 2>/dev/null | head -n 1)" ] \
-   && (cd / && "$venv_python" -c "import flatlora_kernels._C") >/dev/null 2>&1; then  # installed, not just in cwd
+   && (cd / && "$venv_python" -c "import torch, flatlora_kernels._C as c; assert c.build_info()['torch'] == torch.__version__.split('+')[0]") >/dev/null 2>&1; then  # installed, not just in cwd
   echo "[setup] flatlora_kernels C++ extension is up to date"
 else
   echo "[setup] building flatlora_kernels (C++ extension) into $VENV"

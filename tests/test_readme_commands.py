@@ -22,9 +22,3 @@ def test_ci_runs_readme_test_command_verbatim():
 def test_test_command_prints_pass_fail_not_timing_tables():
     _, install_and_test = _readme_commands()
     assert "--benchmark-disable" in install_and_test  # benchmarks run once each; tables belong to the benchmark command
-
-
-def test_ci_also_runs_the_gpu_machine_stack():
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert "scripts/test_torch211.sh" in ci
-    assert "torch==2.11.0" in (ROOT / "requirements-torch2.11.txt").read_text()
