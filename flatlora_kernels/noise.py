@@ -104,7 +104,9 @@ def _mulhilo32(a: int, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def philox4x32_10(seed: Tensor, offset: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Triton's ``tl.randint4x(seed, offset)``: four uint32 outputs (held in int64) per offset."""
+    """Philox4x32-10 at counter ``(lo32(offset), hi32(offset), 0, 0)``, key ``(lo32(seed), hi32(seed))``: four
+    uint32 outputs (held in int64) per offset, as the kernels' ``philox_words`` (and, on triton 3.6-3.9,
+    ``tl.randint4x`` on int64 offsets) compute them."""
     seed = seed.to(torch.int64)
     k0 = seed & _MASK32
     k1 = (seed >> 32) & _MASK32

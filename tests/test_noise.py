@@ -14,25 +14,34 @@ from .conftest import make_layer
 SEEDS = [0, 1, 16, 12345, 2**40 + 7, 2**63 - 1]
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("seed", SEEDS + [-5])
-def test_philox_integers_match_triton_randint4x(seed):
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+if INTERPRETING:  # a module-level kernel: the interpreter resolves a kernel's names in its module
     import triton
     import triton.language as tl
 
+    from flatlora_kernels.kernels.noise_tile import philox_words
+
     @triton.jit
-    def randint4x_kernel(seed_ptr, offset_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    def _words_kernel(seed_ptr, offset_ptr, out_ptr, n, BLOCK: tl.constexpr):
         idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < n
-        c0, c1, c2, c3 = tl.randint4x(tl.load(seed_ptr), tl.load(offset_ptr + idx, mask=mask))
+        c0, c1, c2, c3 = philox_words(tl.load(seed_ptr), tl.load(offset_ptr + idx, mask=mask))
         for lane, c in enumerate((c0, c1, c2, c3)):
             tl.store(out_ptr + idx * 4 + lane, c.to(tl.int64) & 0xFFFFFFFF, mask=mask)
 
+
+@pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("seed", SEEDS + [-5])
+def test_philox_integers_match_the_kernels_philox_words(seed):
+    """The kernels' ``philox_words`` (counter words built explicitly, not by ``tl.randint4x``, whose int64
+    handling differs across Triton releases: triton 3.2 runs Philox4x64 on int64 offsets) against the
+    reference ``philox4x32_10``."""
     # Offsets around 2^32 exercise the counter's high word.
     offsets = torch.cat([torch.arange(300), torch.arange(2**32 - 100, 2**32 + 100), torch.tensor([2**45 + 3])])
     seed_t = torch.tensor(seed, dtype=torch.int64)
     out = torch.empty(offsets.numel() * 4, dtype=torch.int64)
-    randint4x_kernel[(triton.cdiv(offsets.numel(), 256),)](seed_t, offsets, out, offsets.numel(), BLOCK=256)
+    _words_kernel[(triton.cdiv(offsets.numel(), 256),)](seed_t, offsets, out, offsets.numel(), BLOCK=256)
     expected = torch.stack(philox4x32_10(seed_t, offsets), dim=1).reshape(-1)
     assert torch.equal(out, expected)
 

@@ -31,6 +31,7 @@ import triton.language as tl  # noqa: E402
 
 from flatlora_kernels.backends import torch_reference, triton_backend, triton_tuning  # noqa: E402
 from flatlora_kernels.kernels import philox_offsets  # noqa: E402
+from flatlora_kernels.kernels.noise_tile import philox_words  # noqa: E402
 
 from .test_gpu_readiness import assert_normals_within_ulp_bound  # noqa: E402
 
@@ -111,7 +112,7 @@ def _tile_integers_kernel(seed_ptr, out_ptr, row_start, n_rows, counters_per_row
     """The four Philox words behind the z tile of rows ``row_start + [0, n_rows)``, as int64."""
     local_rows = tl.arange(0, BLOCK)
     counters = tl.arange(0, BLOCK)
-    words = tl.randint4x(tl.load(seed_ptr), philox_offsets(row_start + local_rows, counters, counters_per_row))
+    words = philox_words(tl.load(seed_ptr), philox_offsets(row_start + local_rows, counters, counters_per_row))
     out = out_ptr + (local_rows.to(tl.int64)[:, None] * counters_per_row + counters[None, :]) * 4
     mask = (local_rows < n_rows)[:, None] & (counters < counters_per_row)[None, :]
     for lane in tl.static_range(4):
