@@ -78,7 +78,8 @@ def test_shortcut_steps_aside_for_whatever_intercepts_the_ops():
     with _Passthrough():
         assert not eager_cpp_applies((x,))
     seen = []
-    with warnings.catch_warnings():  # torch.jit.trace is deprecated, still supported
+    with warnings.catch_warnings():  # torch.jit.trace is deprecated (a DeprecationWarning, a FutureWarning from 2.15), still supported
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.trace(lambda t: seen.append(eager_cpp_applies((t,))) or t * 2, (x,), check_trace=False)
     assert seen == [False]

@@ -252,10 +252,12 @@ def _parallelize(style, module: nn.Module, mesh: DeviceMesh, kind: str) -> nn.Mo
     if mesh.ndim != 1:
         raise ValueError(f"expected a 1-D tensor-parallel mesh, got {mesh.ndim} dimensions (pass mesh['tp'])")
     rows, cols = _shard_ranges(module, kind, mesh.get_local_rank(), mesh.size())  # checks divisibility
+    # torch 2.6's styles and distribute_tensor have no src_data_rank (rank 0's data is the source, as its default).
+    source = {"src_data_rank": style.src_data_rank} if hasattr(style, "src_data_rank") else {}
     for name, placement in _PLACEMENTS[kind].items():
         param = getattr(module, name)
         if param is not None:
-            dist_param = distribute_tensor(param.detach(), mesh, [placement], src_data_rank=style.src_data_rank)
+            dist_param = distribute_tensor(param.detach(), mesh, [placement], **source)
             module.register_parameter(name, nn.Parameter(dist_param, requires_grad=param.requires_grad))
     module.__class__ = TensorParallelFlatLoraLinear
     module.style, module.rows, module.cols, module.tp_mesh = kind, rows, cols, mesh
