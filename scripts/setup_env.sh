@@ -44,7 +44,8 @@ if [ ! -e "$VENV/.system-stack" ] && ! cmp -s "$wanted" "$VENV/.requirements-ins
   cp "$wanted" "$VENV/.requirements-installed"
 fi
 
-# Rebuild only when this venv's extension is missing or a build input is newer than it (a build takes ~1 min).
+# Rebuild only when this venv's extension is missing or a build input is newer than it (a build takes
+# minutes: README, "Measured times").
 suffix=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 built=flatlora_kernels/_C$suffix
 venv_python=$(cd "$VENV" && pwd)/bin/python
