@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ BASELINE = "lora"
 # How each method's training loss is taken: under what it trains with, not the clean model.
 TRAINING_LOSS_IS = {
     "lora": "with its dropout",
-    "flat-lora": "under its weight noise",
+    "flat-lora": "under its weight noise (ramped up from 0)",
     "efmlora": "at its perturbed B",
     "bilora": "with its ascent module",
 }
@@ -48,7 +49,8 @@ def save_plots(results, methods, out: Path) -> list[Path]:
     seeds = len(next(iter(by_method.values())))
     train_axis.set(title=f"training loss, as each method trains\n(mean of {seeds} seeds, trailing mean of {window} steps)",
                    xlabel="optimizer step", ylabel="cross-entropy (log scale)")
-    _legend_and_grid(train_axis)
+    train_axis.set_ylim(top=30 * train_axis.get_ylim()[1])  # room above the curves for the legend
+    _legend_and_grid(train_axis, loc="upper right")
     for method, runs in by_method.items():
         steps = runs[0].eval_steps
         stats = [mean_interval([r.eval_val_nll[i] for r in runs]) for i in range(len(steps))]
@@ -103,7 +105,7 @@ def _loss_under_noise_plot(plt, by_method, title: str, unit: str, path: Path) ->
     figure, (value_axis, diff_axis) = plt.subplots(1, 2, figsize=(11, 4))
     sigmas = sorted(next(iter(by_method.values()))[0].loss_under_noise, key=float)
     base = _by_seed(by_method[BASELINE])
-    plotted = {value_axis: [], diff_axis: []}  # the means each axis shows, for its symlog threshold
+    plotted = {value_axis: [], diff_axis: []}  # (mean, low, high) of every point each axis shows
     for index, (method, runs) in enumerate(by_method.items()):
         runs = _by_seed(runs)
         shift = 1.06 ** (index - (len(by_method) - 1) / 2)  # side by side on the log axis
@@ -111,23 +113,32 @@ def _loss_under_noise_plot(plt, by_method, title: str, unit: str, path: Path) ->
         stats = [mean_interval([r.loss_under_noise[s] for r in runs]) for s in sigmas]
         value_axis.errorbar(xs, [m for m, _ in stats], yerr=[h for _, h in stats], label=_knob_label(method, runs),
                             color=f"C{index}", marker="o", linestyle="none", capsize=3)
-        plotted[value_axis] += [m for m, _ in stats]
+        plotted[value_axis] += [(m, m - h, m + h) for m, h in stats]
         if method == BASELINE:
             continue
         diffs = [paired_difference([r.loss_under_noise[s] for r in runs], [r.loss_under_noise[s] for r in base]) for s in sigmas]
         diff_axis.errorbar(xs, [d.mean for d in diffs], yerr=[[d.mean - d.low for d in diffs], [d.high - d.mean for d in diffs]],
                            label=_knob_label(method, runs), color=f"C{index}", marker="o", linestyle="none", capsize=3)
-        plotted[diff_axis] += [d.mean for d in diffs]
+        plotted[diff_axis] += [(d.mean, d.low, d.high) for d in diffs]
     diff_axis.axhline(0.0, color="C0", linewidth=1, label=f"{BASELINE} (reference)")
     for axis, name in ((value_axis, f"{title}\nmean of {len(base)} seeds, 95% CI"),
                        (diff_axis, f"difference vs {BASELINE}, same seeds\n(paired 95% CI; below 0: flatter than {BASELINE})")):
         axis.set_xscale("log")
         axis.set_xticks([float(s) for s in sigmas], labels=sigmas)
         axis.minorticks_off()
-        axis.set_yscale("symlog", linthresh=max(min([abs(v) for v in plotted[axis] if v] or [1.0]), 1e-4))
+        _symlog_around(axis, plotted[axis])
         axis.set(title=name, xlabel="sigma' (filter-wise noise on the adapted layers; log scale)", ylabel=f"{unit} (symmetric log)")
         _legend_and_grid(axis)
     return _save(plt, figure, path)
+
+
+def _symlog_around(axis, points) -> None:
+    """A symmetric-log y axis whose linear part ends at the power of ten below the smallest nonzero
+    mean (so tick labels do not crowd around zero), with every interval inside the frame."""
+    smallest = min([abs(m) for m, _, _ in points if m] or [1.0])
+    axis.set_yscale("symlog", linthresh=max(10.0 ** math.floor(math.log10(smallest)), 1e-6))
+    low, high = min(lo for _, lo, _ in points), max(hi for _, _, hi in points)
+    axis.set_ylim(2 * low if low < 0 else 0.0, 2 * high if high > 0 else 0.0)  # half a decade of room
 
 
 def _paired_bars(axis, by_method, metric, name: str, unit: str, suffix: str, digits: int = 1) -> None:
@@ -163,8 +174,8 @@ def _mean_losses(by_method) -> dict:
     return {method: torch.tensor([r.losses for r in runs]).mean(0) for method, runs in by_method.items()}
 
 
-def _legend_and_grid(axis) -> None:
-    axis.legend(fontsize="small")
+def _legend_and_grid(axis, loc: str = "best") -> None:
+    axis.legend(fontsize="small", loc=loc)
     axis.grid(alpha=0.3)
 
 
