@@ -144,8 +144,10 @@ def _run_in_process(command: str) -> None:
     saved = sys.argv
     sys.argv = [target, *args]
     try:
-        if words[1] == "-m":
-            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        if words[1] == "-m":  # as `python -m` does: the module runs fresh, not the copy other tests imported
+            with pytest.MonkeyPatch.context() as patch:
+                patch.delitem(sys.modules, target, raising=False)
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
             assert Path(target).is_file(), f"{command!r}: no such file in the repository"
             runpy.run_path(target, run_name="__main__")
