@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
+import tempfile
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -36,6 +38,33 @@ def _quiet_native_stderr():
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+# c10's CPU allocator logs this line (to the process's stderr, not through Python's warnings) when a
+# tensor made before the profiler started is freed inside the measured block: expected here, since
+# the block frees what the caller made before it, and it says nothing about the peak we report.
+_ALLOCATOR_NOTICE = re.compile(rb"CPUAllocator\.cpp:\d+\] Memory block of unknown size was allocated before the profiling started")
+
+
+class _StderrWithoutAllocatorNotice:
+    """Sends the process's stderr (fd 2) to a temporary file from ``start`` to ``stop``, then writes
+    back every line except c10's allocator notice above: anything else printed there is kept."""
+
+    def start(self) -> None:
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        self._file = tempfile.TemporaryFile()
+        os.dup2(self._file.fileno(), 2)
+
+    def stop(self) -> None:
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        kept = b"".join(line for line in self._file if not _ALLOCATOR_NOTICE.search(line))
+        self._file.close()
+        if kept:
+            os.write(2, kept)
 
 
 def _release_cpp_chunk_workspace() -> None:
@@ -72,8 +101,14 @@ class PeakMemory:
         elif self.device.type == "cpu":
             _release_cpp_chunk_workspace()
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            with _quiet_native_stderr():
-                self._profiler.__enter__()
+            self._stderr = _StderrWithoutAllocatorNotice()
+            self._stderr.start()
+            try:
+                with _quiet_native_stderr():
+                    self._profiler.__enter__()
+            except BaseException:
+                self._stderr.stop()
+                raise
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -81,8 +116,11 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.bytes = torch.cuda.max_memory_allocated(self.device) - self._start
         elif self._profiler is not None:
-            with _quiet_native_stderr():
-                self._profiler.__exit__(*exc)
+            try:
+                with _quiet_native_stderr():
+                    self._profiler.__exit__(*exc)
+            finally:
+                self._stderr.stop()
             events = self._profiler.profiler.kineto_results.events()
             changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
             current = peak = 0

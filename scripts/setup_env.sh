@@ -46,7 +46,8 @@ if [ ! -e "$VENV/.system-stack" ] && ! cmp -s "$wanted" "$VENV/.requirements-ins
 fi
 
 # Rebuild only when this venv's extension is missing, a build input is newer than it, or it was built
-# against another torch than this venv's (its own build record says which).
+# against another torch than this venv's (its own build record says which). A build takes minutes:
+# README, "Measured times".
 suffix=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 built=flatlora_kernels/_C$suffix
 venv_python=$(cd "$VENV" && pwd)/bin/python

@@ -27,7 +27,6 @@ from flatlora_kernels.backends import triton_backend, triton_tuning  # noqa: E40
 from flatlora_kernels.kernels.noise_tile import MAX_ULPS_FROM_DEFINITION  # noqa: E402
 
 DEVICE = "cpu" if INTERPRETING else "cuda"
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 
 @pytest.mark.parametrize("seed", [0, 123456789, -(2**62) - 7, 2**63 - 1])

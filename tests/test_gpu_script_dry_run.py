@@ -42,7 +42,6 @@ import triton.testing  # noqa: E402
 
 from .test_gpu_readiness import gpu_kernels_module  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"

@@ -39,11 +39,8 @@ DEVICE = "cpu" if INTERPRETING else "cuda"
 STRATEGIES = ["streamed", "in_register"]
 LOW_PRECISION = [torch.float16, torch.bfloat16]
 
-pytestmark = [
-    pytest.mark.interpret if INTERPRETING else pytest.mark.gpu,
-    # Triton 3.6's interpreter converts loop bounds with a call numpy deprecates; harmless with numpy < 2.4.
-    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
-]
+# (the interpreter's NumPy deprecation is filtered once, in pyproject.toml)
+pytestmark = [pytest.mark.interpret if INTERPRETING else pytest.mark.gpu]
 requires_gpu = pytest.mark.skipif(INTERPRETING or not HAS_CUDA, reason="real sizes need a CUDA device")
 
 

@@ -50,7 +50,7 @@ def _floats(parser, name, text):
 def parse_args(argv):
     """The demo's command line (``python -m flatlora_kernels.demo --help``) parsed into its options."""
     parser = argparse.ArgumentParser(prog="python -m flatlora_kernels.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", choices=("digits", "lm"), default="digits", help="digits MLP (default, ~2-5 min) or tiny GPT-2 through PEFT + Trainer (~10 min)")
+    parser.add_argument("--task", choices=("digits", "lm"), default="digits", help="digits MLP (default) or tiny GPT-2 through PEFT + Trainer (how long each takes: README, Measured times)")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning optimizer steps per run (digits 400, lm 120)")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="source-domain pretraining steps (digits 800, lm 600)")
     parser.add_argument("--seeds", type=int, default=None, help="reported fine-tuning runs per method (seeds 0..n-1; digits 20, lm 10)")
