@@ -23,6 +23,14 @@ COLLECTIVE_TIMEOUT_S = 30  # a hung collective fails instead of blocking the sui
 START_TIMEOUT_S = 60
 
 
+# torch 2.6's fully_shard cannot run on CPU: its all-gather calls record_event() on torch.cpu.Stream,
+# which has none there (AttributeError inside torch; later releases have it). FSDP2 on CUDA is unaffected.
+needs_cpu_fsdp2 = pytest.mark.skipif(
+    not hasattr(torch.cpu.Stream, "record_event"),
+    reason=f"torch {torch.__version__}: FSDP2 on CPU needs torch.cpu.Stream.record_event (absent in torch 2.6)",
+)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ from flatlora_kernels.distributed import load_checkpoint, save_checkpoint
 from flatlora_kernels.model_conversion import apply_flat_lora, flat_lora_layers
 from flatlora_kernels.schedule import FlatLoraSchedule
 
-from ._dist_utils import full_tensor, save_from_rank_zero, spawn, train_step
+from ._dist_utils import full_tensor, needs_cpu_fsdp2, save_from_rank_zero, spawn, train_step
 
 TOTAL = 4
 STOP = 2
@@ -127,6 +127,7 @@ def _fsdp_worker(rank, world_size, root):
     save_from_rank_zero(rank, full_adapters, f"{root}/reference.pt")
 
 
+@needs_cpu_fsdp2
 def test_fsdp_resume_and_resume_on_one_process(tmp_path):
     spawn(_fsdp_worker, world_size=2, args=(str(tmp_path),), deadline_s=90)
 

@@ -16,7 +16,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from flatlora_kernels.model_conversion import apply_flat_lora, flat_lora_layers
 from flatlora_kernels.schedule import FlatLoraSchedule
 
-from ._dist_utils import full_tensor, spawn, train_step
+from ._dist_utils import full_tensor, needs_cpu_fsdp2, spawn, train_step
 
 STEPS = 3
 
@@ -121,5 +121,6 @@ def _worker(rank, world_size):
     _check_mixed_precision(rank, world_size)
 
 
+@needs_cpu_fsdp2
 def test_fsdp2_two_cpu_processes():
     spawn(_worker, world_size=2, deadline_s=90)

@@ -26,7 +26,7 @@ from flatlora_kernels.modules import FlatLoraLinear
 from flatlora_kernels.noise import filter_noise
 from flatlora_kernels.schedule import FlatLoraSchedule
 
-from ._dist_utils import full_tensor, save_from_rank_zero, spawn
+from ._dist_utils import full_tensor, needs_cpu_fsdp2, save_from_rank_zero, spawn
 
 
 def _build_model(dtype=torch.float32, lora_dropout=0.0, adapter_seed=None) -> nn.Module:
@@ -223,6 +223,7 @@ def _fsdp_over_tp_worker(rank, world_size):
         parallelize_module(_build_model(), mesh, {"0": FlatLoraColwiseParallel()})
 
 
+@needs_cpu_fsdp2
 def test_fsdp2_over_tensor_parallel_two_cpu_processes():
     spawn(_fsdp_over_tp_worker, world_size=2, deadline_s=60)
 
