@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .functional import flat_lora_linear
 
-__all__ = ["StepNoise", "WarnOnce", "lora_branch", "dropout_correction", "with_adapter_dtype", "user_stacklevel"]
+__all__ = ["StepNoise", "WarnOnce", "AdapterGradients", "lora_branch", "dropout_correction", "with_adapter_dtype", "user_stacklevel"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -63,17 +63,45 @@ def dropout_correction(x: Tensor, dropout, lora_A: Tensor, lora_B: Tensor, scali
     return lora_branch(dropout(xa) - xa, lora_A, lora_B, scaling)
 
 
+class AdapterGradients(torch.autograd.Function):
+    """``y`` unchanged in the forward; the backward adds the factor gradients of the LoRA branch
+    ``s*B@A@x`` in the adapter's dtype (PEFT's rule), the same GEMMs in the same order as autograd runs
+    for ``lora_branch(x, lora_A, lora_B, scaling)``, so they match it bit for bit. ``x`` is saved in its
+    own dtype (the tensor the fused op saves: nothing new is kept) and cast in the backward: bf16/fp16
+    to fp32 is exact. Autograd through ``lora_branch`` would keep ``x``'s fp32 copy as well."""
+
+    @staticmethod
+    def forward(ctx, y, x, lora_A, lora_B, scaling):
+        ctx.save_for_backward(x, lora_A, lora_B)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, lora_A, lora_B = ctx.saved_tensors
+        need_A, need_B = ctx.needs_input_grad[2:4]
+        x_2d = x.reshape(-1, x.shape[-1]).to(lora_A.dtype)
+        grad = dy.reshape(-1, dy.shape[-1]).to(lora_A.dtype) * ctx.scaling
+        d_lora_B = grad.t().mm(F.linear(x_2d, lora_A)) if need_B else None
+        if need_A:
+            # autograd's mm backward computes a 1x1 input's gradient (a column-major one) transposed
+            column_major = grad.shape[0] == 1 and lora_B.shape[1] == 1
+            d_hidden = lora_B.t().mm(grad.t()).t() if column_major else grad.mm(lora_B)
+            d_lora_A = d_hidden.t().mm(x_2d)
+        else:
+            d_lora_A = None
+        return dy, None, d_lora_A, d_lora_B, None
+
+
 def with_adapter_dtype(fused_op, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """``fused_op(lora_A, lora_B)`` (a fused op whose GEMMs run in ``x``'s dtype) under PEFT's adapter
     dtype rule, where the LoRA branch runs in the adapter's dtype: when the factors' dtype is not
     ``x``'s (fp32 adapters on a bf16 model), the op gets them detached and their gradients come from
-    ``branch - branch.detach()`` (exactly zero in the forward), a LoRA branch in the adapter's dtype:
-    what PEFT pays for its branch anyway."""
+    ``AdapterGradients``, the LoRA branch's in the adapter's dtype (exactly zero in the forward)."""
     adapter_apart = lora_A.dtype != x.dtype or lora_B.dtype != x.dtype
     y = fused_op(lora_A.detach() if adapter_apart else lora_A, lora_B.detach() if adapter_apart else lora_B)
     if adapter_apart and torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad):
-        branch = lora_branch(x.detach(), lora_A, lora_B, scaling)
-        y = y + (branch - branch.detach()).to(y.dtype)
+        y = AdapterGradients.apply(y, x.detach(), lora_A, lora_B, scaling)
     return y
 
 
