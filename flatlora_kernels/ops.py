@@ -98,12 +98,13 @@ def save_common_context(ctx, row_scale, bias, scaling, backend) -> None:
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def lora_input_grads(ctx, cpp_backward, backward_op, args):
-    """``dx, d_lora_A, d_lora_B`` of a fused op's backward: ``cpp_backward(*args)`` for an EagerCpp
-    plain backward (the same kernel without the dispatch layers), else ``backward_op(*args, backend)``.
-    Under create_graph the op runs, so differentiating its gradients raises the op's own error."""
+def lora_input_grads(ctx, backends, backward_op, args):
+    """``dx, d_lora_A, d_lora_B`` of a fused op's backward: ``backends("cpp").backward(*args)`` for an
+    EagerCpp plain backward (the same kernel without the dispatch layers), else ``backward_op(*args,
+    backend)``. The C++ backend is looked up only there: another backend's backward must not need the
+    extension. Under create_graph the op runs, so differentiating its gradients raises the op's own error."""
     if getattr(ctx, "eager_cpp", False) and not torch.is_grad_enabled():
-        return cpp_backward(*args)
+        return backends("cpp").backward(*args)
     return backward_op(*args, ctx.backend)
 
 
@@ -125,7 +126,7 @@ def _backward(ctx, dy, _d_row_scale):
     need_x, need_A, need_B, need_bias = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
     dy = dy.contiguous()
     args = (dy, x, weight, lora_A, lora_B, row_scale, ctx.scaling, seed, need_x)
-    dx, d_lora_A, d_lora_B = lora_input_grads(ctx, get_backend("cpp").backward, torch.ops.flatlora.backward, args)
+    dx, d_lora_A, d_lora_B = lora_input_grads(ctx, get_backend, torch.ops.flatlora.backward, args)
     d_bias = bias_grad(dy, ctx.bias_dtype) if need_bias else None
     return (
         dx if need_x else None,

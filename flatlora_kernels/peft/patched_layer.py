@@ -71,6 +71,10 @@ class FlatLoraPeftForward(StepNoise):
                 "Remove them, or call disable_flat_lora first"
             )
 
+    def _get_name(self) -> str:
+        # PEFT's class name in repr and get_layer_status()'s module_type: what users and tools print stays PEFT's
+        return self.peft_class.__name__
+
     def extra_repr(self) -> str:
         return f"flat_lora_adapter={self.flat_lora_adapter!r}, sigma={self.sigma}, fused={self.fused}"
 

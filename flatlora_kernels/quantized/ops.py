@@ -116,7 +116,7 @@ def _backward(ctx, dy, _d_row_scale):
                                                                              3 + _WEIGHT_ARGS))
     dy = dy.contiguous()
     args = (dy, x, *weight_args, lora_A, lora_B, row_scale, ctx.scaling, seed, need_x)
-    dx, d_lora_A, d_lora_B = lora_input_grads(ctx, get_backend("cpp").backward, torch.ops.flatlora_q4.backward, args)
+    dx, d_lora_A, d_lora_B = lora_input_grads(ctx, get_backend, torch.ops.flatlora_q4.backward, args)
     d_bias = bias_grad(dy, ctx.bias_dtype) if need_bias else None
     return (
         dx if need_x else None, *([None] * _WEIGHT_ARGS), d_lora_A if need_A else None,
