@@ -1,5 +1,5 @@
 """What a training step keeps for backward in PEFT's dtype configurations, and the adapter gradients'
-bits: fp32 adapters on a 16-bit base get their gradients from ``step_noise.AdapterGradients``, which
+bits: fp32 adapters on a 16-bit base get their gradients from ``lora_forward.AdapterGradients``, which
 saves ``x`` in its own dtype (the tensor the fused op saves) instead of autograd's fp32 copy of it."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from flatlora_kernels import flat_lora_linear
 from flatlora_kernels.memory import SavedTensorBytes
-from flatlora_kernels.step_noise import lora_branch, with_adapter_dtype
+from flatlora_kernels.lora_forward import lora_branch, with_adapter_dtype
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 pytest.importorskip("peft")

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..modules import FlatLoraLinear
-from ..step_noise import with_adapter_dtype
+from ..lora_forward import with_adapter_dtype
 from .functional import flat_qlora_linear
 from .layout import Packed4bit, is_bnb_4bit
 
@@ -50,10 +50,10 @@ def flat_qlora_forward(
     """A LoRA adapter over a bitsandbytes ``Linear4bit`` with Flat-LoRA noise: ``base_layer(x) + s * B A x``
     with the noise, computed as ``x (deq(W) + s*B@A + eps)^T + bias`` in the base's ``compute_dtype``
     (x's dtype when it has none) and returned in x's dtype, as bitsandbytes' own forward does. The
-    op that ``StepNoise.noisy_linear`` (the one training forward) runs for a 4-bit base; at sigma 0 it
+    op the training forward (``StepNoise.noisy_linear``) runs for a 4-bit base (``kind.BNB_LINEAR4BIT``); at sigma 0 it
     is plain QLoRA (the layers' evaluation forward). ``lora_A: [r, in]``, ``lora_B: [out, r]`` (a PEFT
     layer's ``lora_A[name].weight``); adapters in another dtype than the compute one follow PEFT's
-    rule (``step_noise.with_adapter_dtype``). Bad input raises naming ``name`` (default: the base's class)."""
+    rule (``lora_forward.with_adapter_dtype``). Bad input raises naming ``name`` (default: the base's class)."""
     packed = packed_of(base_layer, name)
     compute_dtype = getattr(base_layer, "compute_dtype", None) or x.dtype
     bias = base_layer.bias
@@ -117,18 +117,15 @@ class FlatLoraLinear4bit(FlatLoraLinear):
 
     # --- forward -------------------------------------------------------------------------------
 
+    def fused_op(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, **noise) -> Tensor:
+        """The 4-bit base's fused op (``flat_qlora_forward``): what the training forward runs."""
+        return flat_qlora_forward(self.base_layer, x, lora_A, lora_B, **noise)
+
     def _plain_lora(self, x: Tensor) -> Tensor:
         """QLoRA without noise (evaluation): the op at sigma 0, which is exactly LoRA. Not
         ``base_layer(x)``: bitsandbytes' eval forward under no_grad repacks the base in place on CPUs
         with AVX512-BF16 (``packing_format_for_cpu``), which would change the base."""
-        return flat_qlora_forward(
-            self.base_layer, x, self.lora_A, self.lora_B, scaling=self.scaling, sigma=0.0, seed=0, backend=self.backend
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training:
-            return self._plain_lora(x)
-        return self.noisy_linear(x, self.base_layer, self.lora_A, self.lora_B, None, self.scaling, self.lora_dropout)
+        return self.fused_op(x, self.lora_A, self.lora_B, scaling=self.scaling, sigma=0.0, seed=0, backend=self.backend)
 
     # --- merging is refused: the base stays as it was ----------------------------------------
 
