@@ -13,8 +13,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import backends, ops  # noqa: F401  (ops registers torch.ops.flatlora.*)
+from . import backends
 from ._validation import check_op_arguments, scalar_tensor
+from .op_family import OpFamily, eager_applies
+from .ops import DENSE_OPS
 
 __all__ = ["flat_lora_linear", "register_weight_format", "run_fused_op"]
 
@@ -72,8 +74,7 @@ def flat_lora_linear(
         )
     return run_fused_op(
         x, (weight,), lora_A, lora_B, bias, scaling, sigma, seed, backend,
-        out_features=weight.shape[0], graph_op=torch.ops.flatlora.forward, eager_cpp_op=ops.EagerCpp.apply,
-        plain_weight_tensors=(weight,),
+        out_features=weight.shape[0], family=DENSE_OPS, plain_weight_tensors=(weight,),
     )
 
 
@@ -89,13 +90,13 @@ def run_fused_op(
     backend: str,
     *,
     out_features: int,
-    graph_op,
-    eager_cpp_op,
+    family: OpFamily,
     plain_weight_tensors: tuple,
 ) -> Tensor:
-    """One call of a fused layer op (dense or 4-bit) on checked arguments: resolves the backend, applies
-    autocast's compute dtype, flattens ``x`` to 2-D, and takes ``eager_cpp_op`` instead of ``graph_op``
-    where ``ops.eager_cpp_applies`` (``plain_weight_tensors``: the weight tensors that check covers)."""
+    """One call of a weight format's fused op (``family``: dense, 4-bit, ...) on checked arguments:
+    resolves the backend, applies autocast's compute dtype, flattens ``x`` to 2-D, and takes the
+    family's eager Function instead of its graph op for an opaque backend where ``op_family.eager_applies``
+    (``plain_weight_tensors``: the weight tensors that check covers)."""
     device = x.device
     backend = backends.resolve(backend, device)  # "auto" -> the device's fast path; impossible pairs raise
     # Autocast has no meta device; meta tensors (shape-only tracing) take the ops' fake kernels.
@@ -108,9 +109,9 @@ def run_fused_op(
     # A 2-D x goes in as is: reshape would add a view node to the autograd graph (for nothing).
     x_2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     args = (x_2d, *weight_args, lora_A, lora_B, bias, float(scaling), sigma_t, seed_t, backend)
-    # Eager CPU calls skip torch.library's dispatch layers (same kernels, same results).
-    eager_cpp = backend == "cpp" and ops.eager_cpp_applies((x, *plain_weight_tensors, lora_A, lora_B, bias))
-    op = eager_cpp_op if eager_cpp else graph_op
+    # Eager calls on an opaque backend skip torch.library's dispatch layers (same kernels, same results).
+    eager = backend in family.opaque_ops and eager_applies((x, *plain_weight_tensors, lora_A, lora_B, bias))
+    op = family.eager.apply if eager else family.graph_forward
     if autocast_on:
         with torch.autocast(autocast_device, enabled=False):
             y, _ = op(*args)

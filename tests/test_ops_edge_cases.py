@@ -50,14 +50,14 @@ def test_backend_checks_derive_from_the_declarations():
 def _block_cpp_extension(monkeypatch):
     """The C++ backends as on a machine without the built extension: importing them raises ImportError."""
     from flatlora_kernels import backends
-    from flatlora_kernels.quantized import ops as ops_4bit
 
-    monkeypatch.delitem(backends._MODULES, "cpp", raising=False)
-    monkeypatch.delitem(ops_4bit._LOADED, "cpp", raising=False)
+    for format in ("dense", "4bit"):
+        monkeypatch.delitem(backends._MODULES, (format, "cpp"), raising=False)
     for module in ("flatlora_kernels.backends.cpp", "flatlora_kernels.quantized.cpp_backend"):
         monkeypatch.setitem(__import__("sys").modules, module, None)
-    with pytest.raises(ImportError):
-        backends.get_backend("cpp")
+    for format in ("dense", "4bit"):
+        with pytest.raises(ImportError):
+            backends.get_backend("cpp", format)
 
 
 def test_reference_backend_trains_with_the_cpp_extension_blocked(monkeypatch):

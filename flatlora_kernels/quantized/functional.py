@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .._validation import check_op_arguments
 from ..functional import flat_lora_linear, register_weight_format, run_fused_op
-from . import ops as ops_4bit
+from .ops import QUANTIZED_OPS
 from .layout import Packed4bit
 
 __all__ = ["flat_qlora_linear"]
@@ -21,8 +21,7 @@ def _linear_4bit(x, weight: Packed4bit, lora_A, lora_B, bias, scaling, sigma, se
         raise TypeError("flat_lora_linear: fp64 compute is not supported on a 4-bit base (use fp32, bf16 or fp16)")
     return run_fused_op(
         x, weight.op_args(), lora_A, lora_B, bias, scaling, sigma, seed, backend,
-        out_features=weight.out_features, graph_op=torch.ops.flatlora_q4.forward,
-        eager_cpp_op=ops_4bit.EagerCpp4bit.apply, plain_weight_tensors=(),
+        out_features=weight.out_features, family=QUANTIZED_OPS, plain_weight_tensors=(),
     )  # fmt: skip
 
 
