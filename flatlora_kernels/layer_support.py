@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .lora_forward import float_weight_forward
+from .variants import variant_of
 
 __all__ = [
     "UnsupportedLayerError",
@@ -149,7 +150,8 @@ def supported_layers() -> str:
     """The supported set, as every refusal states it."""
     kinds = ", ".join(kind.name for kind in BASE_LAYER_KINDS)
     return (
-        f"supported: plain LoRA (no DoRA or other variant, no lora_bias) over a frozen base layer of kind {kinds}, "
+        f"supported: plain LoRA (no DoRA or other variant without a Flat-LoRA implementation, no lora_bias) over a "
+        f"frozen base layer of kind {kinds}, "
         "with float weights (fp32/bf16/fp16/fp64) or, for Linear4bit, quantized 4-bit weights, no forward hooks "
         "and no forward of its own"
     )
@@ -204,7 +206,8 @@ def check_base_layer(entry: str, name: str, module: nn.Module, **options) -> Bas
 
 def peft_lora_layer_problem(layer: nn.Module, adapter: str, **options) -> str | None:
     """Why Flat-LoRA cannot run PEFT LoRA layer ``layer``'s adapter ``adapter``, or None
-    (``options`` as ``base_layer_problem``'s, for its base layer)."""
+    (``options`` as ``base_layer_problem``'s, for its base layer). A LoRA variant is refused unless it
+    has an implementation (``variants``) and the layer is patched in place (``in_place``)."""
     base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else None
     if base is not None and base is not layer:
         problem = base_layer_problem(base, **options)
@@ -216,8 +219,11 @@ def peft_lora_layer_problem(layer: nn.Module, adapter: str, **options) -> str | 
             return f"it is a PEFT LoRA {type(layer).__name__} (LoRA on an embedding)"
         return f"it is a PEFT {type(layer).__name__} without linear LoRA factors for adapter {adapter!r}"
     variant = getattr(layer, "lora_variant", {}).get(adapter)
-    if variant is not None:
-        return f"it uses a LoRA variant ({type(variant).__name__}, e.g. DoRA)"
+    if variant is not None and variant_of(layer, adapter) is None:
+        return f"it uses a LoRA variant ({type(variant).__name__}, e.g. DoRA) with no Flat-LoRA implementation"
+    if variant is not None and not options.get("in_place", False):
+        return (f"it uses a LoRA variant ({type(variant).__name__}, e.g. DoRA), which only enable_flat_lora runs "
+                "(it keeps PEFT's modules)")  # fmt: skip
     if getattr(layer, "lora_bias", {}).get(adapter, False):
         return "it has a LoRA bias (lora_bias=True)"
     return None

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..layer_support import base_layer_kind
 from ..step_noise import StepNoise
+from ..variants import variant_of
 
 __all__ = ["FlatLoraPeftForward", "FlatLoraPeftLinear", "PeftLoraLinear"]
 
@@ -58,9 +59,15 @@ class FlatLoraPeftForward(StepNoise):
         if not self.training or self.disable_adapters or not enabled_only:
             return super().forward(x, *args, **kwargs)
         self._check_base_unhooked(base)
+        variant = variant_of(self, adapter)
+        if variant is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: adapter {adapter!r} got a LoRA variant with no Flat-LoRA implementation "
+                "after enable_flat_lora; call disable_flat_lora first"
+            )
         lora_A, lora_B, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
-        return self.noisy_linear(x, partial(self._fused_op, kind, base), lora_A, lora_B, scaling,
-                                 self.lora_dropout[adapter])  # fmt: skip
+        return variant.training_forward(self, adapter, x, partial(self._fused_op, kind, base), lora_A, lora_B,
+                                        scaling, self.lora_dropout[adapter])  # fmt: skip
 
     def _fused_op(self, kind, base, x: Tensor, lora_A: Tensor, lora_B: Tensor, **noise) -> Tensor:
         return kind.run(base, x, lora_A, lora_B, name=type(self).__name__, **noise)
