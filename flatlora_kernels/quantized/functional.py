@@ -11,11 +11,12 @@ from ..functional import flat_lora_linear, register_weight_format, run_fused_op
 from .ops import QUANTIZED_OPS
 from .layout import Packed4bit
 
-__all__ = ["flat_qlora_linear"]
+__all__ = ["flat_qlora_linear", "linear_4bit"]
 
 
-def _linear_4bit(x, weight: Packed4bit, lora_A, lora_B, bias, scaling, sigma, seed, backend) -> Tensor:
-    """``flat_lora_linear`` for a ``Packed4bit`` weight: the dense checks on its shape, then the 4-bit ops."""
+def linear_4bit(x, weight: Packed4bit, lora_A, lora_B, bias, scaling, sigma, seed, backend) -> Tensor:
+    """``flat_lora_linear`` for a ``Packed4bit`` weight (positional arguments): the dense checks on its
+    shape, then the 4-bit ops."""
     check_op_arguments(x, _shape_stand_in(weight), lora_A, lora_B, bias, scaling, sigma, seed)
     if x.dtype == torch.float64:
         raise TypeError("flat_lora_linear: fp64 compute is not supported on a 4-bit base (use fp32, bf16 or fp16)")
@@ -31,7 +32,7 @@ def _shape_stand_in(packed: Packed4bit) -> Tensor:
     return torch.empty((1, 1), device=packed.device).expand(packed.out_features, packed.in_features)
 
 
-register_weight_format(Packed4bit, _linear_4bit)
+register_weight_format(Packed4bit, linear_4bit)
 
 
 def flat_qlora_linear(x: Tensor, weight: Packed4bit, *args, **kwargs) -> Tensor:

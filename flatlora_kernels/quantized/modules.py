@@ -1,7 +1,7 @@
 """``FlatLoraLinear4bit``: a bitsandbytes ``Linear4bit`` base plus a LoRA adapter, trained under Flat-LoRA noise.
 
 The base is held as the submodule ``base_layer`` (PEFT's name) and is never changed, copied or kept
-dequantized: training forwards run ``flat_qlora_linear`` on its packed codes, which decodes rows
+dequantized: training forwards run the 4-bit op (``functional.linear_4bit``) on its packed codes, which decodes rows
 chunk by chunk. Evaluation is plain QLoRA (the op at sigma 0: PEFT's forward to rounding).
 
 The class is a ``FlatLoraLinear``: the schedule drives it (``noise_seed`` / ``noise_factor``), the
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..modules import FlatLoraLinear
 from ..lora_forward import with_adapter_dtype
-from .functional import flat_qlora_linear
+from .functional import linear_4bit
 from .layout import Packed4bit, is_bnb_4bit
 
 __all__ = ["FlatLoraLinear4bit", "flat_qlora_forward", "flat_qlora_layer_from", "packed_of"]
@@ -60,8 +60,7 @@ def flat_qlora_forward(
     x_c = x.to(compute_dtype)
     bias_c = None if bias is None else bias.to(compute_dtype)
     y = with_adapter_dtype(
-        lambda A, B: flat_qlora_linear(x_c, packed, A, B, bias_c, scaling=scaling, sigma=sigma, seed=seed,
-                                       backend=backend),
+        lambda A, B: linear_4bit(x_c, packed, A, B, bias_c, scaling, sigma, seed, backend),
         x_c, lora_A, lora_B, scaling,
     )  # fmt: skip
     return y.to(x.dtype)
