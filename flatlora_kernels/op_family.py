@@ -55,7 +55,8 @@ class OpFamily:
             f"{namespace}::forward", _with_signature(self._forward, forward_args + ", str backend", 2), mutates_args=()
         )
         self.backward = torch.library.triton_op(
-            f"{namespace}::backward", _with_signature(self._backward, backward_args + ", str backend", 3), mutates_args=()
+            f"{namespace}::backward", _with_signature(self._backward, backward_args + ", str backend", 3),
+            mutates_args=(),
         )
         #: backend name -> (forward, backward) custom_ops, for the backends opaque to torch.library
         self.opaque_ops = {

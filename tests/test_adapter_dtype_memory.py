@@ -23,7 +23,8 @@ _BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 def _load_benchmark():
     sys.path.insert(0, str(_BENCH_DIR))  # it imports its sibling qlora_target in main() only
-    spec = importlib.util.spec_from_file_location("flatlora_adapter_dtype_memory", _BENCH_DIR / "adapter_dtype_memory.py")
+    path = _BENCH_DIR / "adapter_dtype_memory.py"
+    spec = importlib.util.spec_from_file_location("flatlora_adapter_dtype_memory", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -85,7 +86,8 @@ def test_fused_saves_no_more_than_peft(config, base):
     if base == "nf4":
         pytest.importorskip("bitsandbytes")
     for depth, width, tokens in bench.QUICK_SHAPES:
-        saved = {name: saved for name, (saved, _) in bench.measure(config, base, depth, width, tokens, peaks=False).items()}
+        results = bench.measure(config, base, depth, width, tokens, peaks=False)
+        saved = {name: saved for name, (saved, _) in results.items()}
         assert saved["fused"] <= saved["peft"], (config, base, width, tokens, saved)
         if config == "bf16 base, fp32 adapters":
             assert saved["fused"] < saved["peft"], saved

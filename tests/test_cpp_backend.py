@@ -277,7 +277,8 @@ def test_peak_memory_counts_the_reused_chunk_buffer():
 @pytest.mark.parametrize("fold", [True, False])
 def test_folded_and_unfolded_backward_match_reference(monkeypatch, dtype, fold):
     """Both backward branches (chunks W + s*B@A + eps, or W + eps plus (s*dy@B)@A), one chunk and several."""
-    monkeypatch.setattr(cpu_tuning, "BACKWARD_FOLD_MIN_TOKENS_PER_OUTPUT", {} if fold else {str(dtype)[6:]: float("inf")})
+    ratios = {} if fold else {str(dtype)[6:]: float("inf")}
+    monkeypatch.setattr(cpu_tuning, "BACKWARD_FOLD_MIN_TOKENS_PER_OUTPUT", ratios)
     check_backend_against_reference("cpp", M=9, N=40, K=33, r=4, dtype=dtype)  # M < N
     check_backend_against_reference("cpp", M=50, N=21, K=70, r=3, dtype=dtype)  # M > N
     monkeypatch.setattr(cpu_tuning, "CHUNK_GROWS_TO_OUTPUT", False)
@@ -412,13 +413,14 @@ def test_empty_batch():
 def test_row_scale_and_compute_dx_false():
     x, weight, lora_A, lora_B, bias = _layer_and_input()
     sigma, seed = torch.tensor(0.25), torch.tensor(3)
-    _, row_scale = _C.forward(x, weight, lora_A, lora_B, None, 2.0, sigma, seed, cpu_tuning.CHUNK_BYTES, cpu_tuning.PARALLEL_GRAIN_ELEMENTS)
+    caps = (cpu_tuning.CHUNK_BYTES, cpu_tuning.PARALLEL_GRAIN_ELEMENTS)
+    _, row_scale = _C.forward(x, weight, lora_A, lora_B, None, 2.0, sigma, seed, *caps)
     from flatlora_kernels.noise import perturbation_row_scale
 
     expected = perturbation_row_scale(weight, lora_A, lora_B, scaling=2.0, sigma=0.25)
     torch.testing.assert_close(row_scale, expected, rtol=1e-5, atol=0)
     dx, d_a, d_b = _C.backward(
-        torch.ones(50, 45), x, weight, lora_A, lora_B, row_scale, 2.0, seed, False, True, cpu_tuning.CHUNK_BYTES, cpu_tuning.PARALLEL_GRAIN_ELEMENTS
+        torch.ones(50, 45), x, weight, lora_A, lora_B, row_scale, 2.0, seed, False, True, *caps
     )
     assert dx.numel() == 0 and d_a.shape == lora_A.shape and d_b.shape == lora_B.shape
 

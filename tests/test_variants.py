@@ -15,7 +15,8 @@ from flatlora_kernels import variants  # noqa: E402
 
 def _dora_model():
     torch.manual_seed(0)
-    return peft.get_peft_model(nn.Sequential(nn.Linear(8, 6)), peft.LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    config = peft.LoraConfig(r=2, target_modules=["0"], use_dora=True)
+    return peft.get_peft_model(nn.Sequential(nn.Linear(8, 6)), config)
 
 
 def test_a_variant_without_implementation_is_refused_by_name():

@@ -93,7 +93,9 @@ def register_format(format: str, modules: dict[str, str]) -> None:
     """Declare weight format ``format``'s backend modules (backend name -> module path, imported on first use)."""
     unknown = set(modules) - set(REGISTRY)
     if unknown:
-        raise ValueError(f"register_format({format!r}): unknown backends {sorted(unknown)}; expected some of {BACKENDS}")
+        raise ValueError(
+            f"register_format({format!r}): unknown backends {sorted(unknown)}; expected some of {BACKENDS}"
+        )
     FORMATS[format] = dict(modules)
 
 

@@ -81,8 +81,9 @@ INTERPRETER_TILES: dict[str, dict] = {
 }
 
 #: The 4-bit kernels' GPU tiles (``backends/triton_quantized.py``) where the dense ones (``GPU_TILES``)
-#: spill once the tile also decodes 4-bit codes (sm_90 compile, ``benchmarks/qlora_resources.py``: ``perturbed_weight`` 32x32 spilled 20 B with
-#: fp32 factors, ``fused_forward_fp32`` 32 B): half the rows / outputs per program. Compiled, not timed.
+#: spill once the tile also decodes 4-bit codes (sm_90 compile, ``benchmarks/qlora_resources.py``:
+#: ``perturbed_weight`` 32x32 spilled 20 B with fp32 factors, ``fused_forward_fp32`` 32 B): half the
+#: rows / outputs per program. Compiled, not timed.
 GPU_TILES_4BIT: dict[str, dict] = {
     "perturbed_weight": dict(BLOCK_ROWS=16, BLOCK_COUNTERS=32, num_warps=8),
     "fused_forward_fp32": dict(MAX_BLOCK_TOKENS=16, BLOCK_OUT=16, BLOCK_COUNTERS=16, num_warps=4, num_stages=2),
