@@ -118,8 +118,8 @@ def strategy(name):
 
 @contextlib.contextmanager
 def chunk_cap(nbytes, grows_to_output):
-    tb = triton_backend_module()
-    with patched(tb, "chunk_bytes", nbytes), patched(tb, "chunk_grows_to_output", grows_to_output):
+    with patched(triton_tuning, "CHUNK_BYTES", nbytes), \
+            patched(triton_tuning, "CHUNK_GROWS_TO_OUTPUT", grows_to_output):
         yield
 
 
@@ -794,7 +794,8 @@ def facts():
     tb = triton_backend_module()
     return dict(
         device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-        dtype=str(DTYPE), rank=RANK, chunk_bytes=tb.chunk_bytes, chunk_grows_to_output=tb.chunk_grows_to_output,
+        dtype=str(DTYPE), rank=RANK, chunk_bytes=triton_tuning.CHUNK_BYTES,
+        chunk_grows_to_output=triton_tuning.CHUNK_GROWS_TO_OUTPUT,
         in_register_max_tokens=triton_tuning.IN_REGISTER_MAX_TOKENS, batched_strip_gemm=triton_tuning.BATCHED_STRIP_GEMM,
         strategies=", ".join(f"M={M}: {tb.choose_strategy(M, DTYPE)}" for (M, _, _), _ in TARGETS),
     )  # fmt: skip

@@ -7,6 +7,7 @@ sharpness-aware methods (``sharpness``).
 The noise stream is defined once, in ``flatlora_kernels.noise``.
 """
 
+from . import quantized  # noqa: F401  (registers the 4-bit base kind and weight format, from above)
 from .functional import flat_lora_linear
 from .layer_support import UnsupportedLayerError
 from .model_conversion import apply_flat_lora, flat_lora_layers, merge_and_unload, merge_flat_lora, unmerge_flat_lora

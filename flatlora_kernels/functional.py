@@ -1,25 +1,39 @@
-"""``flat_lora_linear``: the functional entry point, for a dense or a 4-bit base (validation, backend
-choice, shapes, autocast)."""
+"""``flat_lora_linear``: the functional entry point, for a dense or any registered weight format
+(validation, backend choice, shapes, autocast).
+
+A weight that is not a tensor is run by its format's entry, registered from above with
+``register_weight_format`` (``flatlora_kernels.quantized`` registers ``Packed4bit``, the 4-bit base);
+every format ends in ``run_fused_op``.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from . import backends, ops  # noqa: F401  (ops registers torch.ops.flatlora.*)
+from . import backends
 from ._validation import check_op_arguments, scalar_tensor
+from .op_family import OpFamily, eager_applies
+from .ops import DENSE_OPS
 
-if TYPE_CHECKING:
-    from .quantized.layout import Packed4bit
+__all__ = ["flat_lora_linear", "register_weight_format", "run_fused_op"]
 
-__all__ = ["flat_lora_linear"]
+#: weight class -> ``run(x, weight, lora_A, lora_B, bias, scaling, sigma, seed, backend)``: the weight
+#: formats ``flat_lora_linear`` takes besides a tensor.
+WEIGHT_FORMATS: dict[type, Callable[..., Tensor]] = {}
+
+
+def register_weight_format(weight_type: type, run: Callable[..., Tensor]) -> None:
+    """Let ``flat_lora_linear`` take a ``weight_type`` weight, run by ``run`` (``flat_lora_linear``'s
+    arguments, positionally; it checks them and calls ``run_fused_op``)."""
+    WEIGHT_FORMATS[weight_type] = run
 
 
 def flat_lora_linear(
     x: Tensor,
-    weight: Tensor | Packed4bit,
+    weight,
     lora_A: Tensor,
     lora_B: Tensor,
     bias: Tensor | None = None,
@@ -47,7 +61,11 @@ def flat_lora_linear(
     Differentiable in ``x``, ``lora_A``, ``lora_B`` and ``bias``; eps is a constant (no gradient).
     """
     if not isinstance(weight, Tensor):
-        return _linear_4bit(x, weight, lora_A, lora_B, bias, scaling, sigma, seed, backend)
+        run = WEIGHT_FORMATS.get(type(weight))
+        if run is None:
+            formats = "".join(f" or a {t.__name__}" for t in WEIGHT_FORMATS)
+            raise TypeError(f"flat_lora_linear: weight must be a torch.Tensor{formats}, got {type(weight).__name__}")
+        return run(x, weight, lora_A, lora_B, bias, scaling, sigma, seed, backend)
     check_op_arguments(x, weight, lora_A, lora_B, bias, scaling, sigma, seed)
     if weight.requires_grad:
         raise ValueError(
@@ -56,33 +74,8 @@ def flat_lora_linear(
         )
     return run_fused_op(
         x, (weight,), lora_A, lora_B, bias, scaling, sigma, seed, backend,
-        out_features=weight.shape[0], graph_op=torch.ops.flatlora.forward, eager_cpp_op=ops.EagerCpp.apply,
-        plain_weight_tensors=(weight,),
+        out_features=weight.shape[0], family=DENSE_OPS, plain_weight_tensors=(weight,),
     )
-
-
-def _linear_4bit(x, weight, lora_A, lora_B, bias, scaling, sigma, seed, backend) -> Tensor:
-    """``flat_lora_linear`` for a weight that is not a tensor: a ``Packed4bit``, else TypeError."""
-    # Imported at the first 4-bit call: quantized/ builds on this module (its layer is a FlatLoraLinear).
-    from .quantized import ops as ops_4bit
-    from .quantized.layout import Packed4bit
-
-    if not isinstance(weight, Packed4bit):
-        raise TypeError(f"flat_lora_linear: weight must be a torch.Tensor or a Packed4bit, got {type(weight).__name__}")
-    check_op_arguments(x, _shape_stand_in(weight), lora_A, lora_B, bias, scaling, sigma, seed)
-    if x.dtype == torch.float64:
-        raise TypeError("flat_lora_linear: fp64 compute is not supported on a 4-bit base (use fp32, bf16 or fp16)")
-    return run_fused_op(
-        x, weight.op_args(), lora_A, lora_B, bias, scaling, sigma, seed, backend,
-        out_features=weight.out_features, graph_op=torch.ops.flatlora_q4.forward,
-        eager_cpp_op=ops_4bit.EagerCpp4bit.apply, plain_weight_tensors=(),
-    )  # fmt: skip
-
-
-def _shape_stand_in(packed: Packed4bit) -> Tensor:
-    """A one-element fp32 tensor viewed as ``[N, K]`` on the weight's device: lets the dense layer's
-    shape and device checks (``_validation``) check a 4-bit weight too, allocating nothing weight-sized."""
-    return torch.empty((1, 1), device=packed.device).expand(packed.out_features, packed.in_features)
 
 
 def run_fused_op(
@@ -97,13 +90,13 @@ def run_fused_op(
     backend: str,
     *,
     out_features: int,
-    graph_op,
-    eager_cpp_op,
+    family: OpFamily,
     plain_weight_tensors: tuple,
 ) -> Tensor:
-    """One call of a fused layer op (dense or 4-bit) on checked arguments: resolves the backend, applies
-    autocast's compute dtype, flattens ``x`` to 2-D, and takes ``eager_cpp_op`` instead of ``graph_op``
-    where ``ops.eager_cpp_applies`` (``plain_weight_tensors``: the weight tensors that check covers)."""
+    """One call of a weight format's fused op (``family``: dense, 4-bit, ...) on checked arguments:
+    resolves the backend, applies autocast's compute dtype, flattens ``x`` to 2-D, and takes the
+    family's eager Function instead of its graph op for an opaque backend where ``op_family.eager_applies``
+    (``plain_weight_tensors``: the weight tensors that check covers)."""
     device = x.device
     backend = backends.resolve(backend, device)  # "auto" -> the device's fast path; impossible pairs raise
     # Autocast has no meta device; meta tensors (shape-only tracing) take the ops' fake kernels.
@@ -116,9 +109,9 @@ def run_fused_op(
     # A 2-D x goes in as is: reshape would add a view node to the autograd graph (for nothing).
     x_2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     args = (x_2d, *weight_args, lora_A, lora_B, bias, float(scaling), sigma_t, seed_t, backend)
-    # Eager CPU calls skip torch.library's dispatch layers (same kernels, same results).
-    eager_cpp = backend == "cpp" and ops.eager_cpp_applies((x, *plain_weight_tensors, lora_A, lora_B, bias))
-    op = eager_cpp_op if eager_cpp else graph_op
+    # Eager calls on an opaque backend skip torch.library's dispatch layers (same kernels, same results).
+    eager = backend in family.opaque_ops and eager_applies((x, *plain_weight_tensors, lora_A, lora_B, bias))
+    op = family.eager.apply if eager else family.graph_forward
     if autocast_on:
         with torch.autocast(autocast_device, enabled=False):
             y, _ = op(*args)

@@ -5,19 +5,21 @@ tensor-parallel styles and FMLoRA/EFMLoRA all ask this module, so they accept an
 layers, and a refusal names the layer, says why and lists what is supported (README's
 "What is and is not supported" is this module's list).
 
-Base layers are recognised by the kinds in ``BASE_LAYER_KINDS`` (first match wins): ``nn.Linear``,
-transformers' ``Conv1D`` and bitsandbytes' 4-bit ``Linear4bit`` (NF4/FP4, run by Flat-QLoRA,
-``flatlora_kernels.quantized``; recognised by class name, so bitsandbytes is never imported here). A
-module of no kind is refused with the most specific reason found: another quantized layer
-(bitsandbytes ``Linear8bitLt``, torchao, integer or float8 weights; recognised by class, module or
-weight dtype), an embedding, a convolution, or another module.
+Base layers are recognised by the kinds in ``BASE_LAYER_KINDS`` (first match wins): ``nn.Linear`` and
+transformers' ``Conv1D`` (float weights, declared here), and whatever a base format registers from
+above: ``flatlora_kernels.quantized`` registers bitsandbytes' 4-bit ``Linear4bit`` (NF4/FP4, run by
+Flat-QLoRA) when the package loads. A module of no kind is refused with the most specific reason
+found: another quantized layer (bitsandbytes ``Linear8bitLt``, torchao, integer or float8 weights;
+recognised by class, module or weight dtype), an embedding, a convolution, or another module.
 
-To support a new base kind, register it with ``register_base_layer_kind``: its
+A kind runs its layer: ``BaseLayerKind.run(base, x, lora_A, lora_B, ...)`` is the fused forward over
+the base's weight (``fused_forward``; by default ``lora_forward.float_weight_forward`` on its float
+weight), what the patched PEFT layers' training (and, with ``eval_runs_op``, evaluation) forward
+calls. To support a new base kind, register it with ``register_base_layer_kind``: also its
 ``flat_layer(base, **config)`` (``config`` as ``FlatLoraLinear.from_linear``'s keywords; it returns a
 ``FlatLoraLinear`` subclass) builds the layer ``apply_flat_lora`` / ``from_peft`` /
-``FlatLoraLinear.from_linear`` put in the base's place (``model_conversion.build_flat_layer``), and
-``patch_in_place`` says whether ``enable_flat_lora``'s in-place forward (``StepNoise.noisy_linear``)
-can run it. PEFT's LoRA layer over such a base (any LoRA layer with linear factors) is then accepted too.
+``FlatLoraLinear.from_linear`` put in the base's place (``model_conversion.build_flat_layer``).
+PEFT's LoRA layer over such a base (any LoRA layer with linear factors) is then accepted too.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+
+from .lora_forward import float_weight_forward
+from .variants import variant_of
 
 __all__ = [
     "UnsupportedLayerError",
@@ -61,7 +66,10 @@ class BaseLayerKind:
     would be skipped); ``flat_layer(base, **config)`` builds the replacing layer (None:
     ``FlatLoraLinear.from_linear``); ``patch_in_place``: ``enable_flat_lora`` can run it;
     ``problem(module, bypasses_forward)``: why this layer of the kind cannot run (e.g. a 4-bit weight
-    not quantized yet), or None.
+    not quantized yet), or None; ``fused_forward(base, x, lora_A, lora_B, *, scaling, sigma, seed,
+    backend, name)``: the fused op over the base's weight and bias (None: its float weight's,
+    ``float_weight_forward``); ``eval_runs_op``: evaluation runs that op at sigma 0 instead of the
+    base's own forward (a 4-bit base: its eval forward may repack the weight in place).
     """
 
     name: str
@@ -71,6 +79,18 @@ class BaseLayerKind:
     flat_layer: Callable[..., nn.Module] | None = None
     patch_in_place: bool = True
     problem: Callable[[nn.Module, bool], str | None] | None = None
+    fused_forward: Callable[..., Tensor] | None = None
+    eval_runs_op: bool = False
+
+    def run(self, base: nn.Module, x: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling: float, sigma, seed,
+            backend: str, name: str) -> Tensor:  # fmt: skip
+        """``x (W + s*B@A + eps)^T + bias`` with ``base``'s weight and bias, the adapters under PEFT's
+        dtype rule; bad input raises naming ``name``."""
+        noise = dict(scaling=scaling, sigma=sigma, seed=seed, backend=backend, name=name)
+        if self.fused_forward is not None:
+            return self.fused_forward(base, x, lora_A, lora_B, **noise)
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight
+        return float_weight_forward(x, weight, base.bias, lora_A, lora_B, **noise)
 
 
 def quantization_of(module: nn.Module) -> str | None:
@@ -103,43 +123,17 @@ CONV1D = BaseLayerKind(
 )
 
 
-def _is_bnb_4bit(module: nn.Module) -> bool:
-    from .quantized.layout import is_bnb_4bit  # by class name: no bitsandbytes import
-
-    return is_bnb_4bit(module)
-
-
-def _bnb_4bit_problem(module: nn.Module, bypasses_forward: bool) -> str | None:
-    from .quantized.layout import Packed4bit
-
-    linear4bit = next(c for c in type(module).__mro__ if c.__name__ == "Linear4bit")  # bitsandbytes' class
-    if bypasses_forward and type(module).forward is not linear4bit.forward:
-        return f"it is a {type(module).__name__} with a forward of its own, which the fused op would skip"
-    try:
-        Packed4bit.from_linear4bit(module, name=f"its {type(module).__name__} weight")
-    except (ValueError, TypeError) as error:
-        return str(error)
-    return None
-
-
-def _flat_qlora_layer(base: nn.Module, **config) -> nn.Module:
-    from .quantized.modules import FlatLoraLinear4bit
-
-    return FlatLoraLinear4bit.from_linear4bit(base, **config)
-
-
-BNB_LINEAR4BIT = BaseLayerKind(
-    "bitsandbytes Linear4bit (NF4/FP4, Flat-QLoRA)", _is_bnb_4bit, flat_layer=_flat_qlora_layer,
-    problem=_bnb_4bit_problem,
-)
-
 #: Recognised base-layer kinds, first match wins (``register_base_layer_kind`` puts new ones first).
-BASE_LAYER_KINDS: list[BaseLayerKind] = [LINEAR, CONV1D, BNB_LINEAR4BIT]
+BASE_LAYER_KINDS: list[BaseLayerKind] = [LINEAR, CONV1D]
 
 
-def register_base_layer_kind(kind: BaseLayerKind) -> None:
-    """Accept a new kind of base layer everywhere (it is tried before the built-in kinds)."""
-    BASE_LAYER_KINDS.insert(0, kind)
+def register_base_layer_kind(kind: BaseLayerKind, *, first: bool = True) -> None:
+    """Accept a new kind of base layer everywhere: tried before the kinds already known, or after them
+    (``first=False``, how the package's own formats register, so messages list the float kinds first)."""
+    if first:
+        BASE_LAYER_KINDS.insert(0, kind)
+    else:
+        BASE_LAYER_KINDS.append(kind)
 
 
 def base_layer_kind(module: nn.Module) -> BaseLayerKind | None:
@@ -156,7 +150,8 @@ def supported_layers() -> str:
     """The supported set, as every refusal states it."""
     kinds = ", ".join(kind.name for kind in BASE_LAYER_KINDS)
     return (
-        f"supported: plain LoRA (no DoRA or other variant, no lora_bias) over a frozen base layer of kind {kinds}, "
+        f"supported: plain LoRA (no DoRA or other variant without a Flat-LoRA implementation, no lora_bias) over a "
+        f"frozen base layer of kind {kinds}, "
         "with float weights (fp32/bf16/fp16/fp64) or, for Linear4bit, quantized 4-bit weights, no forward hooks "
         "and no forward of its own"
     )
@@ -211,7 +206,8 @@ def check_base_layer(entry: str, name: str, module: nn.Module, **options) -> Bas
 
 def peft_lora_layer_problem(layer: nn.Module, adapter: str, **options) -> str | None:
     """Why Flat-LoRA cannot run PEFT LoRA layer ``layer``'s adapter ``adapter``, or None
-    (``options`` as ``base_layer_problem``'s, for its base layer)."""
+    (``options`` as ``base_layer_problem``'s, for its base layer). A LoRA variant is refused unless it
+    has an implementation (``variants``) and the layer is patched in place (``in_place``)."""
     base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else None
     if base is not None and base is not layer:
         problem = base_layer_problem(base, **options)
@@ -223,8 +219,11 @@ def peft_lora_layer_problem(layer: nn.Module, adapter: str, **options) -> str | 
             return f"it is a PEFT LoRA {type(layer).__name__} (LoRA on an embedding)"
         return f"it is a PEFT {type(layer).__name__} without linear LoRA factors for adapter {adapter!r}"
     variant = getattr(layer, "lora_variant", {}).get(adapter)
-    if variant is not None:
-        return f"it uses a LoRA variant ({type(variant).__name__}, e.g. DoRA)"
+    if variant is not None and variant_of(layer, adapter) is None:
+        return f"it uses a LoRA variant ({type(variant).__name__}, e.g. DoRA) with no Flat-LoRA implementation"
+    if variant is not None and not options.get("in_place", False):
+        return (f"it uses a LoRA variant ({type(variant).__name__}, e.g. DoRA), which only enable_flat_lora runs "
+                "(it keeps PEFT's modules)")  # fmt: skip
     if getattr(layer, "lora_bias", {}).get(adapter, False):
         return "it has a LoRA bias (lora_bias=True)"
     return None

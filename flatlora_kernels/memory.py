@@ -1,4 +1,4 @@
-"""Peak memory of a block of code, on CUDA and on the CPU.
+"""Peak memory of a block of code, on CUDA and on the CPU, and the bytes autograd saves for backward.
 
 * CUDA: ``reset_peak_memory_stats`` + ``max_memory_allocated`` (the caching allocator's own count).
 * CPU: PyTorch has no CPU allocator statistics, so the block runs under the profiler with
@@ -10,6 +10,10 @@ Both report the peak *above* what was allocated when the block started (activati
 temporaries; not the model already in memory). On CPU the C++ backend's per-thread chunk buffers
 (the dense and the 4-bit op's), which outlive calls, are freed on entry, so the block's first pass
 allocates (and counts) them again.
+
+``SavedTensorBytes`` counts what autograd keeps for backward while a block runs (its
+``saved_tensors_hooks``): each storage once, the module's parameters and buffers left out (they
+exist anyway). Deterministic, unlike a peak, so tests can compare it exactly.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import tempfile
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-__all__ = ["PeakMemory"]
+__all__ = ["PeakMemory", "SavedTensorBytes"]
 
 
 @contextlib.contextmanager
@@ -128,4 +132,39 @@ class PeakMemory:
                 current += nbytes
                 peak = max(peak, current)
             self.bytes = peak
+        return False
+
+
+class SavedTensorBytes:
+    """``with SavedTensorBytes(model) as saved: loss = model(x)...`` then ``saved.bytes``: the bytes
+    of the distinct storages autograd saved for backward inside the block, less ``model``'s
+    parameters and buffers (``model`` may be None) and ``also_held`` (other tensors that exist anyway,
+    e.g. a 4-bit weight's quantization state). ``saved.tensors``: ``(dtype, shape)`` of each."""
+
+    def __init__(self, model: torch.nn.Module | None = None, also_held=()):
+        held = [*also_held] + ([] if model is None else [*model.parameters(), *model.buffers()])
+        self._held = {t.untyped_storage().data_ptr() for t in held}
+        self._storages: dict[int, tuple[int, torch.dtype, tuple]] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._held and storage.nbytes():
+            self._storages[storage.data_ptr()] = (storage.nbytes(), tensor.dtype, tuple(tensor.shape))
+        return tensor
+
+    @property
+    def bytes(self) -> int:
+        return sum(nbytes for nbytes, _, _ in self._storages.values())
+
+    @property
+    def tensors(self) -> list[tuple[torch.dtype, tuple]]:
+        return [(dtype, shape) for _, dtype, shape in self._storages.values()]
+
+    def __enter__(self) -> "SavedTensorBytes":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._hooks.__exit__(*exc)
         return False

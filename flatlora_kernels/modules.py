@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from ._validation import check_integer, check_real
 from .layer_support import UnsupportedLayerError, check_base_layer
 from . import noise
-from .step_noise import StepNoise, lora_branch
+from .lora_forward import float_weight_forward, lora_branch
+from .step_noise import StepNoise
 
 __all__ = ["FlatLoraLinear"]
 
@@ -181,6 +182,11 @@ class FlatLoraLinear(StepNoise):
         branch_input = x if self.lora_dropout is None else self.lora_dropout(x)
         return y + lora_branch(branch_input, self.lora_A, self.lora_B, self.scaling).to(y.dtype)
 
+    def fused_op(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, **noise) -> Tensor:
+        """The base's fused op, ``x (W + s*B@A + eps)^T + bias`` (``noise``: scaling, sigma, seed,
+        backend): what the training forward runs. A subclass over another base format overrides it."""
+        return float_weight_forward(x, self.linear_weight, self.bias, lora_A, lora_B, name=type(self).__name__, **noise)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             if self.training:
@@ -188,9 +194,7 @@ class FlatLoraLinear(StepNoise):
             return F.linear(x, self.linear_weight, self.bias)
         if not self.training:
             return self._plain_lora(x)  # evaluation: no noise
-        return self.noisy_linear(
-            x, self.linear_weight, self.lora_A, self.lora_B, self.bias, self.scaling, self.lora_dropout
-        )
+        return self.noisy_linear(x, self.fused_op, self.lora_A, self.lora_B, self.scaling, self.lora_dropout)
 
     # --- merging ------------------------------------------------------------------------------
 

@@ -11,10 +11,9 @@ Default (no schedule): factor 0 and seed 0, i.e. plain LoRA, the state the cosin
 before the first optimizer step; a training forward of such a layer with ``sigma > 0`` warns once
 per model (the layers of one conversion share a ``WarnOnce``).
 
-LoRA dropout: PEFT applies dropout to the LoRA branch input only, ``y = W x + s*B A dropout(x)``. The
-fused op folds the branch into the weight, so it sees the same ``x`` for both terms; with dropout
-the forward adds ``s*B A (dropout(x) - x)`` (``dropout_correction``): the result and every gradient
-are PEFT's, the noise is unchanged, and the price is one LoRA branch, which PEFT pays anyway.
+The training forward (``StepNoise.noisy_linear``) runs the layer's fused op (its base kind's:
+``layer_support.BaseLayerKind.run``) with this step's sigma and seed, then PEFT's dropout rule
+(``lora_forward.dropout_correction``).
 """
 
 from __future__ import annotations
@@ -22,14 +21,14 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import flat_lora_linear
+from .lora_forward import dropout_correction
 
-__all__ = ["StepNoise", "WarnOnce", "lora_branch", "dropout_correction", "with_adapter_dtype", "user_stacklevel"]
+__all__ = ["StepNoise", "WarnOnce", "user_stacklevel"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -49,32 +48,6 @@ def user_stacklevel() -> int:
     while frame is not None and _is_library_file(frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def lora_branch(x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
-    """``s*B@A@x`` as PEFT computes it: x cast to the adapter's dtype."""
-    return F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B) * scaling
-
-
-def dropout_correction(x: Tensor, dropout, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
-    """``s*B@A@(dropout(x) - x)`` in the adapter's dtype (PEFT's rule): added to the fused output, which
-    holds ``s*B@A@x``, it gives PEFT's branch ``s*B@A@dropout(x)``."""
-    xa = x.to(lora_A.dtype)
-    return lora_branch(dropout(xa) - xa, lora_A, lora_B, scaling)
-
-
-def with_adapter_dtype(fused_op, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
-    """``fused_op(lora_A, lora_B)`` (a fused op whose GEMMs run in ``x``'s dtype) under PEFT's adapter
-    dtype rule, where the LoRA branch runs in the adapter's dtype: when the factors' dtype is not
-    ``x``'s (fp32 adapters on a bf16 model), the op gets them detached and their gradients come from
-    ``branch - branch.detach()`` (exactly zero in the forward), a LoRA branch in the adapter's dtype:
-    what PEFT pays for its branch anyway."""
-    adapter_apart = lora_A.dtype != x.dtype or lora_B.dtype != x.dtype
-    y = fused_op(lora_A.detach() if adapter_apart else lora_A, lora_B.detach() if adapter_apart else lora_B)
-    if adapter_apart and torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad):
-        branch = lora_branch(x.detach(), lora_A, lora_B, scaling)
-        y = y + (branch - branch.detach()).to(y.dtype)
-    return y
 
 
 class WarnOnce:
@@ -164,48 +137,23 @@ class StepNoise(nn.Module):
     def noisy_linear(
         self,
         x: Tensor,
-        weight: Tensor | nn.Module,
+        fused_op: Callable[..., Tensor],
         lora_A: Tensor,
         lora_B: Tensor,
-        bias: Tensor | None,
         scaling: float,
         dropout: nn.Module | None,
     ) -> Tensor:
         """The training forward: ``x (W + s*B@A + eps)^T + bias`` plus the dropout correction.
 
-        ``weight`` is the base's float weight as ``[out, in]`` (a view for ``[in, out]`` storage), run
-        by ``flat_lora_linear``; or, for a bitsandbytes 4-bit base (``layer_support.BNB_LINEAR4BIT``),
-        the ``Linear4bit`` itself, run by ``quantized.flat_qlora_forward`` (its packed weight decoded
-        chunk by chunk, in its compute dtype; ``bias`` is not used: the base's own is). Either base
-        is frozen: that was checked on the registered Parameter when the layer was made
-        (``layer_support``), so a weight that requires grad here is a wrapper's view (FSDP1 hands the
-        forward views of its flat parameter) and is detached. Adapters in another dtype than the
-        op's follow PEFT's rule (``with_adapter_dtype``).
+        ``fused_op(x, lora_A, lora_B, *, scaling, sigma, seed, backend)`` is the layer's base run by its
+        fused op (``float_weight_forward`` over a float weight, a base kind's ``run``), here with this
+        step's sigma and seed (the op applies PEFT's adapter dtype rule).
         """
-        if isinstance(weight, nn.Module):
-            from .quantized.modules import flat_qlora_forward  # imported on first use: no cycle
-
-            self._warn_if_undriven()
-            y = flat_qlora_forward(
-                weight, x, lora_A, lora_B, scaling=scaling, sigma=self.effective_sigma(), seed=self.effective_seed(),
-                backend=self._op_backend(),
-            )
-        else:
-            if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-                # What nn.Linear (and PEFT's forward) does, rather than training in a silent cast.
-                raise RuntimeError(
-                    f"{type(self).__name__}: input dtype {x.dtype} differs from the layer's weight dtype "
-                    f"{weight.dtype} (cast the input or the model, or run under torch.autocast)"
-                )
-            self._warn_if_undriven()
-            weight = weight.detach() if weight.requires_grad else weight
-            y = with_adapter_dtype(
-                lambda A, B: flat_lora_linear(
-                    x, weight, A, B, bias, scaling=scaling, sigma=self.effective_sigma(), seed=self.effective_seed(),
-                    backend=self._op_backend(),
-                ),
-                x, lora_A, lora_B, scaling,
-            )
+        y = fused_op(
+            x, lora_A, lora_B, scaling=scaling, sigma=self.effective_sigma(), seed=self.effective_seed(),
+            backend=self._op_backend(),
+        )
+        self._warn_if_undriven()
         if isinstance(dropout, nn.Dropout) and dropout.p > 0:
             y = y + dropout_correction(x, dropout, lora_A, lora_B, scaling).to(y.dtype)
         return y

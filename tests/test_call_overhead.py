@@ -69,7 +69,7 @@ def test_matching_scalar_tensors_are_not_copied():
 
 
 def test_shortcut_steps_aside_for_whatever_intercepts_the_ops():
-    from flatlora_kernels.ops import eager_cpp_applies
+    from flatlora_kernels.op_family import eager_applies as eager_cpp_applies
 
     x = torch.randn(2, 3)
     assert eager_cpp_applies((x, torch.nn.Parameter(x), None))

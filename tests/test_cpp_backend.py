@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flatlora_kernels import flat_lora_linear, noise
-from flatlora_kernels.backends import cpp
+from flatlora_kernels.backends import cpp, cpu_tuning
 from flatlora_kernels.noise import counters_per_row, normal_rows, philox4x32_10
 from flatlora_kernels.baselines import lora_linear, naive_flat_lora_linear
 
@@ -199,8 +199,8 @@ def test_unknown_isa_override_is_a_clear_error():
 @pytest.fixture
 def tiny_chunks(monkeypatch):
     """Chunks of a few rows, ending mid-way through N (and a one-row cap where K is wide)."""
-    monkeypatch.setattr(cpp, "chunk_bytes", 3 * 4 * 40)  # bf16 chunks: 6 rows
-    monkeypatch.setattr(cpp, "chunk_grows_to_output", False)
+    monkeypatch.setattr(cpu_tuning, "CHUNK_BYTES", 3 * 4 * 40)  # bf16 chunks: 6 rows
+    monkeypatch.setattr(cpu_tuning, "CHUNK_GROWS_TO_OUTPUT", False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -230,9 +230,9 @@ def test_chunk_size_does_not_change_results(monkeypatch):
     x, weight, lora_A, lora_B, bias = _layer_and_input()
     kw = dict(scaling=2.0, sigma=0.3, seed=77)
     whole = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
-    monkeypatch.setattr(cpp, "chunk_grows_to_output", False)
+    monkeypatch.setattr(cpu_tuning, "CHUNK_GROWS_TO_OUTPUT", False)
     for cap in (1, 4 * 70 * 7):  # one row per chunk; 7 rows (45 = 6*7 + 3: the last chunk is short)
-        monkeypatch.setattr(cpp, "chunk_bytes", cap)
+        monkeypatch.setattr(cpu_tuning, "CHUNK_BYTES", cap)
         chunked = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
         for a, b in zip(whole, chunked):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -240,14 +240,14 @@ def test_chunk_size_does_not_change_results(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_reused_chunk_workspace_changes_no_bit(monkeypatch, dtype):
-    """Chunks under cpp.workspace_bytes live in a per-thread buffer kept across calls: layers of
+    """Chunks under cpu_tuning.WORKSPACE_BYTES live in a per-thread buffer kept across calls: layers of
     different sizes and dtypes built into it one after another give the bits of fresh buffers, and no
     output aliases it."""
     layers = [_layer_and_input(M=m, N=n, K=k, r=3, dtype=dtype, seed=seed) for m, n, k, seed in [(9, 40, 33, 1), (5, 70, 65, 2), (9, 40, 33, 3)]]
     kw = dict(scaling=2.0, sigma=0.3, seed=11)
-    monkeypatch.setattr(cpp, "workspace_bytes", 0)
+    monkeypatch.setattr(cpu_tuning, "WORKSPACE_BYTES", 0)
     fresh = [_run("cpp", *layer, **kw) for layer in layers]
-    monkeypatch.setattr(cpp, "workspace_bytes", 1 << 20)
+    monkeypatch.setattr(cpu_tuning, "WORKSPACE_BYTES", 1 << 20)
     reused = [_run("cpp", *layer, **kw) for layer in layers + layers[:1]]
     for want, got in zip(fresh + fresh[:1], reused):
         for a, b in zip(want, got):
@@ -277,23 +277,24 @@ def test_peak_memory_counts_the_reused_chunk_buffer():
 @pytest.mark.parametrize("fold", [True, False])
 def test_folded_and_unfolded_backward_match_reference(monkeypatch, dtype, fold):
     """Both backward branches (chunks W + s*B@A + eps, or W + eps plus (s*dy@B)@A), one chunk and several."""
-    monkeypatch.setattr(cpp, "backward_fold_min_tokens_per_output", {} if fold else {str(dtype)[6:]: float("inf")})
+    ratios = {} if fold else {str(dtype)[6:]: float("inf")}
+    monkeypatch.setattr(cpu_tuning, "BACKWARD_FOLD_MIN_TOKENS_PER_OUTPUT", ratios)
     check_backend_against_reference("cpp", M=9, N=40, K=33, r=4, dtype=dtype)  # M < N
     check_backend_against_reference("cpp", M=50, N=21, K=70, r=3, dtype=dtype)  # M > N
-    monkeypatch.setattr(cpp, "chunk_grows_to_output", False)
-    monkeypatch.setattr(cpp, "chunk_bytes", 7 * 33 * 2)  # 40 rows in 6 chunks of at most 7 (bf16) or 3
+    monkeypatch.setattr(cpu_tuning, "CHUNK_GROWS_TO_OUTPUT", False)
+    monkeypatch.setattr(cpu_tuning, "CHUNK_BYTES", 7 * 33 * 2)  # 40 rows in 6 chunks of at most 7 (bf16) or 3
     check_backend_against_reference("cpp", M=9, N=40, K=33, r=4, dtype=dtype)
 
 
 def test_unfolded_backward_is_used_below_the_crossover_and_agrees_with_folding(monkeypatch):
     x, weight, lora_A, lora_B, bias = _layer_and_input(M=20, N=45, K=70, dtype=torch.bfloat16)
     kw = dict(scaling=2.0, sigma=0.3, seed=5)
-    monkeypatch.setattr(cpp, "backward_fold_min_tokens_per_output", {"bfloat16": 1.0})
+    monkeypatch.setattr(cpu_tuning, "BACKWARD_FOLD_MIN_TOKENS_PER_OUTPUT", {"bfloat16": 1.0})
     calls = []
     real_backward = cpp._C.backward
     monkeypatch.setattr(cpp._C, "backward", lambda *args: calls.append(args[9]) or real_backward(*args))
     unfolded = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
-    monkeypatch.setattr(cpp, "backward_fold_min_tokens_per_output", {})
+    monkeypatch.setattr(cpu_tuning, "BACKWARD_FOLD_MIN_TOKENS_PER_OUTPUT", {})
     folded = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
     assert calls == [False, True]  # M = 20 < N = 45 unfolds under the bf16 rule; an empty rule folds
     for a, b in zip(unfolded, folded):  # the same math; bf16 rounding of W' vs of W + eps apart
@@ -301,7 +302,7 @@ def test_unfolded_backward_is_used_below_the_crossover_and_agrees_with_folding(m
     # fp64: the same to fp64 rounding.
     x, weight, lora_A, lora_B, bias = _layer_and_input(M=20, N=45, K=70, dtype=torch.float64)
     folded = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
-    monkeypatch.setattr(cpp, "backward_fold_min_tokens_per_output", {"float64": 1.0})
+    monkeypatch.setattr(cpu_tuning, "BACKWARD_FOLD_MIN_TOKENS_PER_OUTPUT", {"float64": 1.0})
     unfolded = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
     assert calls[-2:] == [True, False]
     for a, b in zip(unfolded, folded):
@@ -313,11 +314,11 @@ def test_parallel_grain_changes_no_bit(monkeypatch):
     kw = dict(scaling=2.0, sigma=0.3, seed=11)
     default = _run("cpp", x, weight, lora_A, lora_B, bias, **kw)
     for grain in (1, 70 * 3 + 1, 10**9):  # one row per task, 3 rows, everything in one task
-        monkeypatch.setattr(cpp, "parallel_grain", grain)
+        monkeypatch.setattr(cpu_tuning, "PARALLEL_GRAIN_ELEMENTS", grain)
         for a, b in zip(default, _run("cpp", x, weight, lora_A, lora_B, bias, **kw)):
             assert torch.equal(a, b)
     with pytest.raises(RuntimeError, match="parallel_grain must be positive"):
-        _C.forward(x, weight, lora_A, lora_B, None, 2.0, torch.tensor(0.1), torch.tensor(1), cpp.chunk_bytes, 0)
+        _C.forward(x, weight, lora_A, lora_B, None, 2.0, torch.tensor(0.1), torch.tensor(1), cpu_tuning.CHUNK_BYTES, 0)
 
 
 def test_repeated_calls_are_deterministic():
@@ -412,13 +413,14 @@ def test_empty_batch():
 def test_row_scale_and_compute_dx_false():
     x, weight, lora_A, lora_B, bias = _layer_and_input()
     sigma, seed = torch.tensor(0.25), torch.tensor(3)
-    _, row_scale = _C.forward(x, weight, lora_A, lora_B, None, 2.0, sigma, seed, cpp.chunk_bytes, cpp.parallel_grain)
+    caps = (cpu_tuning.CHUNK_BYTES, cpu_tuning.PARALLEL_GRAIN_ELEMENTS)
+    _, row_scale = _C.forward(x, weight, lora_A, lora_B, None, 2.0, sigma, seed, *caps)
     from flatlora_kernels.noise import perturbation_row_scale
 
     expected = perturbation_row_scale(weight, lora_A, lora_B, scaling=2.0, sigma=0.25)
     torch.testing.assert_close(row_scale, expected, rtol=1e-5, atol=0)
     dx, d_a, d_b = _C.backward(
-        torch.ones(50, 45), x, weight, lora_A, lora_B, row_scale, 2.0, seed, False, True, cpp.chunk_bytes, cpp.parallel_grain
+        torch.ones(50, 45), x, weight, lora_A, lora_B, row_scale, 2.0, seed, False, True, *caps
     )
     assert dx.numel() == 0 and d_a.shape == lora_A.shape and d_b.shape == lora_B.shape
 
@@ -440,7 +442,7 @@ def test_direct_calls_reject_bad_inputs():
     }
     for message, args in bad_calls.items():
         with pytest.raises(RuntimeError, match=message.replace("[", r"\[")):
-            _C.forward(*args, cpp.chunk_bytes, cpp.parallel_grain)
+            _C.forward(*args, cpu_tuning.CHUNK_BYTES, cpu_tuning.PARALLEL_GRAIN_ELEMENTS)
 
 
 def test_missing_extension_message_says_how_to_build(monkeypatch):

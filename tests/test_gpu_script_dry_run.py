@@ -234,8 +234,8 @@ def test_strips_check_chunks_and_both_gemms_agree(script, monkeypatch):
 def test_flag_both_ways_runs_each_value(script, monkeypatch):
     """The WHOLE_WEIGHT_INPUT_GRAD_BYTES timing: off, the backward regenerates counter chunks; on, W' whole."""
     tb = script.triton_backend_module()
-    monkeypatch.setattr(tb, "chunk_bytes", 4 * 96 * 2 * 8)  # 8 counters a chunk (Kq = 18)
-    monkeypatch.setattr(tb, "chunk_grows_to_output", False)
+    monkeypatch.setattr(tb.triton_tuning, "CHUNK_BYTES", 4 * 96 * 2 * 8)  # 8 counters a chunk (Kq = 18)
+    monkeypatch.setattr(tb.triton_tuning, "CHUNK_GROWS_TO_OUTPUT", False)
     seen = []
     real = tb.regenerate_perturbed_weight
     monkeypatch.setattr(tb, "regenerate_perturbed_weight", lambda out, *a, **k: (seen.append(out.dim()), real(out, *a, **k)))

@@ -172,3 +172,14 @@ def test_undriven_warning_once_per_model_at_the_user_line():
         model(IDS)
         model(IDS)
     assert len(ours) == 1 and ours[0].filename == __file__
+
+
+def test_patched_layers_keep_peft_class_name_in_repr_and_layer_status():
+    model = peft_wrap(tiny_gpt2(), ["c_attn"])
+    before = [(s.name, s.module_type) for s in model.get_layer_status()]
+    layer_repr = repr(model.base_model.model.transformer.h[0].attn.c_attn)
+    enable_flat_lora(model, sigma=0.1)
+    assert [(s.name, s.module_type) for s in model.get_layer_status()] == before
+    patched = repr(model.base_model.model.transformer.h[0].attn.c_attn)
+    assert patched.startswith("lora.Linear(") and patched.split("(", 1)[0] == layer_repr.split("(", 1)[0]
+    assert "flat_lora_adapter='default'" in patched

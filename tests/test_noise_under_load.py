@@ -117,7 +117,7 @@ def test_forward_and_backward_use_bit_identical_eps(backend):
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_eps_independent_of_thread_count_and_chunk_cap(backend, monkeypatch):
-    from flatlora_kernels.backends import cpp
+    from flatlora_kernels.backends import cpu_tuning
 
     weight, lora_A, lora_B = _layer(67, 131, 3)
     seen = []
@@ -125,9 +125,9 @@ def test_eps_independent_of_thread_count_and_chunk_cap(backend, monkeypatch):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            for cap in (cpp.chunk_bytes, 131 * 4):  # default, then one row per chunk
-                monkeypatch.setattr(cpp, "chunk_bytes", cap)
-                monkeypatch.setattr(cpp, "chunk_grows_to_output", False)
+            for cap in (cpu_tuning.CHUNK_BYTES, 131 * 4):  # default, then one row per chunk
+                monkeypatch.setattr(cpu_tuning, "CHUNK_BYTES", cap)
+                monkeypatch.setattr(cpu_tuning, "CHUNK_GROWS_TO_OUTPUT", False)
                 seen.extend(_perturbed_weight_seen_by_passes(backend, weight, lora_A, lora_B))
     finally:
         torch.set_num_threads(before)

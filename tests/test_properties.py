@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from flatlora_kernels import flat_lora_linear  # noqa: E402
-from flatlora_kernels.backends import cpp  # noqa: E402
+from flatlora_kernels.backends import cpu_tuning  # noqa: E402
 from flatlora_kernels.baselines import dense_perturbed_weight, naive_flat_lora_linear  # noqa: E402
 
 from .conftest import assert_close_to_truth, forward_backward, make_layer  # noqa: E402
@@ -33,15 +33,15 @@ dtypes = st.sampled_from([torch.float32, torch.bfloat16, torch.float64])
 
 @contextlib.contextmanager
 def cpu_setting(chunk_rows: int | None, threads: int, in_features: int, element_size: int):
-    """cpp.chunk_bytes for chunks of chunk_rows rows (None: the default cap) and torch's thread count."""
-    old = cpp.chunk_bytes, cpp.chunk_grows_to_output, torch.get_num_threads()
+    """cpu_tuning.CHUNK_BYTES for chunks of chunk_rows rows (None: the default cap) and torch's thread count."""
+    old = cpu_tuning.CHUNK_BYTES, cpu_tuning.CHUNK_GROWS_TO_OUTPUT, torch.get_num_threads()
     try:
         if chunk_rows is not None:
-            cpp.chunk_bytes, cpp.chunk_grows_to_output = chunk_rows * in_features * element_size, False
+            cpu_tuning.CHUNK_BYTES, cpu_tuning.CHUNK_GROWS_TO_OUTPUT = chunk_rows * in_features * element_size, False
         torch.set_num_threads(threads)
         yield
     finally:
-        cpp.chunk_bytes, cpp.chunk_grows_to_output = old[0], old[1]
+        cpu_tuning.CHUNK_BYTES, cpu_tuning.CHUNK_GROWS_TO_OUTPUT = old[0], old[1]
         torch.set_num_threads(old[2])
 
 

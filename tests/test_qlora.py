@@ -16,7 +16,7 @@ import bitsandbytes.functional as bnb_functional  # noqa: E402
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
 
 from flatlora_kernels import FlatLoraSchedule, filter_noise, flat_lora_linear  # noqa: E402
-from flatlora_kernels.backends import cpp as dense_cpp  # noqa: E402
+from flatlora_kernels.backends import cpu_tuning  # noqa: E402
 from flatlora_kernels.noise import perturbation_row_scale  # noqa: E402
 from flatlora_kernels.quantized import (  # noqa: E402
     FlatLoraLinear4bit, Packed4bit, dequantize, flat_qlora_layer_from, flat_qlora_linear, is_bnb_4bit,
@@ -162,9 +162,9 @@ def test_chunking_does_not_change_results(monkeypatch):
     dense = dequantize(*packed.op_args())
     x = torch.randn(64, k).to(torch.bfloat16)
     whole = _run(flat_qlora_linear, x, packed, lora_A, lora_B, bias, backend="cpp", **NOISE)
-    monkeypatch.setattr(dense_cpp, "chunk_bytes", 7 * k * 2)
-    monkeypatch.setattr(dense_cpp, "chunk_grows_to_output", False)
-    monkeypatch.setattr(cpp_backend, "dequantized_fraction", None)
+    monkeypatch.setattr(cpu_tuning, "CHUNK_BYTES", 7 * k * 2)
+    monkeypatch.setattr(cpu_tuning, "CHUNK_GROWS_TO_OUTPUT", False)
+    monkeypatch.setattr(cpu_tuning, "DEQUANTIZED_4BIT_FRACTION", None)
     chunked = _run(flat_qlora_linear, x, packed, lora_A, lora_B, bias, backend="cpp", **NOISE)
     dense_chunked = _run(flat_lora_linear, x, dense, lora_A, lora_B, bias, backend="cpp", **NOISE)
     for got, want, one in zip(chunked, dense_chunked, whole):
@@ -402,9 +402,9 @@ def test_step_memory_stays_below_a_dequantized_weight(monkeypatch):
     goes above it."""
     from flatlora_kernels.memory import PeakMemory
 
-    monkeypatch.setattr(dense_cpp, "chunk_bytes", 64 * 1024)
-    monkeypatch.setattr(dense_cpp, "chunk_grows_to_output", False)
-    monkeypatch.setattr(cpp_backend, "dequantized_fraction", None)
+    monkeypatch.setattr(cpu_tuning, "CHUNK_BYTES", 64 * 1024)
+    monkeypatch.setattr(cpu_tuning, "CHUNK_GROWS_TO_OUTPUT", False)
+    monkeypatch.setattr(cpu_tuning, "DEQUANTIZED_4BIT_FRACTION", None)
     packed, lora_A, lora_B, bias = _layer(512, 512, 4)
     weight_bytes = 512 * 512 * 4
     peaks = {}

@@ -236,9 +236,10 @@ def test_peak_memory_counts_the_reused_4bit_chunk_buffer(monkeypatch):
     """PeakMemory frees the 4-bit op's per-thread chunk buffer on entry too: a pass measured after
     another one still counts its chunk (without that the second measurement drops by the chunk's size)."""
     from flatlora_kernels.memory import PeakMemory
+    from flatlora_kernels.backends import cpu_tuning
     from flatlora_kernels.quantized import cpp_backend
 
-    monkeypatch.setattr(cpp_backend, "dequantized_fraction", 1.0)  # one chunk: all of deq(W)
+    monkeypatch.setattr(cpu_tuning, "DEQUANTIZED_4BIT_FRACTION", 1.0)  # one chunk: all of deq(W)
     base = linear4bit(512, 256)
     packed = Packed4bit.from_linear4bit(base)
     lora_A, lora_B, x = torch.randn(4, 512), torch.randn(256, 4), torch.randn(4, 512)

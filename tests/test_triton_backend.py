@@ -324,7 +324,7 @@ def test_chunks_grow_to_the_output_size(monkeypatch):
         return regenerate(out, *args, rows=rows, counters=counters, **kw)
 
     monkeypatch.setattr(triton_backend, "regenerate_perturbed_weight", recording)
-    monkeypatch.setattr(triton_backend, "chunk_bytes", 1)
+    monkeypatch.setattr(triton_tuning, "CHUNK_BYTES", 1)
     with triton_backend.use_strategy("streamed"):
         _run_protocol(*_fixed_problem(M=23, N=45, K=51))
     kq = counters_per_row(51)
@@ -338,8 +338,8 @@ def test_tiny_chunks_give_the_same_results(monkeypatch, cap_bytes):
     problem = _fixed_problem()
     with triton_backend.use_strategy("streamed"):
         whole = _run_protocol(*problem)
-        monkeypatch.setattr(triton_backend, "chunk_bytes", cap_bytes)
-        monkeypatch.setattr(triton_backend, "chunk_grows_to_output", False)
+        monkeypatch.setattr(triton_tuning, "CHUNK_BYTES", cap_bytes)
+        monkeypatch.setattr(triton_tuning, "CHUNK_GROWS_TO_OUTPUT", False)
         chunked = _run_protocol(*problem)
     for name, a, b in zip(OUTPUTS, whole, chunked):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
@@ -356,8 +356,8 @@ def test_each_pass_regenerates_the_weight_once(monkeypatch):
         return regenerate(out, *args, rows=rows, counters=counters, **kw)
 
     monkeypatch.setattr(triton_backend, "regenerate_perturbed_weight", counting)
-    monkeypatch.setattr(triton_backend, "chunk_bytes", 5 * K * 4)
-    monkeypatch.setattr(triton_backend, "chunk_grows_to_output", False)
+    monkeypatch.setattr(triton_tuning, "CHUNK_BYTES", 5 * K * 4)
+    monkeypatch.setattr(triton_tuning, "CHUNK_GROWS_TO_OUTPUT", False)
     with triton_backend.use_strategy("streamed"):
         _run_protocol(*_fixed_problem(N=N, K=K))
     calls = N * counters_per_row(K)
@@ -388,7 +388,7 @@ def test_in_register_split_reductions(monkeypatch, dtype):
         for suffix in ("", "_fp32"):
             monkeypatch.setitem(table, f"fused_forward{suffix}", forward_tiles)
             monkeypatch.setitem(table, f"fused_input_grad{suffix}", input_grad_tiles)
-    monkeypatch.setattr(triton_backend, "in_register_splits", 3)
+    monkeypatch.setattr(triton_tuning, "IN_REGISTER_SPLITS", 3)
     with triton_backend.use_strategy("in_register"):
         check_backend_against_reference("triton", M=11, N=37, K=70, r=4, dtype=dtype, device=DEVICE)
 
@@ -408,8 +408,8 @@ def test_every_output_element_is_written(monkeypatch, strategy, chunked):
         return tensor
 
     if chunked:  # chunk edges mid-matrix: 7 rows forward, 2 counters backward
-        monkeypatch.setattr(triton_backend, "chunk_bytes", 7 * 51 * 4)
-        monkeypatch.setattr(triton_backend, "chunk_grows_to_output", False)
+        monkeypatch.setattr(triton_tuning, "CHUNK_BYTES", 7 * 51 * 4)
+        monkeypatch.setattr(triton_tuning, "CHUNK_GROWS_TO_OUTPUT", False)
     problem = _fixed_problem()
     with triton_backend.use_strategy(strategy):
         clean = _run_protocol(*problem)
@@ -542,8 +542,8 @@ def test_gpu_real_sizes_bf16(M, N, K):
 def test_batched_strip_gemm_matches_four_strip_gemms(monkeypatch, dtype):
     """Streamed backward with K = 4*Kq and 3 counters per chunk: one strided-batched GEMM per chunk gives
     the four-GEMM loop's dx (every element written, within the reference bound)."""
-    monkeypatch.setattr(triton_backend, "chunk_bytes", 3 * 4 * 45 * torch.finfo(dtype).bits // 8)
-    monkeypatch.setattr(triton_backend, "chunk_grows_to_output", False)
+    monkeypatch.setattr(triton_tuning, "CHUNK_BYTES", 3 * 4 * 45 * torch.finfo(dtype).bits // 8)
+    monkeypatch.setattr(triton_tuning, "CHUNK_GROWS_TO_OUTPUT", False)
     problem = _fixed_problem(K=52, dtype=dtype)  # Kq = 13: chunks of 3 counters, the last one short
     with triton_backend.use_strategy("streamed"):
         loop = _run_protocol(*problem)
@@ -569,8 +569,8 @@ def test_whole_weight_input_grad_flag(monkeypatch, dtype):
     every gradient match the reference; one byte under W's size, the chunks come back."""
     M, N, K, r = 23, 45, 52, 3  # Kq = 13: chunks of 3 counters without the flag
     element = torch.finfo(dtype).bits // 8
-    monkeypatch.setattr(triton_backend, "chunk_bytes", 3 * 4 * N * element)
-    monkeypatch.setattr(triton_backend, "chunk_grows_to_output", False)
+    monkeypatch.setattr(triton_tuning, "CHUNK_BYTES", 3 * 4 * N * element)
+    monkeypatch.setattr(triton_tuning, "CHUNK_GROWS_TO_OUTPUT", False)
     regenerated = []
     real = triton_backend.regenerate_perturbed_weight
 

@@ -10,6 +10,10 @@
     ``dx = dy @ (W + s*B@A + eps)`` (an empty tensor when ``compute_dx`` is False), ``dA = s*(dy@B)^T@x``
     and ``dB = s*dy^T@(x@A^T)`` in the dtypes of ``lora_A`` / ``lora_B``. eps is regenerated from
     ``seed`` and ``row_scale``; nothing weight-sized is kept between the passes.
+
+Those are the dense weight's (format ``"dense"``: the modules named in ``REGISTRY``). Another weight
+format registers its own module per backend with ``register_format`` (``flatlora_kernels.quantized``:
+``"4bit"``), taking its weight's arguments in place of ``weight``; ``get_backend(name, format)``.
 """
 
 from __future__ import annotations
@@ -41,13 +45,16 @@ class Backend:
     devices: Optional[tuple[str, ...]]  #: device types it runs on (None: any)
     unavailable: Callable[[torch.device], Optional[str]] = lambda device: None  #: why it cannot run, or None
     auto_for: tuple[str, ...] = ()  #: device types on which ``"auto"`` picks it
+    #: torch.library cannot see into its kernels (compiled C++): the ops call it through custom_ops of
+    #: its own, with fakes, and eager calls may skip the dispatch layers (``op_family``)
+    opaque: bool = False
 
 
 REGISTRY = {
     spec.name: spec
     for spec in (
         Backend("reference", "torch_reference", devices=None),
-        Backend("cpp", "cpp", devices=("cpu",), auto_for=("cpu",)),
+        Backend("cpp", "cpp", devices=("cpu",), auto_for=("cpu",), opaque=True),
         Backend("triton", "triton_backend", devices=("cuda", "cpu"), unavailable=_triton_on_cpu_needs_interpreter,
                 auto_for=("cuda",)),
     )
@@ -77,14 +84,30 @@ _AUTO: dict[str, str] = {}
 for _spec in REGISTRY.values():
     for _device_type in _spec.auto_for:
         _AUTO.setdefault(_device_type, _spec.name)
-_MODULES: dict[str, ModuleType] = {}  # imported on first use: the C++ one raises if it is not built
+#: weight format -> backend name -> module implementing it for that format
+FORMATS: dict[str, dict[str, str]] = {"dense": {name: f"{__name__}.{spec.module}" for name, spec in REGISTRY.items()}}
+_MODULES: dict[tuple[str, str], ModuleType] = {}  # imported on first use: the C++ one raises if it is not built
 
 
-def get_backend(name: str) -> ModuleType:
-    module = _MODULES.get(name) if isinstance(name, str) else None
+def register_format(format: str, modules: dict[str, str]) -> None:
+    """Declare weight format ``format``'s backend modules (backend name -> module path, imported on first use)."""
+    unknown = set(modules) - set(REGISTRY)
+    if unknown:
+        raise ValueError(
+            f"register_format({format!r}): unknown backends {sorted(unknown)}; expected some of {BACKENDS}"
+        )
+    FORMATS[format] = dict(modules)
+
+
+def get_backend(name: str, format: str = "dense") -> ModuleType:
+    """Backend ``name``'s module for weight format ``format``."""
+    module = _MODULES.get((format, name)) if isinstance(name, str) else None
     if module is not None:
         return module
     if name not in REGISTRY:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS} or 'auto'")
-    module = _MODULES[name] = importlib.import_module(f"{__name__}.{REGISTRY[name].module}")
+    path = FORMATS[format].get(name)
+    if path is None:
+        raise ValueError(f"backend {name!r} has no implementation for the {format} weight format")
+    module = _MODULES[(format, name)] = importlib.import_module(path)
     return module

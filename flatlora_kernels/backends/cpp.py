@@ -19,12 +19,7 @@ except ImportError as error:  # no silent fallback: a missing build is an error 
 
 from . import cpu_tuning
 
-# Module attributes (read at call time) so tests can lower them; values and provenance: cpu_tuning.py.
-chunk_bytes: int = cpu_tuning.CHUNK_BYTES
-chunk_grows_to_output: bool = cpu_tuning.CHUNK_GROWS_TO_OUTPUT
-parallel_grain: int = cpu_tuning.PARALLEL_GRAIN_ELEMENTS
-workspace_bytes: int = cpu_tuning.WORKSPACE_BYTES
-backward_fold_min_tokens_per_output: dict[str, float] = dict(cpu_tuning.BACKWARD_FOLD_MIN_TOKENS_PER_OUTPUT)
+# Tuning values are read from cpu_tuning.py at every call (tests patch them there).
 
 
 def cpu_isa() -> str:
@@ -33,20 +28,28 @@ def cpu_isa() -> str:
     return _C.cpu_isa()
 
 
-def _cap(output_elements: int, element_size: int) -> int:
-    return max(chunk_bytes, output_elements * element_size) if chunk_grows_to_output else chunk_bytes
+def chunk_cap(output_elements: int, element_size: int) -> int:
+    """The chunk byte cap of a pass: ``CHUNK_BYTES``, or its output's size when larger and ``CHUNK_GROWS_TO_OUTPUT``."""
+    cap = cpu_tuning.CHUNK_BYTES
+    return max(cap, output_elements * element_size) if cpu_tuning.CHUNK_GROWS_TO_OUTPUT else cap
+
+
+def fold_lora(tokens: int, out_features: int, dtype) -> bool:
+    """Whether a backward folds ``s*B@A`` into its chunks (``BACKWARD_FOLD_MIN_TOKENS_PER_OUTPUT``)."""
+    ratio = cpu_tuning.BACKWARD_FOLD_MIN_TOKENS_PER_OUTPUT.get(str(dtype).removeprefix("torch."), 0.0)
+    return tokens >= ratio * out_features
 
 
 def forward(x, weight, lora_A, lora_B, bias, scaling, sigma, seed):
-    cap = _cap(x.shape[0] * weight.shape[0], x.element_size())
-    return _C.forward(x, weight, lora_A, lora_B, bias, float(scaling), sigma, seed, cap, parallel_grain, workspace_bytes)
+    cap = chunk_cap(x.shape[0] * weight.shape[0], x.element_size())
+    return _C.forward(x, weight, lora_A, lora_B, bias, float(scaling), sigma, seed, cap,
+                      cpu_tuning.PARALLEL_GRAIN_ELEMENTS, cpu_tuning.WORKSPACE_BYTES)  # fmt: skip
 
 
 def backward(dy, x, weight, lora_A, lora_B, row_scale, scaling, seed, compute_dx):
-    cap = _cap(x.shape[0] * weight.shape[1], x.element_size())
-    ratio = backward_fold_min_tokens_per_output.get(str(x.dtype).removeprefix("torch."), 0.0)
-    fold_lora = x.shape[0] >= ratio * weight.shape[0]
+    cap = chunk_cap(x.shape[0] * weight.shape[1], x.element_size())
     return _C.backward(
-        dy, x, weight, lora_A, lora_B, row_scale, float(scaling), seed, bool(compute_dx), fold_lora, cap,
-        parallel_grain, workspace_bytes,
+        dy, x, weight, lora_A, lora_B, row_scale, float(scaling), seed, bool(compute_dx),
+        fold_lora(x.shape[0], weight.shape[0], x.dtype), cap, cpu_tuning.PARALLEL_GRAIN_ELEMENTS,
+        cpu_tuning.WORKSPACE_BYTES,
     )

@@ -1,5 +1,6 @@
-"""The C++ CPU backend's tuning, in one place: read by ``backends/cpp.py`` (passed to ``csrc/`` on
-every call, which has no defaults of its own) and by the benchmarks. Each value says where it
+"""The C++ CPU backend's tuning, in one place: read at call time by ``backends/cpp.py`` and
+``quantized/cpp_backend.py`` (passed to ``csrc/`` on every call, which has no defaults of its own;
+tests patch the values here) and by the benchmarks. Each value says where it
 comes from. Constants that are properties of the code (vector widths, register blocking) are not
 here: they are commented where they are defined in ``csrc/``.
 """
@@ -7,7 +8,7 @@ here: they are commented where they are defined in ``csrc/``.
 from __future__ import annotations
 
 #: Cap on one regenerated chunk of the perturbed weight, in bytes (at least one row is built). The one
-#: definition for the CPU family (``backends/cpp.py: chunk_bytes`` reads it).
+#: definition for the CPU family (``backends/cpp.py: chunk_cap`` reads it).
 #: Measured (AMD EPYC family 26, 2 threads, shared machine): splitting a 1024x1024 layer's GEMM in
 #: two cost ~5%. Measured (Intel Xeon with AMX, 2 threads, oneDNN 3.12 bf16): a 768x3072 bf16 layer
 #: (4.5 MiB) under a 4 MiB cap ran as two 384-row GEMMs of 1.33 ms each where one 768-row GEMM takes
@@ -43,3 +44,12 @@ PARALLEL_GRAIN_ELEMENTS: int = 16384
 #: A ratio <= 1 keeps M = N folded: the backward's chunks then equal the forward's bit for bit
 #: (tests/test_noise_under_load.py checks that with ``dy = I``).
 BACKWARD_FOLD_MIN_TOKENS_PER_OUTPUT: dict[str, float] = {"bfloat16": 1.0}
+
+#: A 4-bit layer's chunk may also grow to this fraction of ``deq(W)`` in the compute dtype
+#: (``quantized/cpp_backend.py``). PEFT QLoRA (bitsandbytes) holds all of ``deq(W)`` in each pass, so
+#: the peak stays below its; fewer, larger GEMMs. Measured (AMD EPYC, 2 threads, fp32, M=512,
+#: 4096x4096, forward + dx GEMMs alone): 776 ms in 512-row chunks (the 8 MiB cap), 714 / 685 ms in
+#: 1024 / 2048-row ones, 652 ms whole. At a half, this rule alone never puts all of ``deq(W)`` in one
+#: chunk (the output-size rule may, for an output larger than the weight, as for a dense layer).
+#: ``None``: the dense caps only (tests).
+DEQUANTIZED_4BIT_FRACTION: float | None = 0.5

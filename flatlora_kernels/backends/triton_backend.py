@@ -10,7 +10,7 @@ differ in the last bit where the kernels contract ``W + s*B@A + eps`` into FMAs 
 ``choose_strategy``):
 
 * ``"streamed"`` (large M): a kernel regenerates ``W'`` in the compute dtype in bounded chunks (see
-  ``chunk_bytes``) and cuBLAS consumes each chunk at once. Forward chunks are row blocks of ``W'``
+  ``triton_tuning.CHUNK_BYTES``) and cuBLAS consumes each chunk at once. Forward chunks are row blocks of ``W'``
   (``y[:, rows] = x @ chunk^T``); backward chunks are counter blocks, i.e. four column strips of
   ``W'`` (``dx[:, strip] = dy @ chunk_strip``), so every output element comes from one GEMM: one
   rounding, and no read-modify-write of ``dx`` per chunk.
@@ -51,13 +51,7 @@ from . import triton_tuning
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Runtime settings (module attributes, read at call time, so tests and benchmarks can change them);
-# every tunable and its provenance lives in triton_tuning.py.
-chunk_bytes: int = triton_tuning.CHUNK_BYTES
-chunk_grows_to_output: bool = triton_tuning.CHUNK_GROWS_TO_OUTPUT
-
-#: Force the in-register split count (tests); None lets ``triton_tuning.IN_REGISTER_PROGRAMS_PER_SM`` decide (1 off CUDA).
-in_register_splits: int | None = None
+# Every tunable and its provenance lives in triton_tuning.py, read at call time (tests and benchmarks patch it there).
 
 STRATEGY_ENV = "FLATLORA_TRITON_STRATEGY"
 STRATEGIES = ("auto", "streamed", "in_register")
@@ -191,8 +185,8 @@ def fused_constexprs(lora_A: Tensor, lora_B: Tensor, compute_dtype: torch.dtype)
 def _split_reduction(base_programs: int, loop_blocks: int, device: torch.device) -> tuple[int, int]:
     """``(splits, blocks_per_split)`` for an in-register kernel whose reduction loop has ``loop_blocks``
     iterations and whose output tiles make ``base_programs`` programs; no split is left empty."""
-    if in_register_splits is not None:
-        wanted = in_register_splits
+    if triton_tuning.IN_REGISTER_SPLITS is not None:
+        wanted = triton_tuning.IN_REGISTER_SPLITS
     elif device.type == "cuda":
         sm_count = torch.cuda.get_device_properties(device).multi_processor_count
         wanted = triton.cdiv(triton_tuning.IN_REGISTER_PROGRAMS_PER_SM * sm_count, base_programs)
@@ -214,8 +208,9 @@ def _split_outputs(splits: int, shape: tuple[int, int], dtype: torch.dtype, devi
 
 def _chunk_length(total: int, bytes_per_unit: int, output_bytes: int) -> int:
     """How many rows (or counters) of ``W'`` one chunk holds: at least one, at most what fits under
-    ``chunk_bytes`` (or under ``output_bytes`` when that is larger and ``chunk_grows_to_output``)."""
-    cap = max(chunk_bytes, output_bytes) if chunk_grows_to_output else chunk_bytes
+    ``triton_tuning.CHUNK_BYTES`` (or under ``output_bytes`` when that is larger and ``CHUNK_GROWS_TO_OUTPUT``)."""
+    cap = triton_tuning.CHUNK_BYTES
+    cap = max(cap, output_bytes) if triton_tuning.CHUNK_GROWS_TO_OUTPUT else cap
     fit = max(1, cap // bytes_per_unit)
     if fit >= total:
         return total

@@ -29,26 +29,17 @@ from . import triton_tuning
 
 _WEIGHT_ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-#: GPU tiles where the dense ones (``triton_tuning.GPU_TILES``) spill once the tile also decodes 4-bit
-#: codes (sm_90 compile, ``benchmarks/qlora_resources.py``: ``perturbed_weight`` 32x32 spilled 20 B with
-#: fp32 factors, ``fused_forward_fp32`` 32 B): half the rows / outputs per program. Compiled, not timed.
-GPU_TILE_OVERRIDES: dict[str, dict] = {
-    "perturbed_weight": dict(BLOCK_ROWS=16, BLOCK_COUNTERS=32, num_warps=8),
-    "fused_forward_fp32": dict(MAX_BLOCK_TOKENS=16, BLOCK_OUT=16, BLOCK_COUNTERS=16, num_warps=4, num_stages=2),
-}
-
-
 def _tiles(kernel: str) -> dict:
     """``triton_backend.launch_tiles`` with this module's GPU tile overrides."""
-    if not dense.INTERPRETING and kernel in GPU_TILE_OVERRIDES:
-        return dict(GPU_TILE_OVERRIDES[kernel])
+    if not dense.INTERPRETING and kernel in triton_tuning.GPU_TILES_4BIT:
+        return dict(triton_tuning.GPU_TILES_4BIT[kernel])
     return dense.launch_tiles(kernel)
 
 
 def _quantized_launch_plan(kernel, n_tokens, tile_axis, loop_axis, out_width, dtype, device):
     """``triton_backend.fused_launch_plan`` with this module's GPU tile overrides."""
     name = f"{kernel}_fp32" if dtype == torch.float32 else kernel
-    override = None if dense.INTERPRETING else GPU_TILE_OVERRIDES.get(name)
+    override = None if dense.INTERPRETING else triton_tuning.GPU_TILES_4BIT.get(name)
     return dense.fused_launch_plan(kernel, n_tokens, tile_axis, loop_axis, out_width, dtype, device, table_entry=override)
 
 

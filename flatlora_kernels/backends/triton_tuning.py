@@ -79,3 +79,15 @@ INTERPRETER_TILES: dict[str, dict] = {
     "fused_input_grad": dict(MAX_BLOCK_TOKENS=64, BLOCK_OUT=64, BLOCK_COUNTERS=64),
     "normal_rows": dict(BLOCK_ROWS=64, BLOCK_COUNTERS=64),
 }
+
+#: The 4-bit kernels' GPU tiles (``backends/triton_quantized.py``) where the dense ones (``GPU_TILES``)
+#: spill once the tile also decodes 4-bit codes (sm_90 compile, ``benchmarks/qlora_resources.py``:
+#: ``perturbed_weight`` 32x32 spilled 20 B with fp32 factors, ``fused_forward_fp32`` 32 B): half the
+#: rows / outputs per program. Compiled, not timed.
+GPU_TILES_4BIT: dict[str, dict] = {
+    "perturbed_weight": dict(BLOCK_ROWS=16, BLOCK_COUNTERS=32, num_warps=8),
+    "fused_forward_fp32": dict(MAX_BLOCK_TOKENS=16, BLOCK_OUT=16, BLOCK_COUNTERS=16, num_warps=4, num_stages=2),
+}
+
+#: Force the in-register kernels' split count (tests); None lets ``IN_REGISTER_PROGRAMS_PER_SM`` decide (1 off CUDA).
+IN_REGISTER_SPLITS: int | None = None

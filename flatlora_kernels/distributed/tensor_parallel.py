@@ -25,7 +25,7 @@ the kernels). All ranks of the group must use the same seed: drive the model wit
 ``rank`` is the data-parallel rank (0 without data parallelism), not the tensor-parallel rank; the
 first training forward after the rank key changes checks this with one tiny all-reduce and raises.
 
-LoRA dropout (``step_noise.dropout_correction``) needs the tensor-parallel ranks' torch RNG in step, as in
+LoRA dropout (``lora_forward.dropout_correction``) needs the tensor-parallel ranks' torch RNG in step, as in
 Megatron: colwise applies the unsharded layer's dropout to its (replicated) input; rowwise draws the
 mask of the whole input row from that RNG and keeps its columns, so on CPU both equal the unsharded
 layer's dropout bit for bit (on CUDA, where ``F.dropout`` draws differently, the mask has the same
@@ -47,7 +47,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from ..layer_support import UnsupportedLayerError, base_layer_problem, supported_layers
 from ..modules import FlatLoraLinear
 from ..noise import merged_weight, normal_submatrix
-from ..step_noise import dropout_correction
+from ..lora_forward import dropout_correction
 
 __all__ = ["FlatLoraColwiseParallel", "FlatLoraRowwiseParallel", "TensorParallelFlatLoraLinear"]
 

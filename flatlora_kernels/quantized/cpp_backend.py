@@ -5,7 +5,7 @@ Chunks of ``deq(W) + s*B@A + eps`` are decoded from the packed codes straight in
 buffer; the chunking and its tuning are the dense C++ backend's (``backends/cpp.py`` and
 ``cpu_tuning.py``, read at call time), so a 4-bit layer's chunks equal that backend's chunks of
 ``deq(W)`` bit for bit (under the same caps; a 4-bit layer's chunk may also grow to half of ``deq(W)``,
-``dequantized_fraction``).
+``cpu_tuning.DEQUANTIZED_4BIT_FRACTION``).
 """
 
 from __future__ import annotations
@@ -13,27 +13,18 @@ from __future__ import annotations
 import torch
 
 from ..backends import cpp as dense_cpp
+from ..backends import cpu_tuning
 
 _C = dense_cpp._C
 
 
-#: A 4-bit layer's chunk may also grow to this fraction of ``deq(W)`` in the compute dtype. PEFT QLoRA
-#: (bitsandbytes) holds all of ``deq(W)`` in each pass, so the peak stays below its; fewer, larger
-#: GEMMs. Measured (AMD EPYC, 2 threads, fp32, M=512, 4096x4096, forward + dx GEMMs alone): 776 ms in
-#: 512-row chunks (the 8 MiB cap), 714 / 685 ms in 1024 / 2048-row ones, 652 ms whole. At a half, this
-#: rule alone never puts all of ``deq(W)`` in one chunk (the output-size rule may, for an output larger
-#: than the weight, as for a dense layer). ``None``: the dense caps only (tests).
-dequantized_fraction: float | None = 0.5
-
-
 def _cap(x, output_elements: int, weight_elements: int) -> int:
     """The chunk byte cap: the dense backend's (which may grow to the pass's output, in x's dtype), or
-    ``dequantized_fraction`` of ``deq(W)`` in the chunk's dtype when that is larger."""
-    cap = dense_cpp.chunk_bytes
-    if dense_cpp.chunk_grows_to_output:
-        cap = max(cap, output_elements * x.element_size())
-    if dequantized_fraction is not None:
-        cap = max(cap, int(dequantized_fraction * weight_elements * _chunk_element_size(x)))
+    ``cpu_tuning.DEQUANTIZED_4BIT_FRACTION`` of ``deq(W)`` in the chunk's dtype when that is larger."""
+    cap = dense_cpp.chunk_cap(output_elements, x.element_size())
+    fraction = cpu_tuning.DEQUANTIZED_4BIT_FRACTION
+    if fraction is not None:
+        cap = max(cap, int(fraction * weight_elements * _chunk_element_size(x)))
     return cap
 
 
@@ -53,7 +44,7 @@ def forward(x, codes, absmax, code_table, nested_absmax, nested_code, blocksize,
     return _C.forward_4bit(
         x, codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize, float(nested_offset),
         weight_dtype, out_features, in_features, lora_A, lora_B, bias, float(scaling), sigma, seed, cap,
-        dense_cpp.parallel_grain, dense_cpp.workspace_bytes,
+        cpu_tuning.PARALLEL_GRAIN_ELEMENTS, cpu_tuning.WORKSPACE_BYTES,
     )
 
 
@@ -61,10 +52,9 @@ def backward(dy, x, codes, absmax, code_table, nested_absmax, nested_code, block
              nested_offset, weight_dtype, out_features, in_features, lora_A, lora_B, row_scale, scaling, seed,
              compute_dx):
     cap = _cap(x, x.shape[0] * in_features, out_features * in_features)
-    ratio = dense_cpp.backward_fold_min_tokens_per_output.get(str(x.dtype).removeprefix("torch."), 0.0)
-    fold_lora = x.shape[0] >= ratio * out_features
+    fold_lora = dense_cpp.fold_lora(x.shape[0], out_features, x.dtype)
     return _C.backward_4bit(
         dy, x, codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize,
         float(nested_offset), weight_dtype, out_features, in_features, lora_A, lora_B, row_scale, float(scaling), seed,
-        bool(compute_dx), fold_lora, cap, dense_cpp.parallel_grain, dense_cpp.workspace_bytes,
+        bool(compute_dx), fold_lora, cap, cpu_tuning.PARALLEL_GRAIN_ELEMENTS, cpu_tuning.WORKSPACE_BYTES,
     )

@@ -1,7 +1,7 @@
 """``FlatLoraLinear4bit``: a bitsandbytes ``Linear4bit`` base plus a LoRA adapter, trained under Flat-LoRA noise.
 
 The base is held as the submodule ``base_layer`` (PEFT's name) and is never changed, copied or kept
-dequantized: training forwards run ``flat_qlora_linear`` on its packed codes, which decodes rows
+dequantized: training forwards run the 4-bit op (``functional.linear_4bit``) on its packed codes, which decodes rows
 chunk by chunk. Evaluation is plain QLoRA (the op at sigma 0: PEFT's forward to rounding).
 
 The class is a ``FlatLoraLinear``: the schedule drives it (``noise_seed`` / ``noise_factor``), the
@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ..modules import FlatLoraLinear
-from ..step_noise import with_adapter_dtype
-from .functional import flat_qlora_linear
+from ..lora_forward import with_adapter_dtype
+from .functional import linear_4bit
 from .layout import Packed4bit, is_bnb_4bit
 
 __all__ = ["FlatLoraLinear4bit", "flat_qlora_forward", "flat_qlora_layer_from", "packed_of"]
@@ -50,18 +50,17 @@ def flat_qlora_forward(
     """A LoRA adapter over a bitsandbytes ``Linear4bit`` with Flat-LoRA noise: ``base_layer(x) + s * B A x``
     with the noise, computed as ``x (deq(W) + s*B@A + eps)^T + bias`` in the base's ``compute_dtype``
     (x's dtype when it has none) and returned in x's dtype, as bitsandbytes' own forward does. The
-    op that ``StepNoise.noisy_linear`` (the one training forward) runs for a 4-bit base; at sigma 0 it
+    op the training forward (``StepNoise.noisy_linear``) runs for a 4-bit base (``kind.BNB_LINEAR4BIT``); at sigma 0 it
     is plain QLoRA (the layers' evaluation forward). ``lora_A: [r, in]``, ``lora_B: [out, r]`` (a PEFT
     layer's ``lora_A[name].weight``); adapters in another dtype than the compute one follow PEFT's
-    rule (``step_noise.with_adapter_dtype``). Bad input raises naming ``name`` (default: the base's class)."""
+    rule (``lora_forward.with_adapter_dtype``). Bad input raises naming ``name`` (default: the base's class)."""
     packed = packed_of(base_layer, name)
     compute_dtype = getattr(base_layer, "compute_dtype", None) or x.dtype
     bias = base_layer.bias
     x_c = x.to(compute_dtype)
     bias_c = None if bias is None else bias.to(compute_dtype)
     y = with_adapter_dtype(
-        lambda A, B: flat_qlora_linear(x_c, packed, A, B, bias_c, scaling=scaling, sigma=sigma, seed=seed,
-                                       backend=backend),
+        lambda A, B: linear_4bit(x_c, packed, A, B, bias_c, scaling, sigma, seed, backend),
         x_c, lora_A, lora_B, scaling,
     )  # fmt: skip
     return y.to(x.dtype)
@@ -117,18 +116,15 @@ class FlatLoraLinear4bit(FlatLoraLinear):
 
     # --- forward -------------------------------------------------------------------------------
 
+    def fused_op(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, **noise) -> Tensor:
+        """The 4-bit base's fused op (``flat_qlora_forward``): what the training forward runs."""
+        return flat_qlora_forward(self.base_layer, x, lora_A, lora_B, **noise)
+
     def _plain_lora(self, x: Tensor) -> Tensor:
         """QLoRA without noise (evaluation): the op at sigma 0, which is exactly LoRA. Not
         ``base_layer(x)``: bitsandbytes' eval forward under no_grad repacks the base in place on CPUs
         with AVX512-BF16 (``packing_format_for_cpu``), which would change the base."""
-        return flat_qlora_forward(
-            self.base_layer, x, self.lora_A, self.lora_B, scaling=self.scaling, sigma=0.0, seed=0, backend=self.backend
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training:
-            return self._plain_lora(x)
-        return self.noisy_linear(x, self.base_layer, self.lora_A, self.lora_B, None, self.scaling, self.lora_dropout)
+        return self.fused_op(x, self.lora_A, self.lora_B, scaling=self.scaling, sigma=0.0, seed=0, backend=self.backend)
 
     # --- merging is refused: the base stays as it was ----------------------------------------
 
