@@ -3,8 +3,9 @@
 ``add_stack_noise_(merged, ...)`` turns ``W + delta`` (the ``[E, N, K]`` out x in view of the stack a
 parametrization returns) into ``W + delta + eps`` chunk by chunk: for a chunk of rows it folds
 ``W + s*B@A`` in fp32 for the row norms, regenerates ``z`` with the package's generator and adds
-``row_scale * z``. So the transient is one chunk (``chunk_bytes`` of fp32 rows, a few buffers of it),
-never a stack, and nothing is kept: backward needs no eps (``d(W + delta + eps) / d delta = 1``).
+``row_scale * z``. So the transient is two chunk-sized buffers at most (``chunk_bytes`` of fp32
+rows, or half the stack), never more than a stack, and nothing is kept: backward needs no eps
+(``d(W + delta + eps) / d delta = 1``).
 
 Generators, all the one stream: the C++ extension's ``normal_rows`` on CPU (``"cpp"``), the Triton
 z tile (``kernels/noise_tile.py``, through ``backends.triton_backend.normal_rows``) on CUDA or under
@@ -23,7 +24,7 @@ from ..backends import cpu_tuning, resolve
 
 __all__ = ["add_stack_noise_", "chunk_bytes"]
 
-#: fp32 bytes of W' rows handled at once (the C++ backend's chunk cap: its provenance is in cpu_tuning).
+#: Bytes of fp32 rows of ``W + s*B@A`` handled at once (the C++ backend's chunk cap, provenance in cpu_tuning).
 chunk_bytes: int = cpu_tuning.CHUNK_BYTES
 
 
@@ -40,16 +41,16 @@ def _normals(backend: str, seed: Tensor, in_features: int, start: int, end: int)
     return noise.normal_rows(seed, in_features, start, end, device=seed.device)
 
 
-def _chunks(experts: int, rows: int, row_bytes: int):
-    """``(expert slice, row slice)`` pieces of the stack, each contiguous in the stream and within the cap:
-    whole experts when one fits, else rows of one expert."""
+def _chunks(experts: int, rows: int, row_bytes: int, cap: int):
+    """``(expert slice, row slice)`` pieces of the stack, each contiguous in the stream and within ``cap``
+    bytes: whole experts when one fits, else rows of one expert."""
     per_expert = rows * row_bytes
-    if per_expert <= chunk_bytes:
-        step = max(1, chunk_bytes // per_expert)
+    if per_expert <= cap:
+        step = max(1, cap // per_expert)
         for e0 in range(0, experts, step):
             yield slice(e0, min(e0 + step, experts)), slice(0, rows)
         return
-    step = max(1, chunk_bytes // row_bytes)
+    step = max(1, cap // row_bytes)
     for e in range(experts):
         for r0 in range(0, rows, step):
             yield slice(e, e + 1), slice(r0, min(r0 + step, rows))
@@ -73,12 +74,16 @@ def add_stack_noise_(
     experts, rows, in_features = weight.shape
     backend = resolve(backend, weight.device)
     dtype = noise.merge_dtype(weight, lora_A, lora_B)
-    for es, rs in _chunks(experts, rows, in_features * 4):
-        fold = weight[es, rs].to(dtype) + scaling * torch.bmm(lora_B[es, rs].to(dtype), lora_A[es].to(dtype))
+    row_bytes = in_features * dtype.itemsize
+    # At most two chunk-sized buffers live at once (the fold and its input's widened copy, then z):
+    # capped at half the stack's own bytes, the transient stays within one stack even for small ones.
+    cap = min(chunk_bytes, max(row_bytes, merged.numel() * merged.element_size() // 2))
+    for es, rs in _chunks(experts, rows, row_bytes, cap):
+        fold = torch.baddbmm(weight[es, rs].to(dtype), lora_B[es, rs].to(dtype), lora_A[es].to(dtype), alpha=scaling)
         row_scale = sigma * torch.linalg.vector_norm(fold, dim=2).float() / math.sqrt(in_features)
         del fold
         first = es.start * rows + rs.start
         count = (es.stop - es.start) * (rs.stop - rs.start)
         z = _normals(backend, seed, in_features, first, first + count).view(es.stop - es.start, -1, in_features)
-        merged[es, rs].add_(row_scale[..., None] * z)
+        merged[es, rs].add_(z.mul_(row_scale[..., None]))
     return merged
