@@ -1,9 +1,9 @@
 """Add an expert stack's eps (``flatlora_kernels.noise``, "Expert stacks") to its merged weight, in place.
 
 ``add_stack_noise_(merged, ...)`` turns ``W + delta`` (the ``[E, N, K]`` out x in view of the stack a
-parametrization returns) into ``W + delta + eps`` chunk by chunk: for a chunk of rows it folds
-``W + s*B@A`` in fp32 for the row norms, regenerates ``z`` with the package's generator and adds
-``row_scale * z``. So the transient is two chunk-sized buffers at most (``chunk_bytes`` of fp32
+parametrization returns) into ``W + delta + eps`` chunk by chunk: for a chunk of rows it takes the
+row norms of ``W + s*B@A`` in fp32 (from ``merged`` itself when it is fp32, else folded again),
+regenerates ``z`` with the package's generator and adds ``row_scale * z``. So the transient is two chunk-sized buffers at most (``chunk_bytes`` of fp32
 rows, or half the stack), never more than a stack, and nothing is kept: backward needs no eps
 (``d(W + delta + eps) / d delta = 1``).
 
@@ -68,22 +68,30 @@ def add_stack_noise_(
     seed: Tensor,
     backend: str = "auto",
 ) -> Tensor:
-    """``merged += eps`` in place and return it; every stack is read out x in: ``merged``, ``weight``
-    ``[E, N, K]`` (views of any strides), ``lora_A: [E, r, K]``, ``lora_B: [E, N, r]``. ``sigma`` (fp32)
-    and ``seed`` (int64) are 0-dim tensors on the stack's device."""
+    """``merged += eps`` in place and return it. ``merged`` holds ``W + s*B@A`` (PEFT's fold, in W's
+    dtype); every stack is read out x in: ``merged``, ``weight`` ``[E, N, K]`` (views of any strides),
+    ``lora_A: [E, r, K]``, ``lora_B: [E, N, r]``. ``sigma`` (fp32) and ``seed`` (int64) are 0-dim
+    tensors on the stack's device. When ``merged`` is in the merge dtype (fp32 stacks and adapters)
+    its row norms are the definition's, to rounding, and are read from it; otherwise the rows are
+    folded again in fp32."""
     experts, rows, in_features = weight.shape
     backend = resolve(backend, weight.device)
     dtype = noise.merge_dtype(weight, lora_A, lora_B)
     row_bytes = in_features * dtype.itemsize
-    # At most two chunk-sized buffers live at once (the fold and its input's widened copy, then z):
+    # At most two chunk-sized buffers live at once (the fold, then z and the cast in a mixed-dtype addcmul_):
     # capped at half the stack's own bytes, the transient stays within one stack even for small ones.
     cap = min(chunk_bytes, max(row_bytes, merged.numel() * merged.element_size() // 2))
     for es, rs in _chunks(experts, rows, row_bytes, cap):
-        fold = torch.baddbmm(weight[es, rs].to(dtype), lora_B[es, rs].to(dtype), lora_A[es].to(dtype), alpha=scaling)
-        row_scale = sigma * torch.linalg.vector_norm(fold, dim=2).float() / math.sqrt(in_features)
-        del fold
+        target = merged[es, rs]
+        if merged.dtype == dtype:  # merged is already the fold, in the dtype its norms are defined in
+            norms = torch.linalg.vector_norm(target, dim=2)
+        else:  # 16-bit stacks: the norms of the fp32 fold, not of its rounding
+            fold = weight[es, rs].to(dtype, copy=True).baddbmm_(lora_B[es, rs].to(dtype), lora_A[es].to(dtype), alpha=scaling)
+            norms = torch.linalg.vector_norm(fold, dim=2)
+            del fold
+        row_scale = sigma * norms.float() / math.sqrt(in_features)
         first = es.start * rows + rs.start
         count = (es.stop - es.start) * (rs.stop - rs.start)
         z = _normals(backend, seed, in_features, first, first + count).view(es.stop - es.start, -1, in_features)
-        merged[es, rs].add_(z.mul_(row_scale[..., None]))
+        target.addcmul_(z, row_scale[..., None])
     return merged
