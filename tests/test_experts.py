@@ -290,3 +290,29 @@ def test_saved_adapter_reloads_in_plain_peft_with_equal_outputs(trained):
     with torch.no_grad():
         want = model.eval()(IDS).logits
         torch.testing.assert_close(reloaded.eval()(IDS).logits, want, rtol=0, atol=0)
+
+
+def test_from_peft_points_target_parameters_to_enable_flat_lora():
+    from flatlora_kernels import from_peft
+
+    with pytest.raises(UnsupportedLayerError, match=r"experts \(target_parameters down_proj, gate_up_proj\)': it is "
+                                                    r"PEFT target_parameters LoRA .*enable_flat_lora trains in place"):
+        from_peft(experts_lora(tiny_qwen3_moe()))
+
+
+def test_gradient_checkpointing_recomputes_the_same_noise(monkeypatch):
+    grads, calls = [], []
+    add = peft_wrapper.add_stack_noise_
+    monkeypatch.setattr(peft_wrapper, "add_stack_noise_", lambda *a, **kw: calls.append(1) or add(*a, **kw))
+    for checkpointing in (False, True):
+        model = enable_flat_lora(experts_lora(tiny_qwen3_moe()), sigma=0.5)
+        FlatLoraSchedule(model, total_steps=2, seed=3).set_step(1)
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        calls.clear()
+        model(IDS).logits.square().mean().backward()
+        assert len(calls) == (4 if checkpointing else 2)  # the recomputed forward draws again
+        grads.append(lora_grads(model))
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 4
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
