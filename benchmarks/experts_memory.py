@@ -34,6 +34,11 @@ QUICK_CASES = [(1, 4, 64, 64, 32, torch.float32)]
 IMPLEMENTATIONS = ("peft", "flat")
 
 
+def case_id(case) -> str:
+    layers, experts, hidden, intermediate, tokens, dtype = case
+    return f"{layers}x{experts}e-{hidden}x{intermediate}-T{tokens}-{str(dtype)[6:]}"
+
+
 def build(layers, experts, hidden, intermediate, dtype, seed=0):
     """A PEFT Qwen3-MoE with target_parameters LoRA on its experts (non-zero B: the adapter is live)."""
     import peft

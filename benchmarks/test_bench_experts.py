@@ -14,40 +14,22 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from experts_memory import CASES, IMPLEMENTATIONS, QUICK_CASES, setup, stack_mib  # noqa: E402
-from harness import record  # noqa: E402
-from qlora_target import peak_memory_mib  # noqa: E402
+from experts_memory import CASES, IMPLEMENTATIONS, QUICK_CASES, case_id, setup, stack_mib  # noqa: E402
+from harness import cpu_step_and_peak, parametrize_runs, record  # noqa: E402
 
-_STEPS: dict = {}  # one setup per case, shared by its implementations
-_PEAKS: dict = {}
-
-
-def _case_id(case):
-    layers, experts, hidden, intermediate, tokens, dtype = case
-    return f"{layers}x{experts}e-{hidden}x{intermediate}-T{tokens}-{str(dtype)[6:]}"
+_PEAKS: dict = {}  # (case, implementation) -> MiB, for the target check
 
 
 def pytest_generate_tests(metafunc):
-    if "experts_run" in metafunc.fixturenames:
-        from conftest import SETTINGS_KEY
-
-        full = metafunc.config.stash[SETTINGS_KEY].full
-        runs = [(case, name) for case in (CASES if full else QUICK_CASES) for name in IMPLEMENTATIONS]
-        metafunc.parametrize("experts_run", runs, ids=[f"{_case_id(c)}-{n}" for c, n in runs])
+    parametrize_runs(metafunc, "experts_run", QUICK_CASES, CASES, IMPLEMENTATIONS, case_id)
 
 
 def test_experts_step(benchmark, experts_run, bench_settings, bench_facts):
-    if bench_settings.device.type != "cpu":
-        pytest.skip("the experts group runs on the CPU")
+    step, peak = cpu_step_and_peak(experts_run, setup, bench_settings, "the experts group")
     case, name = experts_run
-    if case not in _STEPS:
-        _STEPS.clear()
-        _STEPS[case] = setup(*case)
-    step = _STEPS[case][name]
-    step()  # warm
-    peak = _PEAKS[case, name] = peak_memory_mib(step)
+    _PEAKS[case, name] = peak
     layers, experts, hidden, intermediate, tokens, dtype = case
-    record(benchmark, bench_facts, group=f"experts {_case_id(case)}", suite="experts", implementation=name,
+    record(benchmark, bench_facts, group=f"experts {case_id(case)}", suite="experts", implementation=name,
            pass_kind="forward+backward", layers=layers, experts=experts, hidden=hidden, intermediate=intermediate,
            M=tokens, dtype=str(dtype)[6:], peak_memory_bytes=int(peak * 2**20),
            peak_memory_method="torch.profiler memory events")  # fmt: skip

@@ -257,15 +257,8 @@ def filter_noise(
         return scale[:, None] * z
 
 
-def expert_filter_noise(
-    weight: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    *,
-    scaling: float,
-    sigma: float | Tensor,
-    seed: int | Tensor,
-) -> Tensor:
+def expert_filter_noise(weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling: float, sigma: float | Tensor,
+                        seed: int | Tensor) -> Tensor:  # fmt: skip
     """``eps`` of an expert stack (fp32 ``[E, N, K]``): ``weight: [E, N, K]`` read out x in,
     ``lora_A: [E, r, K]``, ``lora_B: [E, N, r]``. For tests and debugging only, like ``filter_noise``."""
     experts, out_features, in_features = weight.shape
