@@ -21,6 +21,8 @@ from flatlora_kernels.experts import peft_wrapper  # noqa: E402
 from flatlora_kernels.noise import expert_filter_noise  # noqa: E402
 from flatlora_kernels.peft import disable_flat_lora, enable_flat_lora, patched_layers  # noqa: E402
 
+from .conftest import undriven_warnings  # noqa: E402
+
 # Sizes keep every expert row a multiple of 16 bytes in bf16: grouped_mm (transformers' default) needs it on CPU.
 SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
              head_dim=8, max_position_embeddings=32)  # fmt: skip
@@ -167,6 +169,15 @@ def test_disable_flat_lora_hands_back_peft_wrappers():
     classes = {type(m).__name__ for m in model.modules() if "ParamWrapper" in type(m).__name__}
     assert classes == {"ParamWrapper"}
     assert not any(isinstance(m, peft_wrapper.FlatLoraParamWrapper) for m in model.modules())
+
+
+def test_training_forward_without_a_schedule_warns_once_at_the_user_line():
+    model = enable_flat_lora(experts_lora(tiny_qwen3_moe()), sigma=0.1).train()
+    with undriven_warnings() as caught:
+        model(IDS)
+        model(IDS)
+    assert len(caught) == 1 and caught[0].filename == __file__
+    assert "FlatLoraParamWrapper is training with no noise" in str(caught[0].message)
 
 
 class UnflaggedExperts(torch.nn.Module):

@@ -85,16 +85,23 @@ class FlatLoraParamWrapper(StepNoise, ParamWrapper):
     flat_lora_adapter: str
     peft_class = ParamWrapper  #: the PEFT class ``disable_flat_lora`` switches back to
 
+    def _runs_flat_lora(self, active_adapters) -> bool:
+        return self.training and list(active_adapters) == [self.flat_lora_adapter]
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self._runs_flat_lora(self.active_adapters) and not (self.disable_adapters or self.merged):
+            self._warn_if_undriven()  # here, not in _activate_lora: the warning names the caller's line
+        return super().forward(x, *args, **kwargs)
+
     @contextmanager
     def _activate_lora(self, active_adapters: list[str]):
-        if not self.training or list(active_adapters) != [self.flat_lora_adapter]:
+        if not self._runs_flat_lora(active_adapters):
             with super()._activate_lora(active_adapters):
                 yield
             return
         layout = param_wrapper_layout(self)
         if isinstance(layout, str):  # the module changed since enable_flat_lora accepted it
             raise RuntimeError(f"{type(self).__name__} ({self.parameter_name}): {layout}")
-        self._warn_if_undriven()
         base = self.get_base_layer()
         param = self.get_param()
         proxy = _FlatLoraFactorsProxy(self, layout)
