@@ -103,7 +103,8 @@ def main() -> None:
         times = interleaved_times(steps, rounds)
         stack = stack_mib(experts, hidden, intermediate, dtype)
         extra = peaks["flat"] - peaks["peft"]
-        spread = {n: f"{statistics.median(t) * 1e3:.0f} [{min(t) * 1e3:.0f}-{max(t) * 1e3:.0f}]" for n, t in times.items()}
+        spread = {n: f"{statistics.median(t) * 1e3:.0f} [{min(t) * 1e3:.0f}-{max(t) * 1e3:.0f}]"
+                  for n, t in times.items()}  # fmt: skip
         print(f"| {layers} | {experts} | {hidden} | {intermediate} | {tokens} | {str(dtype)[6:]} | {stack:.1f} | "
               f"{peaks['peft']:.1f} | {peaks['flat']:.1f} | {extra:.1f} | {extra / stack:.2f} | {spread['peft']} | "
               f"{spread['flat']} |", flush=True)  # fmt: skip

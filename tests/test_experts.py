@@ -123,9 +123,8 @@ def lora_grads(model):
 
 
 TRITON_RUNS = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
-CASES = [(build, "auto") for build in MODELS] + [
-    pytest.param(tiny_qwen3_moe, "triton", marks=pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1"))
-]  # fmt: skip
+ON_TRITON = pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1")
+CASES = [(build, "auto") for build in MODELS] + [pytest.param(tiny_qwen3_moe, "triton", marks=ON_TRITON)]
 
 
 @pytest.mark.parametrize("build,backend", CASES)
@@ -213,7 +212,8 @@ class TinyMoe(torch.nn.Module):
 
 
 def test_unknown_layout_is_refused_naming_the_module_once_with_its_parameters():
-    model = peft.get_peft_model(TinyMoe(), peft.LoraConfig(r=2, target_modules=["head"], target_parameters=EXPERT_PARAMETERS))
+    config = peft.LoraConfig(r=2, target_modules=["head"], target_parameters=EXPERT_PARAMETERS)
+    model = peft.get_peft_model(TinyMoe(), config)
     with pytest.raises(UnsupportedLayerError) as error:
         enable_flat_lora(model)
     message = str(error.value)
@@ -243,7 +243,8 @@ def train(model, output_dir, max_steps, resume=None, record=None):
     from flatlora_kernels.hf import FlatLoraCallback
 
     schedule = FlatLoraSchedule(model, total_steps=None, seed=7)
-    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(1))]
+    rows = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": row, "labels": row} for row in rows]
     args = transformers.TrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=2, gradient_accumulation_steps=2,
         learning_rate=5e-2, report_to=[], save_strategy="steps", save_steps=2, logging_strategy="no", use_cpu=True,

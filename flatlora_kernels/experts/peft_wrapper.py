@@ -41,7 +41,8 @@ def expert_factors(layer: ParamWrapper, adapter: str) -> tuple[Tensor, Tensor]:
     """PEFT's factors of ``adapter`` per expert, out x in: ``A: [E, r, K]``, ``B: [E, N, r]`` (views)."""
     weight_A, weight_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     experts = layer.num_experts
-    return weight_A.view(experts, -1, weight_A.shape[-1]), weight_B.view(weight_B.shape[0], -1, experts).permute(2, 0, 1)
+    lora_A = weight_A.reshape(experts, -1, weight_A.shape[-1])
+    return lora_A, weight_B.reshape(weight_B.shape[0], -1, experts).permute(2, 0, 1)
 
 
 class _AddStackNoise(torch.autograd.Function):

@@ -3,9 +3,9 @@
 ``add_stack_noise_(merged, ...)`` turns ``W + delta`` (the ``[E, N, K]`` out x in view of the stack a
 parametrization returns) into ``W + delta + eps`` chunk by chunk: for a chunk of rows it takes the
 row norms of ``W + s*B@A`` in fp32 (from ``merged`` itself when it is fp32, else folded again),
-regenerates ``z`` with the package's generator and adds ``row_scale * z``. So the transient is two chunk-sized buffers at most (``chunk_bytes`` of fp32
-rows, or half the stack), never more than a stack, and nothing is kept: backward needs no eps
-(``d(W + delta + eps) / d delta = 1``).
+regenerates ``z`` with the package's generator and adds ``row_scale * z``. So the transient is two
+chunk-sized buffers at most (``chunk_bytes`` of fp32 rows, or half the stack), never more than a
+stack, and nothing is kept: backward needs no eps (``d(W + delta + eps) / d delta = 1``).
 
 Generators, all the one stream: the C++ extension's ``normal_rows`` on CPU (``"cpp"``), the Triton
 z tile (``kernels/noise_tile.py``, through ``backends.triton_backend.normal_rows``) on CUDA or under
@@ -86,7 +86,8 @@ def add_stack_noise_(
         if merged.dtype == dtype:  # merged is already the fold, in the dtype its norms are defined in
             norms = torch.linalg.vector_norm(target, dim=2)
         else:  # 16-bit stacks: the norms of the fp32 fold, not of its rounding
-            fold = weight[es, rs].to(dtype, copy=True).baddbmm_(lora_B[es, rs].to(dtype), lora_A[es].to(dtype), alpha=scaling)
+            fold = weight[es, rs].to(dtype, copy=True)
+            fold.baddbmm_(lora_B[es, rs].to(dtype), lora_A[es].to(dtype), alpha=scaling)
             norms = torch.linalg.vector_norm(fold, dim=2)
             del fold
         row_scale = sigma * norms.float() / math.sqrt(in_features)

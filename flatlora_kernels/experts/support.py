@@ -67,6 +67,7 @@ def by_experts_module(problems: dict[str, str], targets: list[tuple[str, nn.Modu
         if problems[name] not in merged[key][2]:
             merged[key][2].append(problems[name])
     return [
-        entry if isinstance(entry, tuple) else (f"{entry[0]} (target_parameters {', '.join(entry[1])})", "; ".join(entry[2]))
+        entry if isinstance(entry, tuple)
+        else (f"{entry[0]} (target_parameters {', '.join(entry[1])})", "; ".join(entry[2]))
         for entry in listed
     ]
