@@ -257,10 +257,11 @@ def train(model, output_dir, max_steps, resume=None, record=None):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A Qwen3-MoE trained 4 optimizer steps (2 micro-batches each), every noise draw recorded."""
+    """A Qwen3-MoE with LoRA on its experts and attention, trained 4 optimizer steps (2 micro-batches
+    each), every expert noise draw recorded."""
     pytest.importorskip("accelerate")
     root = tmp_path_factory.mktemp("experts_trainer")
-    model = enable_flat_lora(experts_lora(tiny_qwen3_moe()), sigma=0.2)
+    model = enable_flat_lora(experts_lora(tiny_qwen3_moe(), target_modules=["q_proj", "v_proj"]), sigma=0.2)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     draws = []
     add = peft_wrapper.add_stack_noise_
@@ -280,6 +281,8 @@ def trained(tmp_path_factory):
 def test_trainer_draws_noise_in_every_expert_parameter_once_per_step(trained):
     model, draws = trained["model"], trained["draws"]
     assert trained["schedule"].step_count == 4
+    kinds = sorted(type(m).__name__ for _, m in patched_layers(model))
+    assert kinds == ["FlatLoraParamWrapper"] * 2 + ["FlatLoraPeftLinear"] * 2  # experts and attention
     stacks = {layer.get_param().data_ptr() for _, layer in wrappers(model)}
     assert len(stacks) == 2 and {ptr for ptr, _, _ in draws} == stacks
     for ptr in stacks:
@@ -294,11 +297,11 @@ def test_trainer_draws_noise_in_every_expert_parameter_once_per_step(trained):
 
 
 def test_trainer_resume_is_bit_identical(trained):
-    model = enable_flat_lora(experts_lora(tiny_qwen3_moe()), sigma=0.2)
+    model = enable_flat_lora(experts_lora(tiny_qwen3_moe(), target_modules=["q_proj", "v_proj"]), sigma=0.2)
     train(model, trained["root"] / "run", max_steps=4, resume=str(trained["root"] / "run" / "checkpoint-2"))
     want = {n: p for n, p in trained["model"].named_parameters() if p.requires_grad}
     got = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert got.keys() == want.keys() and len(got) == 4
+    assert got.keys() == want.keys() and len(got) == 8  # experts' and attention's factors
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
