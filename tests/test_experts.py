@@ -170,6 +170,19 @@ def test_noise_factor_zero_eval_and_merge_equal_peft_exactly(build, dtype):
     assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), merged_reference.state_dict().values()))
 
 
+def test_bf16_autocast_training_forward_equals_peft_at_factor_zero_and_carries_noise_after():
+    model = experts_lora(tiny_qwen3_moe())
+    reference = copy.deepcopy(model).train()
+    enable_flat_lora(model, sigma=0.5).train()
+    schedule = FlatLoraSchedule(model, total_steps=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        want = reference(IDS).logits
+        assert torch.equal(model(IDS).logits, want)
+        schedule.step()
+        noisy = model(IDS).logits
+    assert torch.isfinite(noisy).all() and not torch.allclose(noisy, want, atol=1e-3)
+
+
 def test_disable_flat_lora_hands_back_peft_wrappers():
     model = enable_flat_lora(experts_lora(tiny_qwen3_moe()), sigma=0.1)
     disable_flat_lora(model)

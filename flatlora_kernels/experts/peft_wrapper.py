@@ -75,9 +75,9 @@ class _FlatLoraFactorsProxy(nn.Module):
         self.layout = layout
 
     def forward(self, weight: Tensor) -> Tensor:
-        with torch.autocast(device_type=weight.device.type, enabled=False):  # PEFT's fold, in W's dtype
+        with torch.autocast(device_type=weight.device.type, enabled=False):  # PEFT's fold, in W's dtype; eps in fp32
             merged = torch.baddbmm(weight, self.lhs, self.rhs, alpha=self.scaling)
-        return _AddStackNoise.apply(merged, weight.detach(), self.layer, self.layout)
+            return _AddStackNoise.apply(merged, weight.detach(), self.layer, self.layout)
 
 
 class FlatLoraParamWrapper(StepNoise, ParamWrapper):
