@@ -1,7 +1,7 @@
 """An expert stack's eps (``flatlora_kernels.noise``, "Expert stacks") from each generator against the
 plain-PyTorch definition (``expert_filter_noise``): the C++ one, the Triton z tile (on CUDA, or in the
 interpreter: conftest.py sets ``TRITON_INTERPRET=1`` without a GPU) and the reference; both stored
-layouts, odd shapes, fp32/bf16/fp16; the result does not depend on the chunk size."""
+layouts, odd shapes, fp32/bf16/fp16/fp64; the result does not depend on the chunk size."""
 
 from __future__ import annotations
 
@@ -50,16 +50,17 @@ BACKENDS = ["reference", "cpp", pytest.param("triton", marks=pytest.mark.skipif(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_stack_noise_is_the_definition(monkeypatch, backend, transposed, dtype):
     monkeypatch.setattr(stack_noise, "chunk_bytes", 3 * K * 4)  # chunks of 3 rows: stream rows past expert 0's
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     stored, layout, lora_A, lora_B = make_stack(transposed, dtype, device)
     before, after = noisy(stored, layout, lora_A, lora_B, 0.3, 2**40 + 5, backend)
     eps = expert_filter_noise(layout.out_in(stored), lora_A, lora_B, scaling=SCALING, sigma=0.3, seed=2**40 + 5)
-    want = (before.float() + eps).to(dtype)  # eps added in fp32 and rounded once to the stack's dtype
-    ulp = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
-    torch.testing.assert_close(after.float(), want.float(), rtol=ulp, atol=ulp)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    want = (before.to(wide) + eps.to(wide)).to(dtype)  # eps (fp32) added and rounded once to the stack's dtype
+    ulp = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float64: 1e-6}[dtype]
+    torch.testing.assert_close(after.to(wide), want.to(wide), rtol=ulp, atol=ulp)
     assert not torch.equal(after, before)
 
 

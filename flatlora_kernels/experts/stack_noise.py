@@ -7,9 +7,11 @@ regenerates ``z`` with the package's generator and adds ``row_scale * z``. So th
 chunk-sized buffers at most (``chunk_bytes`` of fp32 rows, or half the stack), never more than a
 stack, and nothing is kept: backward needs no eps (``d(W + delta + eps) / d delta = 1``).
 
-Generators, all the one stream: the C++ extension's ``normal_rows`` on CPU (``"cpp"``), the Triton
-z tile (``kernels/noise_tile.py``, through ``backends.triton_backend.normal_rows``) on CUDA or under
-``TRITON_INTERPRET=1`` (``"triton"``), and ``noise.normal_rows`` in plain PyTorch (``"reference"``).
+Generators, all the one stream: the C++ extension on CPU (``"cpp"``: ``_C.add_stack_noise_``,
+``csrc/stack_noise.cpp``, regenerates each row's normals and adds them into the row, no z buffer),
+the Triton z tile (``kernels/noise_tile.py``, through ``backends.triton_backend.normal_rows``) on CUDA
+or under ``TRITON_INTERPRET=1`` (``"triton"``), and ``noise.normal_rows`` in plain PyTorch
+(``"reference"``); the last two add a chunk of z with one ``addcmul_``.
 """
 
 from __future__ import annotations
@@ -28,17 +30,26 @@ __all__ = ["add_stack_noise_", "chunk_bytes"]
 chunk_bytes: int = cpu_tuning.CHUNK_BYTES
 
 
-def _normals(backend: str, seed: Tensor, in_features: int, start: int, end: int) -> Tensor:
-    """``z(seed, i, j)`` for stream rows ``[start, end)``, fp32 ``[end - start, in_features]``."""
-    if backend == "cpp":
+def _add_eps_(backend: str, target: Tensor, row_scale: Tensor, seed: Tensor, first_row: int) -> None:
+    """``target[e, i, :] += row_scale[e, i] * z(seed, first_row + e*rows + i, :)`` in place, one rounding."""
+    if backend == "cpp":  # the generator adds into each row itself: no z buffer
         from ..backends.cpp import _C
 
-        return _C.normal_rows(int(seed), in_features, start, end)
+        if not hasattr(_C, "add_stack_noise_"):
+            raise RuntimeError(
+                "flatlora_kernels._C was built before csrc/stack_noise.cpp existed: rebuild it from the repository "
+                "root with `python setup.py build_ext --inplace` (or pass fused=False to enable_flat_lora)"
+            )
+        _C.add_stack_noise_(target, row_scale, int(seed), first_row)
+        return
+    experts, rows, in_features = target.shape
     if backend == "triton":
         from ..backends import triton_backend
 
-        return triton_backend.normal_rows(seed, in_features, start, end)
-    return noise.normal_rows(seed, in_features, start, end, device=seed.device)
+        z = triton_backend.normal_rows(seed, in_features, first_row, first_row + experts * rows)
+    else:
+        z = noise.normal_rows(seed, in_features, first_row, first_row + experts * rows, device=seed.device)
+    target.addcmul_(z.view(experts, rows, in_features), row_scale[..., None])
 
 
 def _chunks(experts: int, rows: int, row_bytes: int, cap: int):
@@ -78,7 +89,7 @@ def add_stack_noise_(
     backend = resolve(backend, weight.device)
     dtype = noise.merge_dtype(weight, lora_A, lora_B)
     row_bytes = in_features * dtype.itemsize
-    # At most two chunk-sized buffers live at once (the fold, then z and the cast in a mixed-dtype addcmul_):
+    # At most two chunk-sized buffers live at once (the fold; or z and the cast in a mixed-dtype addcmul_):
     # capped at half the stack's own bytes, the transient stays within one stack even for small ones.
     cap = min(chunk_bytes, max(row_bytes, merged.numel() * merged.element_size() // 2))
     for es, rs in _chunks(experts, rows, row_bytes, cap):
@@ -91,8 +102,5 @@ def add_stack_noise_(
             norms = torch.linalg.vector_norm(fold, dim=2)
             del fold
         row_scale = sigma * norms.float() / math.sqrt(in_features)
-        first = es.start * rows + rs.start
-        count = (es.stop - es.start) * (rs.stop - rs.start)
-        z = _normals(backend, seed, in_features, first, first + count).view(es.stop - es.start, -1, in_features)
-        target.addcmul_(z, row_scale[..., None])
+        _add_eps_(backend, target, row_scale, seed, es.start * rows + rs.start)
     return merged
