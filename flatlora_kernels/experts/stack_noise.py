@@ -31,7 +31,8 @@ chunk_bytes: int = cpu_tuning.CHUNK_BYTES
 
 
 def _add_eps_(backend: str, target: Tensor, row_scale: Tensor, seed: Tensor, first_row: int) -> None:
-    """``target[e, i, :] += row_scale[e, i] * z(seed, first_row + e*rows + i, :)`` in place, one rounding."""
+    """``target[e, i, :] += row_scale[e, i] * z(seed, first_row + e*rows + i, :)`` in place, the sum rounded
+    once to the target's dtype."""
     if backend == "cpp":  # the generator adds into each row itself: no z buffer
         from ..backends.cpp import _C
 
