@@ -124,3 +124,41 @@ def record(benchmark, facts: dict, group: str, **info) -> None:
     benchmark.group = group
     benchmark.extra_info.update(facts)
     benchmark.extra_info.update(info)
+
+
+def parametrize_runs(metafunc, fixture: str, smoke_cases, full_cases, names, case_id: Callable) -> None:
+    """Parametrize ``fixture`` with every (case, implementation name) pair: ``full_cases`` under ``--full``,
+    else ``smoke_cases``; ids ``<case_id(case)>-<name>``."""
+    if fixture not in metafunc.fixturenames:
+        return
+    from conftest import SETTINGS_KEY
+
+    full = metafunc.config.stash[SETTINGS_KEY].full
+    runs = [(case, name) for case in (full_cases if full else smoke_cases) for name in names]
+    metafunc.parametrize(fixture, runs, ids=[f"{case_id(case)}-{name}" for case, name in runs])
+
+
+_CASE_STEPS: dict = {}
+
+
+def steps_of(case, setup: Callable) -> dict:
+    """``setup(*case)`` (a dict of steps by implementation), built once per case and shared by its
+    implementations; one case's models are alive at a time."""
+    if case not in _CASE_STEPS:
+        _CASE_STEPS.clear()
+        _CASE_STEPS[case] = setup(*case)
+    return _CASE_STEPS[case]
+
+
+def cpu_step_and_peak(run, setup: Callable, settings: BenchSettings, group: str) -> tuple[Callable, float]:
+    """The step of ``run = (case, implementation)`` (skipped off the CPU: ``group`` runs there), warmed
+    once, and its peak memory in MiB (``PeakMemory``, the C++ chunk workspaces freed first)."""
+    if settings.device.type != "cpu":
+        pytest.skip(f"{group} runs on the CPU")
+    case, name = run
+    step = steps_of(case, setup)[name]
+    step()  # warm: lazy allocations outside the measurement
+    gc.collect()
+    with PeakMemory("cpu") as peak:
+        step()
+    return step, peak.mib

@@ -14,12 +14,11 @@ import torch
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
-from harness import record  # noqa: E402
-from qlora_target import IMPLEMENTATIONS, peak_memory_mib, setup  # noqa: E402
+from harness import cpu_step_and_peak, parametrize_runs, record  # noqa: E402
+from qlora_target import IMPLEMENTATIONS, setup  # noqa: E402
 
 SMOKE_CASES = [(1, 64, 256, torch.float32), (1, 64, 256, torch.bfloat16), (4, 64, 256, torch.bfloat16)]
 FULL_CASES = [(1, 512, 2048, torch.bfloat16), (16, 512, 2048, torch.bfloat16), (1, 512, 2048, torch.float32)]
-_STEPS: dict = {}  # one setup per case, shared by its implementations (built on first use)
 
 
 def _case_id(case):
@@ -28,24 +27,12 @@ def _case_id(case):
 
 
 def pytest_generate_tests(metafunc):
-    if "qlora_run" in metafunc.fixturenames:
-        from conftest import SETTINGS_KEY
-
-        full = metafunc.config.stash[SETTINGS_KEY].full
-        runs = [(case, name) for case in (FULL_CASES if full else SMOKE_CASES) for name in IMPLEMENTATIONS]
-        metafunc.parametrize("qlora_run", runs, ids=[f"{_case_id(c)}-{n}" for c, n in runs])
+    parametrize_runs(metafunc, "qlora_run", SMOKE_CASES, FULL_CASES, IMPLEMENTATIONS, _case_id)
 
 
 def test_qlora_step(benchmark, qlora_run, bench_settings, bench_facts):
-    if bench_settings.device.type != "cpu":
-        pytest.skip("the Flat-QLoRA group runs on the CPU")
+    step, peak = cpu_step_and_peak(qlora_run, setup, bench_settings, "the Flat-QLoRA group")
     case, name = qlora_run
-    if case not in _STEPS:
-        _STEPS.clear()  # one case's layers alive at a time
-        _STEPS[case] = setup(*case)
-    step = _STEPS[case][name]
-    step()  # warm
-    peak = peak_memory_mib(step)
     depth, m, n, dtype = case
     record(benchmark, bench_facts, group=f"qlora {_case_id(case)}", suite="qlora", implementation=name,
            pass_kind="forward+backward", layers=depth, M=m, N=n, K=n, dtype=str(dtype)[6:],

@@ -9,6 +9,7 @@
 namespace flatlora {
 void register_quantized(pybind11::module& m);  // quantized_bindings.cpp: the 4-bit backend
 void register_build_info(pybind11::module& m);  // build_info.cpp: how this extension was compiled
+void register_stack_noise(pybind11::module& m);  // stack_noise.cpp: an expert stack's eps, in place
 }
 
 namespace {
@@ -86,4 +87,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("in_features"), py::arg("row_start"), py::arg("row_end"));
   flatlora::register_quantized(m);
   flatlora::register_build_info(m);
+  flatlora::register_stack_noise(m);
 }

@@ -51,6 +51,20 @@ threads, on which thread ran a slab, on machine load or on where a vector loop's
 ``torch.log/cos/sin`` on OpenMP worker threads do: docs/DESIGN.md, section 2). The reference stream
 is bit-reproducible for a given PyTorch build and CPU.
 
+Expert stacks (3-D parameters)
+------------------------------
+A mixture-of-experts parameter holds ``E`` experts' weights in one tensor. Read expert ``e`` as
+``W_e: [N, K]`` (N = out, K = in: which stored axes these are is the model's layout,
+``flatlora_kernels.experts.layout``), with its own factors ``A_e: [r, K]``, ``B_e: [N, r]``. Each
+expert is its own weight and each of its rows a filter, with its own row norm; the stack is the
+stream of one ``[E*N, K]`` layer, expert ``e``'s row ``i`` being stream row ``e*N + i``::
+
+    row_scale[e, i] = sigma * fp32(||(W_e + s * B_e @ A_e)[i, :]||_2) / sqrt(K)   (as above)
+    eps[e, i, j]    = row_scale[e, i] * z(seed, e*N + i, j)
+
+so no two experts share a counter, and each targeted parameter, one layer of the schedule, has its
+own seed per optimizer step. ``expert_filter_noise`` materialises it.
+
 The seed is a Python int in ``[0, 2**63)`` or a 0-dim int64 tensor (preferred on GPU: no recompiles,
 no host sync). ``sigma = 0`` gives exactly LoRA.
 """
@@ -76,6 +90,7 @@ __all__ = [
     "merged_weight",
     "perturbation_row_scale",
     "filter_noise",
+    "expert_filter_noise",
 ]
 
 PHILOX_ROUNDS = 10
@@ -242,3 +257,16 @@ def filter_noise(
         scale = perturbation_row_scale(weight, lora_A, lora_B, scaling=scaling, sigma=sigma)
         z = normal_rows(seed, in_features, 0, out_features, device=weight.device)
         return scale[:, None] * z
+
+
+def expert_filter_noise(weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling: float, sigma: float | Tensor,
+                        seed: int | Tensor) -> Tensor:  # fmt: skip
+    """``eps`` of an expert stack (fp32 ``[E, N, K]``): ``weight: [E, N, K]`` read out x in,
+    ``lora_A: [E, r, K]``, ``lora_B: [E, N, r]``. For tests and debugging only, like ``filter_noise``."""
+    experts, out_features, in_features = weight.shape
+    with torch.no_grad():
+        scales = torch.stack([
+            perturbation_row_scale(weight[e], lora_A[e], lora_B[e], scaling=scaling, sigma=sigma) for e in range(experts)
+        ])  # fmt: skip
+        z = normal_rows(seed, in_features, 0, experts * out_features, device=weight.device)
+        return scales[..., None] * z.view(experts, out_features, in_features)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..experts.support import by_experts_module, is_param_wrapper
 from ..layer_support import peft_lora_layer_problem, refuse_or_skip
 from ..model_conversion import build_flat_layer, replace_submodule
 from ..modules import FlatLoraLinear
@@ -85,10 +86,13 @@ def from_peft(peft_model: nn.Module, *, sigma: float = 0.05, fused: bool = True,
     adapters = {name: _check_state(name, module) for name, module in found}
     problems = {}
     for name, module in found:
-        problem = peft_lora_layer_problem(module, adapters[name], require_frozen=True)
+        if is_param_wrapper(module):
+            problem = "it is PEFT target_parameters LoRA (a ParamWrapper), which enable_flat_lora trains in place"
+        else:
+            problem = peft_lora_layer_problem(module, adapters[name], require_frozen=True)
         if problem is not None:
             problems[name] = problem
-    refuse_or_skip("from_peft", problems.items(), skip_unsupported)
+    refuse_or_skip("from_peft", by_experts_module(problems, found), skip_unsupported)
     warn_once = WarnOnce()
     for name, module in found:
         if name not in problems:

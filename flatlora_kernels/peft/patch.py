@@ -19,6 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from .._validation import check_real
+from ..experts.support import by_experts_module, is_param_wrapper, param_wrapper_problem
 from ..layer_support import peft_lora_layer_problem, refuse_or_skip
 from ..step_noise import StepNoise, WarnOnce
 
@@ -45,6 +46,10 @@ def _patched_class(layer: nn.Module):
         from .patched_layer_4bit import FlatLoraPeftLinear4bit
 
         return FlatLoraPeftLinear4bit
+    if is_param_wrapper(layer):  # LoraConfig(target_parameters=...) on an expert stack
+        from ..experts.peft_wrapper import FlatLoraParamWrapper
+
+        return FlatLoraParamWrapper
     return None
 
 
@@ -90,19 +95,23 @@ def enable_flat_lora(
         raise ValueError(f"enable_flat_lora: no PEFT LoRA layer holds adapter {adapter!r}")
     problems = {}
     for name, layer in targets:
-        problem = peft_lora_layer_problem(layer, adapter, require_frozen=True, in_place=True)
+        if is_param_wrapper(layer):
+            problem = param_wrapper_problem(layer, adapter)
+        else:
+            problem = peft_lora_layer_problem(layer, adapter, require_frozen=True, in_place=True)
         if problem is None and _patched_class(layer) is None:
             problem = f"it is a PEFT {type(layer).__name__}, which is converted by from_peft, not patched in place"
         if problem is not None:
             problems[name] = problem
-    refuse_or_skip("enable_flat_lora", problems.items(), skip_unsupported)
+    refuse_or_skip("enable_flat_lora", by_experts_module(problems, targets), skip_unsupported)
     warn_once = WarnOnce()
     for name, layer in targets:
         if name in problems:
             continue
         layer.__class__ = _patched_class(layer)
         layer.flat_lora_adapter, layer.sigma, layer.fused = adapter, float(sigma), bool(fused)
-        layer.init_step_noise(layer.get_base_layer().weight.device, warn_once)
+        weight = layer.get_param() if is_param_wrapper(layer) else layer.get_base_layer().weight
+        layer.init_step_noise(weight.device, warn_once)
     return peft_model
 
 
