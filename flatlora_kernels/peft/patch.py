@@ -113,12 +113,20 @@ def _refuse_deepspeed_hooks(name: str, layer: nn.Module) -> None:
         )
 
 
+def _remove_hooks(hooks: dict, hook_type) -> None:
+    for key in [key for key, hook in hooks.items() if hook is hook_type or isinstance(hook, hook_type)]:
+        del hooks[key]
+
+
 def _patch(name: str, layer: nn.Module, adapter: str, state, warn_once: WarnOnce) -> None:
+    from .patched_layer import zero3_input_requires_grad
+
     layer.__class__ = _patched_class(layer)
     layer.flat_lora_adapter, layer.flat_lora_name, layer.flat_lora_state = adapter, name, state
     layer.sigma, layer.fused = state.sigma, state.fused
     layer._flat_lora_problems = {adapter: (layer.lora_A[adapter], None)} if adapter in layer.lora_A else {}
     layer._z3_leaf = True  # DeepSpeed ZeRO-3 gathers the whole layer in its hook on the layer (module docstring)
+    layer.register_forward_pre_hook(zero3_input_requires_grad)
     layer.init_step_noise(layer.get_base_layer().weight.device, warn_once)
 
 
@@ -228,6 +236,8 @@ def enable_flat_lora(
 
 def disable_flat_lora(peft_model: nn.Module):
     """Undo ``enable_flat_lora``: the layers are PEFT's own classes again. Returns the model."""
+    from .patched_layer import zero3_input_requires_grad
+
     layers = patched_layers(peft_model)
     if not layers:
         raise ValueError("disable_flat_lora: the model has no layer patched by enable_flat_lora")
@@ -235,8 +245,7 @@ def disable_flat_lora(peft_model: nn.Module):
         layer.remove_step_noise()
         for name in (*_PATCH_ATTRIBUTES, "_z3_leaf"):
             layer.__dict__.pop(name, None)
+        _remove_hooks(layer._forward_pre_hooks, zero3_input_requires_grad)
         layer.__class__ = layer.peft_class
-    hooks = peft_model._forward_pre_hooks
-    for key in [key for key, hook in hooks.items() if isinstance(hook, AdapterWatch)]:
-        del hooks[key]
+    _remove_hooks(peft_model._forward_pre_hooks, AdapterWatch)
     return peft_model

@@ -32,7 +32,8 @@ from ..quantized.layout import is_bnb_4bit
 from ..quantized.modules import flat_qlora_forward
 from ..step_noise import StepNoise, user_stacklevel
 
-__all__ = ["FlatLoraPeftForward", "FlatLoraPeftLinear", "PeftLoraLinear", "PatchState", "user_hooks", "deepspeed_hooks"]
+__all__ = ["FlatLoraPeftForward", "FlatLoraPeftLinear", "PeftLoraLinear", "PatchState", "user_hooks", "deepspeed_hooks",
+           "zero3_input_requires_grad"]
 
 
 class PatchState:
@@ -65,6 +66,19 @@ def deepspeed_hooks(module: nn.Module) -> bool:
 def user_hooks(module: nn.Module) -> bool:
     """``module`` has forward hooks (or a forward replaced on the instance) that are not DeepSpeed's."""
     return "forward" in vars(module) or any(not _is_deepspeed(hook) for hook in _hooks(module))
+
+
+def zero3_input_requires_grad(layer: nn.Module, args):
+    """Forward pre-hook of a patched layer (registered before DeepSpeed's): under ZeRO-3, an input that does
+    not require grad (the first layers over frozen embeddings) gets a ``requires_grad`` alias. DeepSpeed
+    reduces a leaf module's gradients in a full backward hook, which fires before the module's backward
+    when no input requires grad, so the factors' gradients would arrive after it reduced and freed them."""
+    x = args[0] if args else None
+    if not isinstance(x, Tensor) or x.requires_grad or not layer.training or not torch.is_grad_enabled():
+        return None
+    if not hasattr(layer.get_base_layer().weight, "ds_id"):  # not a ZeRO-3 parameter
+        return None
+    return (x.detach().requires_grad_(True), *args[1:])
 
 
 class _BaseWeightGradient(torch.autograd.Function):
