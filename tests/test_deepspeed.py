@@ -20,7 +20,7 @@ pytest.importorskip("deepspeed")
 
 from flatlora_kernels import FlatLoraSchedule  # noqa: E402
 from flatlora_kernels.hf import FlatLoraCallback  # noqa: E402
-from flatlora_kernels.peft import enable_flat_lora  # noqa: E402
+from flatlora_kernels.peft import enable_flat_lora, patched_layers  # noqa: E402
 
 from ._dist_utils import spawn  # noqa: E402
 from .test_hf_peft_native import tiny_llama  # noqa: E402
@@ -37,9 +37,25 @@ def _peft_model(sigma):
     return model
 
 
-def _train(output_dir, batch, sigma, deepspeed=None):
+def _record_gathering(model, seen):
+    """On the first training forward of the first patched layer: the ZeRO-3 status of its base weight and
+    of the last patched layer's (read through named_parameters: a module attribute access would make
+    DeepSpeed gather the parameter)."""
+    names = [f"{name}.base_layer.weight" for name, _ in patched_layers(model)]
+
+    def hook(module, args, output):
+        if not seen and module.training:
+            params = dict(model.named_parameters())
+            seen.append(tuple(getattr(getattr(params[n], "ds_status", None), "name", None) for n in (names[0], names[-1])))
+
+    patched_layers(model)[0][1].register_forward_hook(hook)  # a hook on the patched layer itself runs
+
+
+def _train(output_dir, batch, sigma, deepspeed=None, seen=None):
     """Trainer run: the adapter saved to ``output_dir/adapter``, the eval loss to ``output_dir/eval.json``."""
     model = _peft_model(sigma)
+    if seen is not None:
+        _record_gathering(model, seen)
     schedule = FlatLoraSchedule(model, total_steps=None, seed=7, per_rank_seeds=False)
     args = transformers.TrainingArguments(
         output_dir=output_dir, max_steps=STEPS, per_device_train_batch_size=batch, per_device_eval_batch_size=batch,
@@ -55,6 +71,7 @@ def _train(output_dir, batch, sigma, deepspeed=None):
         assert type(engine).__name__ == "DeepSpeedEngine" and trainer.accelerator.num_processes == WORLD
         assert engine.zero_optimization_stage() == deepspeed["zero_optimization"]["stage"]
     assert schedule.step_count == STEPS and schedule.factor > 0
+    assert all(float(layer.noise_factor) > 0 for layer in schedule.layers)  # the noise is on, on every layer
     loss = trainer.evaluate()["eval_loss"]
     trainer.save_model(os.path.join(output_dir, "adapter"))
     if trainer.is_world_process_zero():
@@ -69,9 +86,16 @@ def _zero_worker(rank, world_size, stage, output_dir):
     config = {
         "train_micro_batch_size_per_gpu": PER_RANK, "gradient_accumulation_steps": 1,
         "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
+        # Threshold 0: even this tiny model's parameters are partitioned (none kept whole as "persistent");
+        # reuse distance and prefetch 0: a parameter is gathered only while its layer runs (checked below).
+        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True,
+                              "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
+                              "stage3_prefetch_bucket_size": 0},
     }
-    _train(output_dir, PER_RANK, SIGMA, deepspeed=config)
+    seen = []
+    _train(output_dir, PER_RANK, SIGMA, deepspeed=config, seen=seen)
+    # ZeRO-3 gathers the one layer that runs (its own hook, no copy of the model); ZeRO-2 does not partition.
+    assert seen[0] == (("AVAILABLE", "NOT_AVAILABLE") if stage == 3 else (None, None)), seen
 
 
 def _adapter(directory):
@@ -91,6 +115,19 @@ def single_process(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("single"))
     _train(root, PER_RANK * WORLD, SIGMA)
     return root
+
+
+@pytest.fixture(scope="module")
+def single_process_without_noise(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("single_sigma0"))
+    _train(root, PER_RANK * WORLD, 0.0)
+    return root
+
+
+def test_the_noise_changes_the_adapter(single_process, single_process_without_noise):
+    """So the runs below, equal to the noisy single-process run, trained with the noise on."""
+    noisy, plain = _adapter(single_process), _adapter(single_process_without_noise)
+    assert max((noisy[k] - plain[k]).abs().max().item() for k in noisy) > 1e-2
 
 
 @pytest.mark.parametrize("stage", [2, 3])

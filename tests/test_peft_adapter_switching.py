@@ -183,3 +183,29 @@ def test_hooks_on_lora_factors_are_refused_before_and_after_enabling():
         model(torch.randn(2, 8))
     model.eval()
     model(torch.randn(2, 8))  # PEFT's forward calls lora_B: the hook runs
+
+
+def _deepspeed_like_hook(module, args):
+    """Stands in for ZeRO-3's parameter-gathering hook: recognised by its module, as DeepSpeed's are."""
+
+
+_deepspeed_like_hook.__module__ = "deepspeed.runtime.zero.parameter_offload"
+
+
+def test_deepspeed_hooks_on_the_base_name_deepspeed_and_the_layer():
+    """Hooks ZeRO-3 put on a layer's children (deepspeed.initialize before enable_flat_lora) are not taken
+    for a user's: the message names DeepSpeed ZeRO-3, the layer, and the order that works."""
+    model = mlp_peft()
+    handle = _layer(model, "base_model.model.0").get_base_layer().register_forward_pre_hook(_deepspeed_like_hook)
+    with pytest.raises(UnsupportedLayerError, match=r"'base_model.model.0' already carries DeepSpeed ZeRO-3.*before "
+                                                     r"deepspeed.initialize"):  # fmt: skip
+        enable_flat_lora(model)
+    handle.remove()
+    enable_flat_lora(model, sigma=0.1)
+    layer = _layer(model, "base_model.model.0")
+    assert layer._z3_leaf  # DeepSpeed gathers the whole layer in its hook on the layer itself
+    FlatLoraSchedule(model, total_steps=2).step()
+    layer.lora_A["first"].register_forward_pre_hook(_deepspeed_like_hook)
+    model.train()
+    with pytest.raises(RuntimeError, match=r"'base_model.model.0': its lora_A\['first'\] carries DeepSpeed ZeRO-3"):
+        model(torch.randn(2, 8))
