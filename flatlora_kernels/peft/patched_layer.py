@@ -121,11 +121,12 @@ class FlatLoraPeftForward(StepNoise):
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
         quantized = is_bnb_4bit(base)
-        held = [name for name in self.active_adapters if name in self.lora_A]
+        factors = self.lora_A
+        held = [name for name in self.active_adapters if name in factors]
         adapter = held[0] if len(held) == 1 and self._runs(held[0], warn=False) else None
         if quantized and not self.training:
             if self.disable_adapters:
-                return self._qlora_eval(base, x, next(iter(self.lora_A)), scaling=0.0)  # the base alone
+                return self._qlora_eval(base, x, next(iter(factors)), scaling=0.0)  # the base alone
             if adapter is not None:
                 return self._qlora_eval(base, x, adapter, scaling=self.scaling[adapter])
         if not self.training or self.disable_adapters or not held:
@@ -142,10 +143,11 @@ class FlatLoraPeftForward(StepNoise):
             self._runs(held[0], warn=True)  # raises, or warns once (skip_unsupported)
             return super().forward(x, *args, **kwargs)
         self._check_unhooked(base, adapter)
-        weight = base if quantized else (base.weight.t() if self.fan_in_fan_out else base.weight)
-        lora_A, lora_B, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
+        base_weight = base.weight
+        weight = base if quantized else (base_weight.t() if self.fan_in_fan_out else base_weight)
+        lora_A, lora_B, scaling = factors[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
         y = self.noisy_linear(x, weight, lora_A, lora_B, base.bias, scaling, self.lora_dropout[adapter])
-        if not quantized and isinstance(base.weight, nn.Parameter) and base.weight.requires_grad:
+        if not quantized and isinstance(base_weight, nn.Parameter) and base_weight.requires_grad:
             y = _BaseWeightGradient.apply(y, x, weight)  # unfrozen after enabling: PEFT's forward trains it
         return y
 
@@ -176,9 +178,11 @@ class FlatLoraPeftForward(StepNoise):
 
     def _check_unhooked(self, base, adapter: str) -> None:
         """The fused op calls neither the base layer nor ``lora_A`` / ``lora_B``: hooks on them would be skipped."""
-        parts = {"its base layer": base, f"its lora_A[{adapter!r}]": self.lora_A[adapter],
-                 f"its lora_B[{adapter!r}]": self.lora_B[adapter]}  # fmt: skip
-        for role, module in parts.items():
+        parts = (("its base layer", base), ("lora_A", self.lora_A[adapter]), ("lora_B", self.lora_B[adapter]))
+        for role, module in parts:
+            if not (module._forward_pre_hooks or module._forward_hooks or "forward" in module.__dict__):
+                continue  # the common case, checked cheaply on every training forward
+            role = role if module is base else f"its {role}[{adapter!r}]"
             if deepspeed_hooks(module):
                 raise RuntimeError(
                     f"{type(self).__name__} {self.flat_lora_name!r}: {role} carries DeepSpeed ZeRO-3's parameter "
