@@ -1,5 +1,6 @@
 """enable_flat_lora under the training tools around it: gradient checkpointing (the recomputed forward
-draws the same noise, so the gradients are those of the plain run) and accelerate's ``prepare``."""
+draws the same noise, so the gradients are those of the plain run), accelerate's ``prepare`` and
+``torch.compile`` (one graph, no recompilation per step)."""
 
 import os
 
@@ -59,3 +60,21 @@ def test_accelerate_prepare_trains_with_noise():
     for name, param in model.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, reference[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_torch_compile_of_a_patched_peft_model_is_one_graph_and_matches_eager():
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights=False)
+    model = enable_flat_lora(peft.get_peft_model(mlp, config), sigma=0.5).train()
+    schedule = FlatLoraSchedule(model, total_steps=4, seed=1)
+    schedule.step()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(4, 8)
+    for _ in range(2):  # a new draw each step, no recompilation (seed and factor are buffers)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+        schedule.step()
+    assert counter.frame_count == 1
