@@ -209,3 +209,14 @@ def test_deepspeed_hooks_on_the_base_name_deepspeed_and_the_layer():
     model.train()
     with pytest.raises(RuntimeError, match=r"'base_model.model.0': its lora_A\['first'\] carries DeepSpeed ZeRO-3"):
         model(torch.randn(2, 8))
+
+
+def test_a_layer_of_another_adapter_only_follows_set_adapter():
+    """Adapter "b" targets a module "first" does not: enabled with "first" active, that layer trains "b"
+    with the noise once "b" is active."""
+    model = mlp_peft()
+    model.add_adapter("b", _config(["2"]))
+    enable_flat_lora(model, sigma=0.4)
+    FlatLoraSchedule(model, total_steps=3).step()
+    model.set_adapter("b")
+    assert_trains_with_noise(_layer(model, "base_model.model.2"), "b")

@@ -136,7 +136,7 @@ class AdapterWatch:
     that cannot be patched (an error, or a warning under ``skip_unsupported``). One dict lookup and one
     attribute read per forward otherwise; skipped while compiling."""
 
-    def __init__(self, state, probe: nn.Module, known: set[str]) -> None:
+    def __init__(self, state, probe: nn.Module, known: set[tuple[str, str]]) -> None:
         self.state, self.probe, self.known = state, probe, known
         self.key = None
 
@@ -222,11 +222,10 @@ def enable_flat_lora(
     for name, layer in layers:
         if name in problems:
             continue
-        held = adapter if adapter in layer.r else next(iter(layer.r))
-        # A layer without the adapter is patched when its base passes; its own adapters are checked when active.
-        if adapter in layer.r or peft_lora_layer_problem(layer, held, require_frozen=True, in_place=True) is None:
-            if _patched_class(layer) is not None:
-                _patch(name, layer, adapter, state, warn_once)
+        # A layer of another adapter only is patched too when it passes the check for one of its adapters,
+        # so the noise follows set_adapter there; the ones left are named when their adapter is active.
+        if adapter in layer.r or _layer_problem(layer, next(iter(layer.r))) is None:
+            _patch(name, layer, adapter, state, warn_once)
     patched = patched_layers(peft_model)
     if patched:  # (none when skip_unsupported left out every layer)
         known = {(name, adapter) for name in problems}
