@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from flatlora_kernels import FlatLoraSchedule, UnsupportedLayerError  # noqa: E402
-from flatlora_kernels.peft import enable_flat_lora, patched_layers  # noqa: E402
+from flatlora_kernels.peft import disable_flat_lora, enable_flat_lora, patched_layers  # noqa: E402
 
 from ._peft_layers import assert_trains_with_noise, dense_weight, noisy_reference  # noqa: E402
 from .test_hf_peft_native import IDS, tiny_gpt2, tiny_llama  # noqa: E402
@@ -220,3 +220,14 @@ def test_a_layer_of_another_adapter_only_follows_set_adapter():
     FlatLoraSchedule(model, total_steps=3).step()
     model.set_adapter("b")
     assert_trains_with_noise(_layer(model, "base_model.model.2"), "b")
+
+
+def test_disable_flat_lora_removes_every_hook_and_mark():
+    model = mlp_peft()
+    before = {name: (dict(m._forward_pre_hooks), set(vars(m))) for name, m in model.named_modules()}
+    enable_flat_lora(model, sigma=0.2)
+    assert model._forward_pre_hooks and _layer(model, "base_model.model.0")._forward_pre_hooks
+    disable_flat_lora(model)
+    after = {name: (dict(m._forward_pre_hooks), set(vars(m))) for name, m in model.named_modules()}
+    assert after == before  # no hook, leaf mark or attribute left behind
+    enable_flat_lora(model, sigma=0.2)  # and it enables again
