@@ -226,7 +226,16 @@ def test_disable_flat_lora_removes_every_hook_and_mark():
     model = mlp_peft()
     before = {name: (dict(m._forward_pre_hooks), set(vars(m))) for name, m in model.named_modules()}
     enable_flat_lora(model, sigma=0.2)
-    assert model._forward_pre_hooks and _layer(model, "base_model.model.0")._forward_pre_hooks
+    layer = _layer(model, "base_model.model.0")
+    assert model._forward_pre_hooks and not layer._forward_pre_hooks  # no per-layer hook without ZeRO-3
+    layer.get_base_layer().weight.ds_id = 0  # what a ZeRO-3 parameter carries
+    seen = []
+    layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].requires_grad))
+    FlatLoraSchedule(model, total_steps=2).step()
+    model.train()(torch.randn(2, 8))
+    assert seen == [True]  # the input alias, put before every other pre-hook
+    layer._forward_pre_hooks.popitem()
+    del layer.get_base_layer().weight.ds_id
     disable_flat_lora(model)
     after = {name: (dict(m._forward_pre_hooks), set(vars(m))) for name, m in model.named_modules()}
     assert after == before  # no hook, leaf mark or attribute left behind

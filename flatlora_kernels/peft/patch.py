@@ -119,26 +119,32 @@ def _remove_hooks(hooks: dict, hook_type) -> None:
 
 
 def _patch(name: str, layer: nn.Module, adapter: str, state, warn_once: WarnOnce) -> None:
-    from .patched_layer import zero3_input_requires_grad
-
     layer.__class__ = _patched_class(layer)
     layer.flat_lora_adapter, layer.flat_lora_name, layer.flat_lora_state = adapter, name, state
     layer.sigma, layer.fused = state.sigma, state.fused
     layer._flat_lora_problems = {adapter: (layer.lora_A[adapter], None)} if adapter in layer.lora_A else {}
     layer._z3_leaf = True  # DeepSpeed ZeRO-3 gathers the whole layer in its hook on the layer (module docstring)
-    layer.register_forward_pre_hook(zero3_input_requires_grad)
     layer.init_step_noise(layer.get_base_layer().weight.device, warn_once)
+
+
+def _hook_zero3_inputs(layer: nn.Module) -> None:
+    from .patched_layer import zero3_input_requires_grad
+
+    # First, so DeepSpeed's own pre-hooks (registered at deepspeed.initialize) see the input it returns.
+    layer.register_forward_pre_hook(zero3_input_requires_grad, prepend=True)
 
 
 class AdapterWatch:
     """Forward pre-hook on the enabled model: when its adapters or active adapter changed since the last
     training forward, patch the LoRA layers created since that hold an active adapter, or name the ones
-    that cannot be patched (an error, or a warning under ``skip_unsupported``). One dict lookup and one
-    attribute read per forward otherwise; skipped while compiling."""
+    that cannot be patched (an error, or a warning under ``skip_unsupported``). The first training
+    forward under DeepSpeed ZeRO-3 puts ``zero3_input_requires_grad`` before DeepSpeed's hooks on every
+    patched layer (only then: it would cost every other run a hook call per layer). A few attribute
+    reads per forward otherwise; skipped while compiling."""
 
     def __init__(self, state, probe: nn.Module, known: set[tuple[str, str]]) -> None:
         self.state, self.probe, self.known = state, probe, known
-        self.key = None
+        self.key, self.zero3 = None, False
 
     def _key(self, model: nn.Module):
         config = getattr(model, "peft_config", None)
@@ -151,6 +157,10 @@ class AdapterWatch:
         if key != self.key:
             self.key = key
             self.patch_new_layers(model)
+        if not self.zero3 and hasattr(self.probe.get_base_layer().weight, "ds_id"):  # a ZeRO-3 parameter
+            self.zero3 = True
+            for _, layer in patched_layers(model):
+                _hook_zero3_inputs(layer)
 
     def patch_new_layers(self, model: nn.Module) -> None:
         from ..schedule import step_seed
@@ -166,6 +176,8 @@ class AdapterWatch:
                 problems.append((name, f"adapter {held[0]!r} (added after enable_flat_lora): {problem}"))
                 continue
             _patch(name, layer, held[0], self.state, probe.noise_warning)
+            if self.zero3:
+                _hook_zero3_inputs(layer)
             if probe._noise_driven:  # this step's draw, until the schedule's next step includes the layer
                 seed = step_seed(int(probe.noise_seed), 0, index)
                 layer.set_noise(seed, float(probe.noise_factor), probe.noise_rank_key,

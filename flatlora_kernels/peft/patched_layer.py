@@ -69,10 +69,11 @@ def user_hooks(module: nn.Module) -> bool:
 
 
 def zero3_input_requires_grad(layer: nn.Module, args):
-    """Forward pre-hook of a patched layer (registered before DeepSpeed's): under ZeRO-3, an input that does
-    not require grad (the first layers over frozen embeddings) gets a ``requires_grad`` alias. DeepSpeed
-    reduces a leaf module's gradients in a full backward hook, which fires before the module's backward
-    when no input requires grad, so the factors' gradients would arrive after it reduced and freed them."""
+    """Forward pre-hook of a patched layer under ZeRO-3 (``patch.AdapterWatch`` puts it before DeepSpeed's):
+    an input that does not require grad (the first layers over frozen embeddings) gets a ``requires_grad``
+    alias. DeepSpeed reduces a leaf module's gradients in a full backward hook, which fires before the
+    module's backward when no input requires grad, so the factors' gradients would arrive after it
+    reduced and freed them."""
     x = args[0] if args else None
     if not isinstance(x, Tensor) or x.requires_grad or not layer.training or not torch.is_grad_enabled():
         return None
