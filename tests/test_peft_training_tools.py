@@ -53,7 +53,10 @@ def test_accelerate_prepare_trains_with_noise():
     model = _noisy_peft_llama()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     reference = _adapter_grads(_noisy_peft_llama())
-    accelerator = accelerate.Accelerator(cpu=True)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier Trainer's settings (e.g. bf16) stay
+    accelerator = accelerate.Accelerator(cpu=True, mixed_precision="no")
     prepared, optimizer = accelerator.prepare(model, optimizer)
     optimizer.zero_grad()
     accelerator.backward(prepared(IDS, labels=IDS).loss)

@@ -43,7 +43,7 @@ def _data():
 def _train(tmp_path, order, sigma):
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=5e-2,
                          max_length=16, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-                         dataloader_num_workers=0, disable_tqdm=True, seed=0)  # fmt: skip
+                         dataloader_num_workers=0, disable_tqdm=True, seed=0, bf16=False)  # fmt: skip
     base = tiny_llama()
     if order == "enabled_before_the_trainer":
         model = enable_flat_lora(peft.get_peft_model(base, peft.LoraConfig(**LORA)), sigma=sigma)
