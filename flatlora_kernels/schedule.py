@@ -121,7 +121,8 @@ class FlatLoraSchedule:
         rank: int | None = None,
         per_rank_seeds: bool = True,
     ) -> None:
-        self.layers = [module for module in model.modules() if isinstance(module, StepNoise)]
+        self.model = model
+        self.layers = self._find_layers()
         if not self.layers:
             raise ValueError(
                 "FlatLoraSchedule: the model has no Flat-LoRA layers "
@@ -156,7 +157,11 @@ class FlatLoraSchedule:
             return dist.get_rank()
         return 0
 
+    def _find_layers(self) -> list[StepNoise]:
+        return [module for module in self.model.modules() if isinstance(module, StepNoise)]
+
     def _apply(self) -> None:
+        self.layers = self._find_layers()  # layers patched since (an adapter added after enable_flat_lora)
         factor = self.factor
         key = rank_key(self.seed, self.data_parallel_rank()) if self.per_rank_seeds else 0
         known = self.total_steps is not None
