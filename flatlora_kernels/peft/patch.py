@@ -33,7 +33,9 @@ from ..step_noise import StepNoise, WarnOnce
 
 __all__ = ["enable_flat_lora", "disable_flat_lora", "patched_layers"]
 
-_PATCH_ATTRIBUTES = ("flat_lora_adapter", "flat_lora_name", "flat_lora_state", "_flat_lora_problems", "sigma", "fused")
+_PATCH_ATTRIBUTES = (
+    "flat_lora_adapter", "flat_lora_name", "flat_lora_state", "_flat_lora_problems", "_flat_lora_kind", "sigma", "fused",
+)
 
 
 def _lora_layer_class():
@@ -134,6 +136,10 @@ def _patch(name: str, layer: nn.Module, adapter: str, state, warn_once: WarnOnce
     layer._flat_lora_problems = {adapter: (layer.lora_A[adapter], None)} if adapter in layer.lora_A else {}
     layer._z3_leaf = True  # DeepSpeed ZeRO-3 gathers the whole layer in its hook on the layer (module docstring)
     layer.init_step_noise(_base_weight(layer).device, warn_once)
+    from .patched_layer import FlatLoraPeftForward
+
+    if isinstance(layer, FlatLoraPeftForward):
+        layer._base_kind(layer.get_base_layer())  # looked up now, so a first call under torch.compile need not
 
 
 def _base_weight(layer: nn.Module):

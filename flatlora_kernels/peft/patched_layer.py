@@ -122,7 +122,7 @@ class FlatLoraPeftForward(StepNoise):
         if self.merged or args or kwargs.get("adapter_names") is not None:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
-        kind = base_layer_kind(base)
+        kind = self._base_kind(base)
         if kind is None:
             raise RuntimeError(
                 f"{type(self).__name__} {self.flat_lora_name!r}: its base layer ({type(base).__name__}) was replaced "
@@ -165,6 +165,14 @@ class FlatLoraPeftForward(StepNoise):
             weight = base_weight.t() if self.fan_in_fan_out else base_weight
             y = _BaseWeightGradient.apply(y, x, weight)
         return y
+
+    def _base_kind(self, base):
+        """The base layer's kind, looked up again only when the base layer object changed: the lookup reads
+        class and module names, which torch.compile (torch 2.13) cannot trace without a graph break."""
+        cached = self.__dict__.get("_flat_lora_kind")
+        if cached is None or cached[0] is not base:
+            cached = self.__dict__["_flat_lora_kind"] = (base, base_layer_kind(base))
+        return cached[1]
 
     def _fused_op(self, kind, base, x: Tensor, lora_A: Tensor, lora_B: Tensor, **noise) -> Tensor:
         return kind.run(base, x, lora_A, lora_B, name=type(self).__name__, **noise)
