@@ -160,3 +160,14 @@ def test_shell_command_runs(command, in_scratch_checkout, monkeypatch):
             pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
         monkeypatch.syspath_prepend(str(ROOT / "examples"))
     _run_in_process(command)
+
+
+def test_works_with_rows_name_tests_that_exist():
+    """Each "Works with" row's test file (and test function, where named) exists, so the table stays true."""
+    text = (ROOT / "README.md").read_text()
+    section = re.search(r"^## Works with\n(.*?)(?=^## )", text, re.S | re.M).group(1)
+    named = re.findall(r"`(tests/test_\w+\.py)(?:::(\w+))?`", section)
+    assert len(named) >= 10
+    for path, function in named:
+        source = (ROOT / path).read_text()
+        assert not function or f"def {function}(" in source, f"README names {path}::{function}, which does not exist"
