@@ -38,6 +38,7 @@ __all__ = [
     "UnsupportedLayerError",
     "BaseLayerKind",
     "BASE_LAYER_KINDS",
+    "kind_named",
     "register_base_layer_kind",
     "base_layer_kind",
     "looks_linear",
@@ -138,6 +139,14 @@ def register_base_layer_kind(kind: BaseLayerKind, *, first: bool = True) -> None
 
 def base_layer_kind(module: nn.Module) -> BaseLayerKind | None:
     return next((kind for kind in BASE_LAYER_KINDS if kind.matches(module)), None)
+
+
+def kind_named(name: str) -> BaseLayerKind:
+    """The registered kind called ``name``."""
+    for kind in BASE_LAYER_KINDS:
+        if kind.name == name:
+            return kind
+    raise KeyError(f"no base layer kind named {name!r}")
 
 
 def looks_linear(module: nn.Module) -> bool:

@@ -89,3 +89,13 @@ def check_backend_against_reference(
         assert a.dtype == b.dtype and a.shape == b.shape, f"{name}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
         assert_close_to_truth(name, a, b, t)
     return got
+
+
+def enable_checkpointing(model, use_reentrant: bool) -> None:
+    """Activation checkpointing on a Hugging Face model: transformers 5.25 renamed
+    ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old name warns there), and
+    5.17 (the torch2.11 stack) has only the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})

@@ -21,7 +21,7 @@ from flatlora_kernels.experts import peft_wrapper  # noqa: E402
 from flatlora_kernels.noise import expert_filter_noise  # noqa: E402
 from flatlora_kernels.peft import disable_flat_lora, enable_flat_lora, patched_layers  # noqa: E402
 
-from .conftest import undriven_warnings  # noqa: E402
+from .conftest import enable_checkpointing, undriven_warnings  # noqa: E402
 
 # Sizes keep every expert row a multiple of 16 bytes in bf16: grouped_mm (transformers' default) needs it on CPU.
 SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -344,7 +344,7 @@ def test_gradient_checkpointing_recomputes_the_same_noise(monkeypatch):
         model = enable_flat_lora(experts_lora(tiny_qwen3_moe()), sigma=0.5)
         FlatLoraSchedule(model, total_steps=2, seed=3).set_step(1)
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model, use_reentrant=False)
         model.train()
         calls.clear()
         model(IDS).logits.square().mean().backward()

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 from flatlora_kernels import FlatLoraSchedule  # noqa: E402
 from flatlora_kernels.peft import enable_flat_lora, patched_layers  # noqa: E402
 
+from .conftest import enable_checkpointing  # noqa: E402
 from .test_hf_peft_native import IDS, tiny_llama  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def _adapter_grads(model):
 def test_gradient_checkpointing_recomputes_the_same_noise(reentrant):
     plain = _adapter_grads(_noisy_peft_llama())
     model = _noisy_peft_llama()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    enable_checkpointing(model, use_reentrant=reentrant)
     model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
     calls = []
     layer = next(m for _, m in patched_layers(model))

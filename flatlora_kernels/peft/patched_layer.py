@@ -28,7 +28,7 @@ import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import Tensor, nn
 
-from ..layer_support import UnsupportedLayerError, base_layer_kind, peft_lora_layer_problem
+from ..layer_support import UnsupportedLayerError, base_layer_kind, kind_named, peft_lora_layer_problem
 from ..step_noise import StepNoise, user_stacklevel
 from ..variants import variant_of
 
@@ -168,11 +168,13 @@ class FlatLoraPeftForward(StepNoise):
 
     def _base_kind(self, base):
         """The base layer's kind, looked up again only when the base layer object changed: the lookup reads
-        class and module names, which torch.compile (torch 2.13) cannot trace without a graph break."""
+        class and module names, which torch.compile (torch 2.13) cannot trace without a graph break. The
+        cache keeps the kind's name, not the kind (whose functions would stop the model from pickling)."""
         cached = self.__dict__.get("_flat_lora_kind")
         if cached is None or cached[0] is not base:
-            cached = self.__dict__["_flat_lora_kind"] = (base, base_layer_kind(base))
-        return cached[1]
+            kind = base_layer_kind(base)
+            cached = self.__dict__["_flat_lora_kind"] = (base, None if kind is None else kind.name)
+        return None if cached[1] is None else kind_named(cached[1])
 
     def _fused_op(self, kind, base, x: Tensor, lora_A: Tensor, lora_B: Tensor, **noise) -> Tensor:
         return kind.run(base, x, lora_A, lora_B, name=type(self).__name__, **noise)
