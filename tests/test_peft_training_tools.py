@@ -66,6 +66,13 @@ def test_accelerate_prepare_trains_with_noise():
             torch.testing.assert_close(param.grad, reference[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+# torch 2.6's dynamo cannot inline PEFT's own PeftModel.forward (a contextlib.contextmanager it skips:
+# "inline in skipfiles: PeftModel._enable_peft_forward_hooks"); the package's layers compile there too
+# (tests/test_compile_dynamic.py), the whole PeftModel in one graph from torch 2.11 on (the other stacks).
+@pytest.mark.skipif(
+    tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 7),
+    reason=f"torch {torch.__version__}: dynamo cannot trace PEFT's PeftModel.forward (contextmanager) with fullgraph",
+)
 def test_torch_compile_of_a_patched_peft_model_is_one_graph_and_matches_eager():
     from torch._dynamo.testing import CompileCounter
 
