@@ -9,7 +9,7 @@ from torch import nn
 
 peft = pytest.importorskip("peft")
 
-from flatlora_kernels import UnsupportedLayerError, enable_flat_lora, from_peft  # noqa: E402
+from flatlora_kernels import FlatLoraSchedule, UnsupportedLayerError, enable_flat_lora, from_peft  # noqa: E402
 from flatlora_kernels import variants  # noqa: E402
 
 
@@ -41,6 +41,7 @@ def test_a_registered_variant_runs_the_patched_training_forward(monkeypatch):
     recorder = _Recorder()
     monkeypatch.setitem(variants.VARIANTS, "DoraLinearVariant", recorder)
     model = enable_flat_lora(_dora_model(), sigma=0.1).train()
+    FlatLoraSchedule(model, total_steps=2, seed=0)  # driven: the noise is on (no "training with no noise" warning)
     x = torch.randn(3, 8)
     y = model(x)
     y.sum().backward()
