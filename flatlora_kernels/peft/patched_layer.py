@@ -29,7 +29,8 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import Tensor, nn
 
 from ..layer_support import UnsupportedLayerError, base_layer_kind, kind_named, peft_lora_layer_problem
-from ..step_noise import StepNoise, user_stacklevel
+from ..step_noise import StepNoise
+from ..user_warnings import user_stacklevel
 from ..variants import variant_of
 
 __all__ = ["FlatLoraPeftForward", "FlatLoraPeftLinear", "PeftLoraLinear", "PatchState", "user_hooks", "deepspeed_hooks",
