@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flatlora_kernels.experts import ExpertLayout, add_stack_noise_
-from flatlora_kernels.experts import stack_noise
+from flatlora_kernels.backends import cpu_tuning
 from flatlora_kernels.noise import expert_filter_noise, normal_rows
 
 from .conftest import HAS_CUDA
@@ -52,7 +52,7 @@ BACKENDS = ["reference", "cpp", pytest.param("triton", marks=pytest.mark.skipif(
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_stack_noise_is_the_definition(monkeypatch, backend, transposed, dtype):
-    monkeypatch.setattr(stack_noise, "chunk_bytes", 3 * K * 4)  # chunks of 3 rows: stream rows past expert 0's
+    monkeypatch.setattr(cpu_tuning, "CHUNK_BYTES", 3 * K * 4)  # chunks of 3 rows: stream rows past expert 0's
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     stored, layout, lora_A, lora_B = make_stack(transposed, dtype, device)
     before, after = noisy(stored, layout, lora_A, lora_B, 0.3, 2**40 + 5, backend)
@@ -78,7 +78,7 @@ def test_each_expert_and_row_draws_its_own_stream_rows():
 def test_stack_noise_does_not_depend_on_the_chunk(monkeypatch, cap_rows):
     stored, layout, lora_A, lora_B = make_stack(True, torch.bfloat16)
     _, whole = noisy(stored, layout, lora_A, lora_B, 0.2, 11, "cpp")
-    monkeypatch.setattr(stack_noise, "chunk_bytes", cap_rows * K * 4)
+    monkeypatch.setattr(cpu_tuning, "CHUNK_BYTES", cap_rows * K * 4)
     _, chunked = noisy(stored, layout, lora_A, lora_B, 0.2, 11, "cpp")
     assert torch.equal(whole, chunked)
 

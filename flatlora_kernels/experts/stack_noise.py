@@ -4,7 +4,7 @@
 parametrization returns) into ``W + delta + eps`` chunk by chunk: for a chunk of rows it takes the
 row norms of ``W + s*B@A`` in fp32 (from ``merged`` itself when it is fp32, else folded again),
 regenerates ``z`` with the package's generator and adds ``row_scale * z``. So the transient is two
-chunk-sized buffers at most (``chunk_bytes`` of fp32 rows, or half the stack), never more than a
+chunk-sized buffers at most (``cpu_tuning.CHUNK_BYTES`` of fp32 rows, or half the stack), never more than a
 stack, and nothing is kept: backward needs no eps (``d(W + delta + eps) / d delta = 1``).
 
 Generators, all the one stream: the C++ extension on CPU (``"cpp"``: ``_C.add_stack_noise_``,
@@ -24,10 +24,7 @@ from torch import Tensor
 from .. import noise
 from ..backends import cpu_tuning, resolve
 
-__all__ = ["add_stack_noise_", "chunk_bytes"]
-
-#: Bytes of fp32 rows of ``W + s*B@A`` handled at once (the C++ backend's chunk cap, provenance in cpu_tuning).
-chunk_bytes: int = cpu_tuning.CHUNK_BYTES
+__all__ = ["add_stack_noise_"]
 
 
 def _add_eps_(backend: str, target: Tensor, row_scale: Tensor, seed: Tensor, first_row: int) -> None:
@@ -92,7 +89,8 @@ def add_stack_noise_(
     row_bytes = in_features * dtype.itemsize
     # At most two chunk-sized buffers live at once (the fold; or z and the cast in a mixed-dtype addcmul_):
     # capped at half the stack's own bytes, the transient stays within one stack even for small ones.
-    cap = min(chunk_bytes, max(row_bytes, merged.numel() * merged.element_size() // 2))
+    # cpu_tuning.CHUNK_BYTES (the C++ backend's chunk cap, provenance there) is read per call: tests patch it there.
+    cap = min(cpu_tuning.CHUNK_BYTES, max(row_bytes, merged.numel() * merged.element_size() // 2))
     for es, rs in _chunks(experts, rows, row_bytes, cap):
         target = merged[es, rs]
         if merged.dtype == dtype:  # merged is already the fold, in the dtype its norms are defined in
