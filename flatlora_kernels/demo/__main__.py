@@ -7,11 +7,14 @@ Task ``lm``: pretrains a tiny GPT-2 (transformers config, byte tokens) on Python
 sources, then fine-tunes it on a shifted corpus (the Python documentation's prose) through PEFT LoRA,
 ``enable_flat_lora``, ``transformers.Trainer`` and ``FlatLoraCallback``.
 
-Every method's own knob (LoRA's ``lora_dropout``, Flat-LoRA's sigma, EFMLoRA's and Bi-LoRA's rho) is
-chosen on the validation split from a geometric grid with the same number of candidates and seeds;
-a choice at a grid's edge extends the grid until it is interior or a cap is hit. The test split is
-touched once, by the reported runs. Reports each measure as a paired 95% interval of the difference
-vs LoRA (with its tuned dropout) and a paired t-test's p-value.
+The question is a practitioner's: does adding a method to a tuned LoRA recipe help? First the LoRA
+recipe is tuned on the validation split: its ``lora_dropout`` and its step count (early stopping:
+validation checkpoints, the best one kept). Then Flat-LoRA, EFMLoRA and Bi-LoRA each train with the
+recipe's dropout and tune only their own knob (sigma, rho, rho) and step by the same rule. Every knob
+comes from a geometric grid with the same number of candidates and seeds; a choice at a grid's edge
+extends the grid until it is interior or a cap is hit. The test split is touched once, by the
+reported runs. Reports each measure of "recipe + method" as a paired 95% interval of the difference
+vs the recipe alone and a paired t-test's p-value.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ GRID_OPTIONS = {"lora": "dropout_grid", "flat-lora": "sigma_grid", "efmlora": "e
 assert set(GRID_OPTIONS) == set(KNOBS)
 DEFAULTS = {  # per task: options whose default differs
     # digits grids: centred where a wider search (initial grids as lm's, 3 extension rounds) chose, on validation
-    "digits": {"steps": 400, "pretrain_steps": 800, "seeds": 20, "select_seeds": 4, "lr": 3e-3, "rank": 8,
+    "digits": {"steps": 400, "eval_every": 25, "pretrain_steps": 800, "seeds": 20, "select_seeds": 4, "lr": 3e-3, "rank": 8,
                "methods": ",".join(METHODS), "noise_draws": 8, "dropout_grid": "0.1,0.2,0.4,0.8",
                "sigma_grid": "0.2,0.4,0.8,1.6", "efm_rho_grid": "0.1,0.2,0.4,0.8", "bilora_rho_grid": "0.003125,0.00625,0.0125,0.025"},
-    "lm": {"steps": 120, "pretrain_steps": 600, "seeds": 10, "select_seeds": 2, "lr": 2e-3, "rank": 8,
+    "lm": {"steps": 120, "eval_every": 20, "pretrain_steps": 600, "seeds": 10, "select_seeds": 2, "lr": 2e-3, "rank": 8,
            "methods": "lora,flat-lora,bilora", "noise_draws": 4, "dropout_grid": "0.05,0.1,0.2,0.4",
            "sigma_grid": "0.05,0.1,0.2,0.4", "efm_rho_grid": "0.025,0.05,0.1,0.2", "bilora_rho_grid": "0.025,0.05,0.1,0.2"},
 }
@@ -51,7 +54,8 @@ def parse_args(argv):
     """The demo's command line (``python -m flatlora_kernels.demo --help``) parsed into its options."""
     parser = argparse.ArgumentParser(prog="python -m flatlora_kernels.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=("digits", "lm"), default="digits", help="digits MLP (default) or tiny GPT-2 through PEFT + Trainer (how long each takes: README, Measured times)")
-    parser.add_argument("--steps", type=int, default=None, help="fine-tuning optimizer steps per run (digits 400, lm 120)")
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning step budget per run; the LR schedule spans it (digits 400, lm 120)")
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between validation checkpoints, the candidates of early stopping (digits 25, lm 20)")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="source-domain pretraining steps (digits 800, lm 600)")
     parser.add_argument("--seeds", type=int, default=None, help="reported fine-tuning runs per method (seeds 0..n-1; digits 20, lm 10)")
     parser.add_argument("--select-seeds", type=int, default=None, help="seeds per candidate in the validation search (digits 4, lm 2)")
@@ -80,7 +84,7 @@ def parse_args(argv):
             setattr(args, name, value)
     if args.out is None:
         args.out = "demo_out" if args.task == "digits" else os.path.join("demo_out", "lm")
-    for name in ("steps", "seeds", "pretrain_steps", "workers", "threads", "select_seeds", "noise_draws", "rank"):
+    for name in ("steps", "eval_every", "seeds", "pretrain_steps", "workers", "threads", "select_seeds", "noise_draws", "rank"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_extensions < 0:

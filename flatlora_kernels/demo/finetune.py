@@ -1,11 +1,14 @@
 """Fine-tune the pretrained digits model on the shifted domain with one method, under a fixed budget.
 
 Every method gets the same pretrained weights, the same batches (same seed), the same optimizer,
-cosine learning-rate schedule, rank and number of optimizer steps; they differ only in what the
-method adds, each with its own knob (``KNOBS``): LoRA's ``lora_dropout`` (PEFT's), Flat-LoRA's
-sigma, EFMLoRA's rho, Bi-LoRA's rho. A run on a task without its test split (``DigitsTask.without_test``,
-the validation search) measures the validation split only; a reported run ends with its test
-measures: accuracy, corrupted accuracy, NLL, loss under noise.
+cosine learning-rate schedule over the same step budget, rank and LoRA dropout (the LoRA recipe's);
+they differ only in what the method adds, each with its own knob (``KNOBS``): LoRA's
+``lora_dropout`` (PEFT's; the recipe's, used by every method), Flat-LoRA's sigma, EFMLoRA's rho,
+Bi-LoRA's rho. Every run evaluates the validation split every ``eval_every`` steps (the checkpoints
+the early-stopping rule picks from, ``selection.py``). A run on a task without its test split
+(``DigitsTask.without_test``, the validation search) measures the validation split only; a reported
+run stops at its method's chosen step (``stop_at``, the schedules still span the whole budget) and
+ends with its test measures: accuracy, corrupted accuracy, NLL, loss under noise.
 """
 
 from __future__ import annotations
@@ -32,17 +35,18 @@ TARGET_MODULES = ["fc1", "fc2", "fc3", "head"]
 
 @dataclass
 class FinetuneConfig:
-    steps: int = 400
+    steps: int = 400  # the budget: the LR and sigma schedules span it
+    stop_at: int | None = None  # early stopping: a reported run stops here (its method's chosen step)
     batch_size: int = 32
     lr: float = 3e-3  # peak; cosine decay to 0 over ``steps`` (the paper's recipes)
     rank: int = 8
     lora_alpha: float = 16.0
-    lora_dropout: float = 0.0  # LoRA's knob (only the lora method uses it)
+    lora_dropout: float = 0.0  # LoRA's knob; every method trains with it (the LoRA recipe's)
     sigma: float = 0.1
     efm_rho: float = 0.05
     bilora_rho: float = 0.05
     efm_beta: float = 0.9
-    eval_every: int = 50
+    eval_every: int = 25
     noise_sigmas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)  # sigma' of the loss-under-noise curve
     noise_draws: int = 8
 
@@ -57,6 +61,7 @@ class RunResult:
     eval_steps: list[int] = field(default_factory=list)
     eval_accuracy: list[float] = field(default_factory=list)  # validation accuracy at eval_steps
     knob: float = 0.0  # the value of the method's own knob in this run
+    steps_done: int = 0  # optimizer steps taken (the chosen step of a reported run)
     step_ms: float = 0.0
     peak_memory_mib: float | None = None
     test_nll: float = 0.0
@@ -73,10 +78,9 @@ class RunResult:
 def _build(pretrained: nn.Module, method: str, config: FinetuneConfig) -> nn.Module:
     model = copy.deepcopy(pretrained).train()
     sigma = config.sigma if method == "flat-lora" else 0.0
-    dropout = config.lora_dropout if method == "lora" else 0.0
     return apply_flat_lora(
         model, target_modules=TARGET_MODULES, r=config.rank, lora_alpha=config.lora_alpha, sigma=sigma, fused=True,
-        lora_dropout=dropout,
+        lora_dropout=config.lora_dropout,
     )
 
 
@@ -93,6 +97,9 @@ def finetune(
     """One fine-tuning run; ``progress`` (a tqdm bar or None) advances once per optimizer step."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    stop = config.steps if config.stop_at is None else config.stop_at
+    if not 1 <= stop <= config.steps:
+        raise ValueError(f"stop_at must be in [1, steps={config.steps}], got {config.stop_at}")
     torch.manual_seed(seed)  # the LoRA initialisation
     model = _build(pretrained, method, config).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -126,7 +133,7 @@ def finetune(
         return loss.item()
 
     step_seconds = 0.0
-    for step in range(config.steps):
+    for step in range(stop):
         index = torch.randint(0, train.labels.numel(), (config.batch_size,), generator=generator)
         images, labels = train.images[index].to(device), train.labels[index].to(device)
         if step == 0:  # memory is measured on the first step, time on the others (the profiler is slow)
@@ -138,14 +145,15 @@ def finetune(
             loss = train_step(images, labels)
             step_seconds += time.perf_counter() - started
         result.losses.append(loss)
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+        if (step + 1) % config.eval_every == 0 or step + 1 == stop:
             with _unperturbed(sharpness):
                 result.eval_steps.append(step + 1)
                 result.eval_accuracy.append(accuracy(model, task.target_val))
                 result.eval_val_nll.append(mean_nll(model, task.target_val))
         if progress is not None:
             progress.update(1)
-    result.step_ms = 1000 * step_seconds / max(1, config.steps - 1)
+    result.steps_done = stop
+    result.step_ms = 1000 * step_seconds / max(1, stop - 1)
     with _unperturbed(sharpness):
         result.val_nll = mean_nll(model, task.target_val)
         result.val_accuracy = accuracy(model, task.target_val)

@@ -42,24 +42,38 @@ def knobs_for(args, knob_fields: dict[str, str]) -> list[Knob]:
     return [Knob(m, knob_fields[m], tuple(grids[m]), *CAPS[m]) for m in args.methods]
 
 
-def search(args, config, knobs, run):
-    """The validation search with its plan printed before and every candidate's score after."""
-    print(f"validation search: {len(knobs[0].grid)} candidates x {args.select_seeds} seeds per method; an edge choice extends its grid (x2 per round, at most {args.max_extensions} rounds, caps: "
+def search(args, config, knobs, run, *, stage: str, reference_run: bool = True):
+    """One stage of the validation search with its plan printed before and every candidate's score after."""
+    print(f"\nvalidation search, {stage}: {len(knobs[0].grid)} candidates x {args.select_seeds} seeds per method, each run "
+          f"{config.steps} steps with validation checkpoints every {config.eval_every}; an edge choice extends its grid "
+          f"(x2 per round, at most {args.max_extensions} rounds, caps: "
           + ", ".join(f"{k.method} {k.name} [{k.low_cap:g}, {k.high_cap:g}]" for k in knobs) + ")", flush=True)
-    choices, reference = validation_search(knobs, config, select_seeds=args.select_seeds, max_rounds=args.max_extensions, run=run)
-    print_choices(choices, reference["val"])
+    choices, reference = validation_search(knobs, config, select_seeds=args.select_seeds, max_rounds=args.max_extensions, run=run,
+                                           reference_run=reference_run)
+    print_choices(choices, reference.get("val"))
     if "curve" in reference:
-        print("plain LoRA validation NLL by step (overfitting shows as a rise): " + ", ".join(f"{k}: {v:.3f}" for k, v in reference["curve"].items()))
+        print("plain LoRA (no dropout) validation NLL by step (overfitting shows as a rise): " + ", ".join(f"{k}: {v:.3f}" for k, v in reference["curve"].items()))
     return choices, reference
 
 
 def tuned_runs(args, config, knob_fields: dict[str, str], run):
-    """The validation search, then the reported runs: every method with its chosen knob over
-    ``args.seeds`` seeds. Returns (config with the chosen knobs, choices, LoRA's reference, results)."""
-    choices, reference = search(args, config, knobs_for(args, knob_fields), run)
+    """The LoRA recipe, then each method on top of it, then the reported runs.
+
+    1. LoRA's own knobs on validation: its dropout (bracketed grid) and its step (early stopping).
+    2. Every other method with the recipe's dropout, tuning only its own knob, with the same step rule.
+    3. The reported runs: every method with its chosen knob over ``args.seeds`` seeds, each stopped at
+       its method's chosen step. Returns (config with the chosen knobs, choices, LoRA's reference, results)."""
+    knobs = knobs_for(args, knob_fields)
+    choices, reference = search(args, config, [k for k in knobs if k.method == "lora"], run, stage="1. the LoRA recipe (dropout and step)")
+    config = replace(config, lora_dropout=choices["lora"].value)
+    others = [k for k in knobs if k.method != "lora"]
+    if others:
+        more, _ = search(args, config, others, run, reference_run=False,
+                         stage=f"2. each method on the recipe (dropout {config.lora_dropout:g}): its own knob and step")
+        choices.update(more)
     config = replace(config, **{knob_fields[m]: c.value for m, c in choices.items()})
-    results = run([(m, s, config, False) for s in range(args.seeds) for m in args.methods], "fine-tuning")
-    return config, choices, reference, results
+    jobs = [(m, s, replace(config, stop_at=choices[m].step), False) for s in range(args.seeds) for m in args.methods]
+    return config, choices, reference, run(jobs, "fine-tuning")
 
 
 def summarise_with_noise(results, methods, measures, choices):
@@ -68,8 +82,16 @@ def summarise_with_noise(results, methods, measures, choices):
     measures = dict(measures)
     for s in sorted(results[0].loss_under_noise, key=float):
         measures[f"loss under noise {s}"] = ((lambda key: lambda r: r.loss_under_noise[key])(s), 1.0, 4)
-    labels = {m: f"{LABELS[m]} {c.value:g}" for m, c in choices.items()}
-    return summarise(results, methods, measures, labels=labels)
+    labels = {m: f"{LABELS[m]} {c.value:g}, step {c.step}" for m, c in choices.items()}
+    rows, raw = summarise(results, methods, measures, labels=labels)
+    for row in rows:
+        row["method"] = row_name(row["method"])
+    return rows, raw
+
+
+def row_name(method: str) -> str:
+    """A table row's name: the LoRA recipe alone, or the recipe + a method."""
+    return "lora (the recipe)" if method == "lora" else f"recipe + {method}"
 
 
 def print_noise_table(rows, heading: str) -> None:
@@ -94,6 +116,7 @@ def save_results(start: JobStart, plots: list[Path], *, task: str, settings: dic
         "settings": settings,
         "selection": {m: c.as_json() for m, c in choices.items()},
         "plain lora validation NLL": reference["val"],
+        "plain lora validation NLL by step": {str(k): v for k, v in reference["curve"].items()},
         **extra,
         "summary": summary,
         "wall seconds": seconds,

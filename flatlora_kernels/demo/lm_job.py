@@ -1,7 +1,8 @@
 """The language-model task (``python -m flatlora_kernels.demo --task lm``): pretrain a tiny GPT-2 on
-the standard library's code, choose every method's knob on the validation split of a shifted corpus
-(the Python documentation's prose), then fine-tune through PEFT + Trainer over many seeds and report
-test NLL, perplexity and loss under weight noise with paired intervals vs LoRA (its dropout tuned)."""
+the standard library's code, tune the LoRA recipe (dropout and step) on the validation split of a
+shifted corpus (the Python documentation's prose), then each method on top of it, fine-tune through
+PEFT + Trainer over many seeds and report test NLL, perplexity and loss under weight noise as
+"recipe + method" vs "recipe" with paired intervals."""
 
 from __future__ import annotations
 
@@ -42,15 +43,16 @@ def run_lm(args) -> int:
     )
     payload = (base.state_dict(), settings)
     with Workers(task_name="lm", payload=payload, workers=args.workers, threads=args.threads, progress=not args.no_progress) as workers:
-        config = LmConfig(steps=args.steps, rank=args.rank, lr=args.lr, noise_draws=args.noise_draws)
+        config = LmConfig(steps=args.steps, eval_every=args.eval_every, rank=args.rank, lr=args.lr, noise_draws=args.noise_draws)
         config, choices, reference, results = tuned_runs(args, config, LM_KNOBS, workers.run)
     rows, raw = summarise_with_noise(results, args.methods, MEASURES, choices)
     print(
-        f"\n{config.steps} Trainer steps (batch {config.batch_size}, cosine LR, peak {config.lr}) x {args.seeds} seeds, r={config.rank}, PEFT LoRA on "
-        f"c_attn/c_proj/c_fc; each method with its own knob as chosen above. Each cell: mean (paired difference vs LoRA with its tuned "
-        f"dropout [95% t-interval] p=paired t-test)."
+        f"\nthe LoRA recipe: PEFT LoRA r={config.rank} on c_attn/c_proj/c_fc, lora_dropout {config.lora_dropout:g}, Trainer (batch {config.batch_size}, "
+        f"cosine LR, peak {config.lr}) over a {config.steps}-step budget, stopped at its validation-chosen step; {args.seeds} seeds. Each other row is "
+        f"the recipe + that method, with its own knob and step chosen above. Each cell: mean (paired difference vs the recipe alone "
+        f"[95% t-interval] p=paired t-test)."
     )
-    print_table(rows, columns=["method", "knob (chosen on validation)", *MEASURES])
+    print_table(rows, columns=["method", "knob, step (chosen on validation)", *MEASURES])
     print_noise_table(rows, f"\nloss under noise (test NLL increase, nats/byte, filter-wise noise at sigma' on every LoRA layer's merged weight, {config.noise_draws} shared draws):")
     timing = median_step_ms(results, args.methods)
     print("Trainer step ms (median of train_runtime / steps, per worker; a tiny model: Python overhead dominates): " + ", ".join(f"{m} {t:.1f}" for m, t in timing.items()))

@@ -27,7 +27,7 @@ def summarise(results, methods, measures, *, baseline="lora", labels=None):
             raise ValueError(f"{method} and {baseline} ran different seeds; paired differences need the same ones")
         row = {"method": method}
         if labels:
-            row["knob (chosen on validation)"] = labels.get(method, "")
+            row["knob, step (chosen on validation)"] = labels.get(method, "")
         raw[method] = {}
         for name, (metric, scale, digits) in measures.items():
             values = [scale * metric(r) for r in runs]
@@ -55,12 +55,13 @@ def print_table(rows, file=None, columns=None):
 
 
 def print_choices(choices, reference=None):
-    """The validation search: every candidate's score, the choice and whether it is interior."""
-    print("\nknobs chosen on the validation split (mean validation NLL per candidate, lower is better):")
+    """The validation search: every candidate's score, the choice, whether it is interior, and its step."""
+    print("knobs chosen on the validation split (mean validation NLL per candidate at its best checkpoint, lower is better):")
     for choice in choices.values():
         scores = ", ".join(f"{v:g}: {s:.4f}" for v, s in sorted(choice.validation.items()))
         extended = f"; grid extended to {', '.join(f'{v:g}' for v in choice.extensions)}" if choice.extensions else ""
-        print(f"  {choice.method} {choice.knob} = {choice.value:g} ({choice.status}{extended})  [{scores}]")
+        step = f"; step {choice.step} of {choice.budget} ({choice.step_status})" if choice.budget else ""
+        print(f"  {choice.method} {choice.knob} = {choice.value:g} ({choice.status}{extended}{step})  [{scores}]")
     if reference is not None:
         print(f"  (reference, not a candidate: plain LoRA without dropout {reference:.4f})")
 

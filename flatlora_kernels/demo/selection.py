@@ -5,6 +5,10 @@ candidate with the lowest mean validation NLL. If it is at either end of the val
 is extended geometrically past that end (one value per round, all methods' extensions of a round run
 together) until the choice is interior or the knob's cap is reached; the result says which.
 Scoring is the caller's ``evaluate`` (validation only; the test split is never passed to it).
+
+The step rule (early stopping, the same for every method): a candidate's runs evaluate the validation
+split at checkpoints; its score is the lowest point of its seed-mean validation curve, and that
+checkpoint's step is the step count its method is reported at (``Choice.step``).
 """
 
 from __future__ import annotations
@@ -46,10 +50,24 @@ class Choice:
     method: str
     knob: str
     initial_grid: list[float]
-    validation: dict[float, float] = field(default_factory=dict)  # value -> mean validation NLL
+    validation: dict[float, float] = field(default_factory=dict)  # value -> mean validation NLL at its best step
     value: float | None = None
     extensions: list[float] = field(default_factory=list)
     status: str = ""
+    curves: dict[float, dict[int, float]] = field(default_factory=dict)  # value -> {checkpoint step: seed-mean NLL}
+    budget: int | None = None  # the runs' step budget (the last checkpoint)
+
+    @property
+    def step(self) -> int | None:
+        """The chosen candidate's best checkpoint (early stopping): the step count it is reported at."""
+        curve = self.curves.get(self.value)
+        return best_step(curve) if curve else self.budget
+
+    @property
+    def step_status(self) -> str:
+        if self.step is None or self.budget is None:
+            return ""
+        return "at the budget's end" if self.step >= self.budget else "interior"
 
     @property
     def grid(self) -> list[float]:
@@ -59,8 +77,15 @@ class Choice:
         return {
             "method": self.method, "knob": self.knob, "initial grid": self.initial_grid, "grid": self.grid,
             "validation NLL": {str(k): v for k, v in sorted(self.validation.items())}, "choice": self.value,
-            "extensions": self.extensions, "status": self.status,
+            "extensions": self.extensions, "status": self.status, "step": self.step, "step status": self.step_status,
+            "budget": self.budget,
+            "validation NLL by step": {str(v): {str(k): c for k, c in curve.items()} for v, curve in sorted(self.curves.items())},
         }
+
+
+def best_step(curve: dict[int, float]) -> int:
+    """The checkpoint with the lowest seed-mean validation NLL (the earliest on a tie)."""
+    return min(curve, key=lambda step: (curve[step], step))
 
 
 def next_value(knob: Knob, validation: dict[float, float]) -> tuple[float | None, str]:
@@ -114,30 +139,49 @@ def choose(
     return choices
 
 
-def validation_search(knobs: Sequence[Knob], config, *, select_seeds: int, max_rounds: int, run) -> tuple[dict[str, Choice], dict]:
+def validation_search(knobs: Sequence[Knob], config, *, select_seeds: int, max_rounds: int, run, reference_run: bool = True) -> tuple[dict[str, Choice], dict]:
     """Every knob on the validation split, with seeds 1000+ (disjoint from the reported 0..n-1).
 
-    ``config`` is a dataclass with a field named after each knob; ``run(jobs, label)`` runs jobs
-    ``(method, seed, config, search=True)``, whose task has no test split, and returns their results
-    (with ``val_nll``). Plain LoRA (``lora_dropout=0``) runs once beside the first round, as a
-    reference line, not a candidate: returned with its mean validation NLL (and its curve if any).
+    ``config`` is a dataclass with a field named after each knob and ``steps`` (the budget);
+    ``run(jobs, label)`` runs jobs ``(method, seed, config, search=True)``, whose task has no test split,
+    and returns their results (``val_nll``, and ``eval_steps`` / ``eval_val_nll``: the validation
+    checkpoints the step rule picks from). With ``reference_run``, plain LoRA (``lora_dropout=0``)
+    runs once beside the first round, as a reference line, not a candidate: returned with its mean
+    validation NLL at its best checkpoint and its curve.
     """
     seeds = list(range(1000, 1000 + select_seeds))
     reference = {}
+    curves: dict[tuple[str, float], dict[int, float]] = {}
 
     def evaluate(candidates):
         jobs = [(m, s, replace(config, **{knob_of[m]: v}), True) for m, v in candidates for s in seeds]
-        first = not reference
+        first = reference_run and not reference
         if first:
             jobs += [("lora", s, replace(config, lora_dropout=0.0), True) for s in seeds]
         results = run(jobs, "validation search")
         if first:
-            plain = results[-len(seeds):]
-            reference["val"] = statistics.fmean(r.val_nll for r in plain)
-            if getattr(plain[0], "eval_steps", None):
-                curves = zip(*(r.eval_val_nll for r in plain))
-                reference["curve"] = dict(zip(plain[0].eval_steps, (statistics.fmean(v) for v in curves)))
-        return [statistics.fmean(r.val_nll for r in results[i * len(seeds):(i + 1) * len(seeds)]) for i in range(len(candidates))]
+            plain = mean_curve(results[-len(seeds):])
+            reference["val"] = plain[best_step(plain)]
+            reference["curve"] = plain
+        scores = []
+        for i, candidate in enumerate(candidates):
+            curves[candidate] = curve = mean_curve(results[i * len(seeds):(i + 1) * len(seeds)])
+            scores.append(curve[best_step(curve)])
+        return scores
 
     knob_of = {k.method: k.name for k in knobs}
-    return choose(knobs, evaluate, max_rounds=max_rounds), reference
+    choices = choose(knobs, evaluate, max_rounds=max_rounds)
+    for choice in choices.values():
+        choice.curves = {v: curve for (m, v), curve in curves.items() if m == choice.method}
+        choice.budget = config.steps
+    return choices, reference
+
+
+def mean_curve(runs) -> dict[int, float]:
+    """The seed-mean validation NLL at each checkpoint of ``runs``."""
+    steps = list(runs[0].eval_steps)
+    if not steps:
+        raise ValueError("a search run evaluated no validation checkpoint: the step rule has nothing to pick from")
+    if any(list(r.eval_steps) != steps for r in runs):
+        raise ValueError("the runs of one candidate evaluated different checkpoints")
+    return {step: statistics.fmean(r.eval_val_nll[i] for r in runs) for i, step in enumerate(steps)}
