@@ -32,7 +32,8 @@ def test_tiny_demo_prints_every_measure_and_reproduces(tmp_path, capsys):
     assert main([*TINY, "--out", str(tmp_path / "a")]) == 0
     printed = capsys.readouterr().out
     for method in METHODS:
-        assert re.search(rf"^\| {method} +\|", printed, re.MULTILINE), f"the table has no row for {method}"
+        name = re.escape("lora (the recipe)" if method == "lora" else f"recipe + {method}")
+        assert re.search(rf"^\| {name} +\|", printed, re.MULTILINE), f"the table has no row for {method}"
     for column in ("accuracy %", "corrupted acc %", "test NLL", "loss under noise", "naive perturbation", "bi-lora", "p=",
                    "time vs lora [min-max]", "load average", "knobs chosen on the validation split"):
         assert column in printed
@@ -41,7 +42,8 @@ def test_tiny_demo_prints_every_measure_and_reproduces(tmp_path, capsys):
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     assert saved["machine"]["torch"] == torch.__version__ and saved["settings"]["seeds"] == 2
     assert saved["machine"]["cpu"] and len(saved["machine"]["load average at start"]) == 3
-    assert saved["plain lora validation NLL by step"] and "plain LoRA validation NLL by step" in printed
+    assert saved["plain lora validation NLL by step"] and "plain LoRA (no dropout) validation NLL by step" in printed
+    assert "1. the LoRA recipe" in printed and "2. each method on the recipe" in printed
     config, selection = saved["settings"]["config"], saved["selection"]
     for method, knob in (("lora", "lora_dropout"), ("flat-lora", "sigma"), ("efmlora", "efm_rho"), ("bilora", "bilora_rho")):
         chosen = selection[method]
@@ -49,6 +51,12 @@ def test_tiny_demo_prints_every_measure_and_reproduces(tmp_path, capsys):
         assert chosen["initial grid"] == ([0.1, 0.2] if method in ("lora", "flat-lora") else [0.05, 0.1])
         assert len(chosen["validation NLL"]) == 2 + len(chosen["extensions"]) and chosen["status"]
         assert min(chosen["validation NLL"].values()) == chosen["validation NLL"][str(chosen["choice"])]
+        # the step rule: each candidate's score is the lowest point of its validation curve, the chosen step is there
+        curves = chosen["validation NLL by step"]
+        assert set(curves) == set(chosen["validation NLL"])
+        assert all(min(curves[v].values()) == score for v, score in chosen["validation NLL"].items())
+        assert curves[str(chosen["choice"])][str(chosen["step"])] == chosen["validation NLL"][str(chosen["choice"])]
+    assert config["lora_dropout"] == selection["lora"]["choice"]  # every method trained with the recipe's dropout
     cost = saved["cost"]
     assert [r["method"] for r in cost["rows"]] == ["lora", "flat-lora (fused)", "naive perturbation", "bi-lora"]
     assert len(cost["load average before"]) == 3 and all(r["ratio min"] <= r["time vs lora"] <= r["ratio max"] for r in cost["rows"])
@@ -56,7 +64,8 @@ def test_tiny_demo_prints_every_measure_and_reproduces(tmp_path, capsys):
     assert sorted((r["method"], r["seed"]) for r in runs) == sorted((m, s) for m in METHODS for s in range(2))
     for run in runs:
         assert 0.0 <= run["accuracy"] <= 1.0 and run["test_nll"] > 0 and len(run["corrupted_accuracy"]) == 12
-        assert len(run["losses"]) == 4 and all(loss == loss for loss in run["losses"])
+        assert run["steps_done"] == selection[run["method"]]["step"]  # stopped at its method's chosen step
+        assert len(run["losses"]) == run["steps_done"] and all(loss == loss for loss in run["losses"])
         assert set(run["loss_under_noise"]) >= {"0.05", "0.1", "0.2", "0.3"}
 
     # same seeds and threads: the same numbers, bit for bit, also when the runs go to 2 spawned workers

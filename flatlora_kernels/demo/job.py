@@ -39,7 +39,7 @@ def start_job(args) -> JobStart:
 def knobs_for(args, knob_fields: dict[str, str]) -> list[Knob]:
     """Each method's knob (``knob_fields``: method -> its config field) with its grid from the command line."""
     grids = {"lora": args.dropout_grid, "flat-lora": args.sigma_grid, "efmlora": args.efm_rho_grid, "bilora": args.bilora_rho_grid}
-    return [Knob(m, knob_fields[m], tuple(grids[m]), *CAPS[m]) for m in args.methods]
+    return [Knob(m, knob_fields[m], tuple(grids[m]), *CAPS[m], probability=(m == "lora")) for m in args.methods]
 
 
 def search(args, config, knobs, run, *, stage: str, reference_run: bool = True):

@@ -18,8 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 
-# The knobs' caps (an extension stops past them; dropout must stay < 1) and their short names in tables.
-CAPS = {"lora": (0.05 / 8, 0.8), "flat-lora": (0.05 / 8, 3.2), "efmlora": (0.025 / 8, 1.6), "bilora": (0.025 / 16, 1.6)}
+# The knobs' caps (an extension stops past them; dropout must stay < 1: 0.97 is three odds-doublings
+# past 0.8) and their short names in tables.
+CAPS = {"lora": (0.05 / 8, 0.97), "flat-lora": (0.05 / 8, 3.2), "efmlora": (0.025 / 8, 1.6), "bilora": (0.025 / 16, 1.6)}
 LABELS = {"lora": "dropout", "flat-lora": "sigma", "efmlora": "rho", "bilora": "rho"}
 
 
@@ -33,6 +34,7 @@ class Knob:
     low_cap: float  # extensions stop below this value
     high_cap: float  # ... and above this one
     ratio: float = 2.0  # a geometric grid's step
+    probability: bool = False  # a value in (0, 1) (dropout): extended geometrically in its odds p / (1 - p)
 
     def __post_init__(self):
         if len(self.grid) < 2 or min(self.grid) <= 0:
@@ -41,6 +43,16 @@ class Knob:
             raise ValueError(f"{self.method} {self.name}: the grid ratio must be > 1, got {self.ratio}")
         if not self.low_cap <= min(self.grid) <= max(self.grid) <= self.high_cap:
             raise ValueError(f"{self.method} {self.name}: the grid {self.grid} lies outside its caps [{self.low_cap}, {self.high_cap}]")
+        if self.probability and not self.high_cap < 1:
+            raise ValueError(f"{self.method} {self.name}: a probability's cap must be < 1, got {self.high_cap}")
+
+    def scaled(self, value: float, factor: float) -> float:
+        """``value`` moved one grid step (``factor`` = ratio or 1/ratio): geometric in the value, or in
+        its odds for a probability (so 0.8 extends to 0.889, not past 1; near 0 the two agree)."""
+        if not self.probability:
+            return value * factor
+        odds = value / (1 - value) * factor
+        return odds / (1 + odds)
 
 
 @dataclass
@@ -95,11 +107,11 @@ def next_value(knob: Knob, validation: dict[float, float]) -> tuple[float | None
     if tried[0] < best < tried[-1]:
         return None, "interior"
     if best == tried[-1]:
-        candidate = tried[-1] * knob.ratio
+        candidate = knob.scaled(tried[-1], knob.ratio)
         if candidate > knob.high_cap * (1 + 1e-9):
             return None, f"capped at the high end (cap {knob.high_cap:g})"
         return candidate, ""
-    candidate = tried[0] / knob.ratio
+    candidate = knob.scaled(tried[0], 1 / knob.ratio)
     if candidate < knob.low_cap * (1 - 1e-9):
         return None, f"capped at the low end (cap {knob.low_cap:g})"
     return candidate, ""
