@@ -8,7 +8,9 @@ task without its test split, so a choice cannot see the test set even by mistake
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
+import os
 import sys
 import time
 
@@ -31,6 +33,7 @@ def init_worker(task_name, payload, threads):
         model.load_state_dict(state_dict)
         _WORKER["base"] = model.eval()
     elif task_name == "lm":
+        _quiet_optional_backends()
         from .lm_task import make_lm_task, tiny_gpt
 
         state_dict, settings = payload
@@ -40,6 +43,15 @@ def init_worker(task_name, payload, threads):
         _WORKER["base"] = model.eval()
     else:
         raise ValueError(f"unknown task {task_name!r}")
+
+
+def _quiet_optional_backends():
+    """The lm task runs on CPU without DeepSpeed or 4-bit layers, but the Trainer and PEFT import both
+    when installed, and each logs a warning about a backend the demo never uses (DeepSpeed's
+    accelerator detection, bitsandbytes' optional CPU kernel hub): named off here, in the demo's
+    workers only."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)
 
 
 def run_indexed(item):
