@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--task", choices=("digits", "lm"), default="digits")
     parser.add_argument("--seeds", type=int, default=4)
-    parser.add_argument("--rhos", default="0.003125,0.0125,0.05,0.2,0.8")
+    parser.add_argument("--rhos", default="0.003125,0.0125,0.05,0.1,0.2,0.4,0.8")
     parser.add_argument("--inits", default=",".join(INITS))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
