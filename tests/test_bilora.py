@@ -103,6 +103,7 @@ def test_bilora_steps_are_the_papers_equations_9_and_10(build, rho):
         torch.testing.assert_close(opt.aux_A[i].detach(), A2[i], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(opt.aux_B[i].detach(), B2[i], rtol=1e-5, atol=1e-6)
     assert norms[0] < rho and norms[1:] == pytest.approx([rho, rho], rel=1e-5)
+    assert opt.clip_bound_steps == 2 and opt.state_dict()["wrapper"]["clip_bound_steps"] == 2
     direct_norm = math.sqrt(sum(float(opt.perturbation(i).square().sum()) for i in range(2)))
     assert norms[-1] == pytest.approx(direct_norm, rel=1e-5)
 

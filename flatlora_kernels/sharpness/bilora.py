@@ -54,12 +54,16 @@ ASCENT_STEPS = ("sgd", "adam")  # "sgd": the paper's Eq. 9 (plain gradient ascen
 class BiLoRA(LoraSharpnessOptimizer):
     """Wraps an optimizer; use it like the optimizer itself (one pass per step)::
 
-        opt = BiLoRA(model, torch.optim.AdamW(trainable_params, lr=1e-4), rho=0.05)
+        opt = BiLoRA(model, torch.optim.AdamW(trainable_params, lr=5e-4), rho=0.05)  # the paper's LLM recipe
         for x, y in loader:
             loss_fn(model(x), y).backward()   # model.train(): the forward includes s * B2 @ A2
             opt.step()                          # descent on the adapter, ascent on the module, clip
             opt.zero_grad()
         model.eval(); evaluate(model)           # eval forwards never include the module
+
+    With an Adam base optimizer ``eta2`` is an Adam-sized rate used for a plain step, so the module
+    can take many steps to reach ``rho``; ``clip_bound_steps`` against ``steps_done`` shows whether
+    the ball was reached (docs/DESIGN.md section 13 has measured cases).
 
     Args:
         model: the module holding the LoRA layers (``FlatLoraLinear``, anything with ``lora_A``
@@ -108,6 +112,7 @@ class BiLoRA(LoraSharpnessOptimizer):
             aux_A.uniform_(-bound, bound, generator=generator)
             self.aux_A.append(nn.Parameter(aux_A.to(A.device)))
             self.aux_B.append(nn.Parameter(torch.zeros(B.shape[0], r, dtype=dtype, device=B.device)))
+        self._clipped = torch.tensor(0)  # steps on which the clip bound, counted on the device
         self.ascent_optimizer = self._make_ascent_optimizer([p for pair in zip(self.aux_A, self.aux_B) for p in pair])
         self._hooks = [
             layer.module.register_forward_hook(self._hook(index), with_kwargs=True) for index, layer in enumerate(self.layers)
@@ -158,6 +163,13 @@ class BiLoRA(LoraSharpnessOptimizer):
             weight_decay=0.0, maximize=True,
         )
 
+    @property
+    def clip_bound_steps(self) -> int:
+        """How many steps ended with the ascent past ``rho`` (so the clip bound). Far below
+        ``steps_done``, the ascent is too slow to reach the ball: rho then does not act (raise
+        ``ascent_lr_scale`` or lower ``rho``)."""
+        return int(self._clipped)
+
     def _ascent_lr(self) -> float:
         return self.ascent_lr_scale * float(self.base_optimizer.param_groups[0]["lr"])
 
@@ -165,7 +177,9 @@ class BiLoRA(LoraSharpnessOptimizer):
     def _clip(self, rho: float) -> None:
         norm = self.perturbation_norm()
         # sqrt(rho / c) on both factors scales the product by rho / c; decided on the device (no sync).
-        factor = torch.where(norm > rho, torch.sqrt(rho / torch.where(norm > 0, norm, 1.0)), 1.0)
+        binds = norm > rho
+        factor = torch.where(binds, torch.sqrt(rho / torch.where(norm > 0, norm, 1.0)), 1.0)
+        self._clipped = self._clipped.to(binds.device) + binds
         for A2, B2 in zip(self.aux_A, self.aux_B):
             A2.mul_(factor.to(A2.device, A2.dtype))
             B2.mul_(factor.to(B2.device, B2.dtype))
@@ -193,12 +207,16 @@ class BiLoRA(LoraSharpnessOptimizer):
         return {
             "steps_done": self.steps_done,
             "ascent": self.ascent,
+            "clip_bound_steps": self.clip_bound_steps,
             "aux_A": [p.detach().clone() for p in self.aux_A],
             "aux_B": [p.detach().clone() for p in self.aux_B],
             "ascent_optimizer": self.ascent_optimizer.state_dict(),
         }
 
     def _load_wrapper_state(self, state: dict) -> None:
+        saved_ascent = state.get("ascent", "adam")  # checkpoints from before the option had Adam's ascent
+        if saved_ascent != self.ascent:
+            raise ValueError(f"the checkpoint's ascent step is {saved_ascent!r}, this BiLoRA's is {self.ascent!r}")
         for name in ("aux_A", "aux_B"):
             saved, mine = state[name], getattr(self, name)
             if len(saved) != len(mine) or any(s.shape != p.shape for s, p in zip(saved, mine)):
@@ -206,8 +224,6 @@ class BiLoRA(LoraSharpnessOptimizer):
             with torch.no_grad():
                 for s, p in zip(saved, mine):
                     p.copy_(s)
-        saved_ascent = state.get("ascent", "adam")  # checkpoints from before the option had Adam's ascent
-        if saved_ascent != self.ascent:
-            raise ValueError(f"the checkpoint's ascent step is {saved_ascent!r}, this BiLoRA's is {self.ascent!r}")
         self.ascent_optimizer.load_state_dict(state["ascent_optimizer"])
         self.steps_done = int(state["steps_done"])
+        self._clipped = torch.tensor(int(state.get("clip_bound_steps", 0)))
