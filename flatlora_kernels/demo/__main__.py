@@ -30,13 +30,14 @@ LM_METHODS = ("lora", "flat-lora", "bilora", "efmlora")
 GRID_OPTIONS = {"lora": "dropout_grid", "flat-lora": "sigma_grid", "efmlora": "efm_rho_grid", "bilora": "bilora_rho_grid"}
 assert set(GRID_OPTIONS) == set(KNOBS)
 DEFAULTS = {  # per task: options whose default differs
-    # digits grids: centred where a wider search (initial grids as lm's, 3 extension rounds) chose, on validation
+    # grids centred where wider searches chose, on validation only (docs/DESIGN.md section 11); dropout's
+    # lm grid is geometric in its odds (2/3, 4/3, 8/3, 16/3), as its extensions are
     "digits": {"steps": 400, "eval_every": 25, "pretrain_steps": 800, "seeds": 20, "select_seeds": 4, "lr": 3e-3, "rank": 8,
                "methods": ",".join(METHODS), "noise_draws": 8, "dropout_grid": "0.1,0.2,0.4,0.8",
-               "sigma_grid": "0.2,0.4,0.8,1.6", "efm_rho_grid": "0.1,0.2,0.4,0.8", "bilora_rho_grid": "0.003125,0.00625,0.0125,0.025"},
+               "sigma_grid": "0.2,0.4,0.8,1.6", "efm_rho_grid": "0.1,0.2,0.4,0.8", "bilora_rho_grid": "0.025,0.05,0.1,0.2"},
     "lm": {"steps": 120, "eval_every": 20, "pretrain_steps": 600, "seeds": 10, "select_seeds": 2, "lr": 2e-3, "rank": 8,
-           "methods": "lora,flat-lora,bilora", "noise_draws": 4, "dropout_grid": "0.05,0.1,0.2,0.4",
-           "sigma_grid": "0.05,0.1,0.2,0.4", "efm_rho_grid": "0.025,0.05,0.1,0.2", "bilora_rho_grid": "0.025,0.05,0.1,0.2"},
+           "methods": "lora,flat-lora,bilora", "noise_draws": 4, "dropout_grid": "0.4,0.5714,0.7273,0.8421",
+           "sigma_grid": "0.00625,0.0125,0.025,0.05", "efm_rho_grid": "0.025,0.05,0.1,0.2", "bilora_rho_grid": "0.00625,0.0125,0.025,0.05"},
 }
 
 
@@ -61,10 +62,10 @@ def parse_args(argv):
     parser.add_argument("--select-seeds", type=int, default=None, help="seeds per candidate in the validation search (digits 4, lm 2)")
     parser.add_argument("--train-images", type=int, default=100, help="digits: target training images (data-scarce regime)")
     parser.add_argument("--train-bytes", type=int, default=None, help="lm: bytes of the fine-tuning corpus's training split")
-    parser.add_argument("--dropout-grid", default=None, help="LoRA's lora_dropout candidates (digits 0.1,0.2,0.4,0.8; lm 0.05,0.1,0.2,0.4)")
-    parser.add_argument("--sigma-grid", default=None, help="Flat-LoRA's sigma candidates (digits 0.2,...,1.6; lm 0.05,...,0.4)")
+    parser.add_argument("--dropout-grid", default=None, help="LoRA's lora_dropout candidates (digits 0.1,0.2,0.4,0.8; lm 0.4,...,0.8421)")
+    parser.add_argument("--sigma-grid", default=None, help="Flat-LoRA's sigma candidates (digits 0.2,...,1.6; lm 0.00625,...,0.05)")
     parser.add_argument("--efm-rho-grid", default=None, help="EFMLoRA's rho candidates (digits 0.1,...,0.8; lm 0.025,...,0.2)")
-    parser.add_argument("--bilora-rho-grid", default=None, help="Bi-LoRA's rho candidates (digits 0.003125,...,0.025; lm 0.025,...,0.2)")
+    parser.add_argument("--bilora-rho-grid", default=None, help="Bi-LoRA's rho candidates (digits 0.025,...,0.2; lm 0.00625,...,0.05)")
     parser.add_argument("--max-extensions", type=int, default=3, help="rounds of grid extension for a choice at a grid's edge")
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank r (8)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate, cosine decay (digits 3e-3, lm 2e-3)")
