@@ -21,6 +21,18 @@ CHUNK_BYTES: int = 8 << 20
 #: (same CPU): bf16 2048x1024x1024 step memory 54 -> 25 MiB vs LoRA's 24.5, and one GEMM at large M.
 CHUNK_GROWS_TO_OUTPUT: bool = True
 
+#: A chunk is also at most this fraction of its pass's output (y forward, dx backward), so that the
+#: chunk and the output together fit in the two output-sized buffers a LoRA pass holds at once (PEFT's
+#: backward: dy's scaled copy or the branch's dx, and the base's dx), with room for the row scales
+#: and rank-r products. Measured (AMD EPYC family 26, 8 x 1024 and 8 x 2048 layers at M=512, 4 x 2048
+#: at M=2048, benchmarks/adapter_dtype_memory.py): at 1.0 the fused peak was 1.005-1.013x PEFT's in
+#: fp32 (and 1.22x in bf16 with the old fp32 running sum), at 0.5 MEASURED_HALF. ``None``: no such cap.
+CHUNK_OUTPUT_FRACTION: float | None = 0.5
+
+#: ... but a chunk keeps at least this many rows (GEMMs of fewer rows lose speed; below it a small
+#: output's chunk may exceed the fraction). MEASURED_ROWS
+CHUNK_MIN_ROWS: int = 128
+
 #: A chunk of at most this many bytes is built in a per-thread buffer kept across calls (one per
 #: calling thread, never per layer); bigger ones (the cap grown to the output's size) are allocated
 #: per pass. Measured (Intel Xeon with AMX, 2 threads, 1024x1024 bf16, M=512): a fresh 2 MiB chunk
