@@ -16,9 +16,10 @@ from __future__ import annotations
 #: -> 1.5-1.7x at M=512 with 8 MiB. So the cap holds 768x3072 in bf16 and 1024x2048 in fp32; not a sweep.
 CHUNK_BYTES: int = 8 << 20
 
-#: A chunk may also grow to the size of its pass's output (y forward, dx backward): LoRA's own pass
-#: holds a second buffer of that size at the same moment, so the peak stays at LoRA's. Measured
-#: (same CPU): bf16 2048x1024x1024 step memory 54 -> 25 MiB vs LoRA's 24.5, and one GEMM at large M.
+#: A chunk may also grow past CHUNK_BYTES with its pass's output (y forward, dx backward), to half of
+#: it under CHUNK_OUTPUT_FRACTION: LoRA's own pass holds output-sized buffers at the same moment, so
+#: the peak stays at LoRA's with fewer GEMMs at large M. Measured (same CPU, growing to the whole
+#: output): bf16 2048x1024x1024 step memory 54 -> 25 MiB vs LoRA's 24.5.
 CHUNK_GROWS_TO_OUTPUT: bool = True
 
 #: A chunk is also at most this fraction of its pass's output (y forward, dx backward): a LoRA
@@ -27,7 +28,7 @@ CHUNK_GROWS_TO_OUTPUT: bool = True
 #: products. Measured (AMD EPYC family 26, one thread, step peak over PEFT's, bias-free layers,
 #: ``benchmarks/adapter_dtype_memory.py``; dense 8 x 1024 / 8 x 2048 at M=512, 4 x 2048 bf16 at
 #: M=2048): the whole weight (the 8 MiB cap alone) 1.11-1.33x; a chunk of the output 1.005-1.013x in
-#: fp32; half of it 0.96-0.99x (bf16 needs dx accumulated in place, ``csrc/chunk_passes.h``). Step time
+#: fp32; half of it 0.93-0.99x (bf16 needs dx accumulated in place, ``csrc/chunk_passes.h``). Step time
 #: (one layer fwd + bwd, one thread, 3 interleaved rounds, 1024^2 and 2048^2, M=512 and 2048, bf16 and
 #: fp32): 0.97-1.01x the whole-chunk step, fp32 1024^2 M=512 1.06x within its spread (22.7-24.9 ms vs
 #: 22.7-23.2), where callgrind counts 618.3 M instructions vs 613.3 M (+0.8%, one thread, C++ forward +
