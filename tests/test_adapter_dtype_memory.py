@@ -114,20 +114,33 @@ def _old_dropout_correction(x, dropout, lora_A, lora_B, scaling):
     return lora_branch(dropout(xa) - xa, lora_A, lora_B, scaling)
 
 
+def _base_weight(base, dtype, generator):
+    """A dense [17, 64] weight, or the NF4 packing of one (the 4-bit op)."""
+    weight = torch.randn(17, 64, generator=generator).to(dtype)
+    if base == "dense":
+        return weight
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    from flatlora_kernels.quantized import Packed4bit
+
+    return Packed4bit.from_quant_state(*bnb_functional.quantize_4bit(weight, quant_type="nf4"))
+
+
 @pytest.mark.parametrize("dtype,adapter_dtype,autocast", [
     (torch.bfloat16, torch.float32, False), (torch.bfloat16, torch.bfloat16, False), (torch.float16, torch.float32, False),
     (torch.float32, torch.float32, False), (torch.float32, torch.float32, True),
 ])  # fmt: skip
-@pytest.mark.parametrize("shape", [(7, 24), (2, 5, 24), (1, 24)])
-def test_recomputed_dropout_correction_changes_no_bit(dtype, adapter_dtype, autocast, shape):
+@pytest.mark.parametrize("shape", [(7, 64), (2, 5, 64), (1, 64)])
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_recomputed_dropout_correction_changes_no_bit(dtype, adapter_dtype, autocast, shape, base):
     """The output, every gradient and the RNG state after the step are those of the correction that
-    autograd kept: the same mask (RNG state restored) and the same ops on the same values."""
+    autograd kept: the same mask (RNG state restored) and the same ops on the same values, over the
+    dense and the 4-bit op, under autocast too."""
     results = []
     for correction in (_old_dropout_correction, dropout_correction):
         g = torch.Generator().manual_seed(0)
-        weight = torch.randn(17, 24, generator=g).to(dtype)
+        weight = _base_weight(base, dtype, g)
         x = torch.randn(*shape, generator=g).to(dtype).requires_grad_()
-        lora_A = (torch.randn(4, 24, generator=g) * 0.3).to(adapter_dtype).requires_grad_()
+        lora_A = (torch.randn(4, 64, generator=g) * 0.3).to(adapter_dtype).requires_grad_()
         lora_B = (torch.randn(17, 4, generator=g) * 0.3).to(adapter_dtype).requires_grad_()
         dropout = torch.nn.Dropout(0.3)
         torch.manual_seed(5)
