@@ -19,8 +19,9 @@ _C = dense_cpp._C
 
 
 def _cap(x, output_elements: int, out_features: int, in_features: int) -> int:
-    """The chunk byte cap: the dense backend's (which may grow to the pass's output, in x's dtype), or
-    ``cpu_tuning.DEQUANTIZED_4BIT_FRACTION`` of ``deq(W)`` in the chunk's dtype when that is larger."""
+    """The chunk byte cap: the dense backend's (``cpp.chunk_cap``: at most half the pass's output, in the
+    chunk's dtype), or ``cpu_tuning.DEQUANTIZED_4BIT_FRACTION`` of ``deq(W)`` when that is larger (PEFT
+    QLoRA holds all of ``deq(W)`` in each pass)."""
     cap = dense_cpp.chunk_cap(output_elements, dense_cpp.chunk_element_size(x), in_features)
     fraction = cpu_tuning.DEQUANTIZED_4BIT_FRACTION
     if fraction is not None:
