@@ -19,8 +19,9 @@ Two measures of one forward + backward: the bytes autograd saves for backward (`
 deterministic, each storage once, weights and adapters left out), and the step's peak above its start
 (``PeakMemory``: profiler-counted on CPU, chunk workspaces freed first).
 
-    python benchmarks/adapter_dtype_memory.py           # the table in RESULTS.md
-    python benchmarks/adapter_dtype_memory.py --quick   # tiny shapes (smoke)
+    python benchmarks/adapter_dtype_memory.py                     # the table in RESULTS.md
+    python benchmarks/adapter_dtype_memory.py --lora-dropout 0.1  # its dropout rows (naive has none)
+    python benchmarks/adapter_dtype_memory.py --quick             # tiny shapes (smoke)
 """
 
 from __future__ import annotations

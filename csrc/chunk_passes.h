@@ -5,14 +5,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <optional>
 #include <tuple>
 
-#include "cpu_kernels.h"
 #include "perturbed_chunk.h"
 
 namespace flatlora {
@@ -53,67 +50,22 @@ void forward_over_chunks(const Perturbed& perturbed, const at::Tensor& x_gemm, a
   }
 }
 
-// bf16 dx from several chunks: one bf16 GEMM per chunk (oneDNN, fp32 accumulation), the products
-// summed in fp32 and rounded once at the end, so dx is rounded once per chunk product, not once per
-// running sum. The widen / add / round passes are the ISA kernels, split over threads: torch's
-// mixed-dtype add_ and copy_ measured 2.1 and 0.7 ms per [512, 3072] on one core. Without the fold,
-// the low-rank branch (s * dy @ B) @ A is the first product.
-template <class Perturbed>
-at::Tensor bfloat16_dx_over_chunks(const Perturbed& perturbed, const at::Tensor& dy, const at::Tensor& dy_b,
-                                   const at::Tensor& lora_A, const float* saved_scale, at::Tensor& chunk_buffer,
-                                   bool fold_lora, int64_t parallel_grain) {
-  const int64_t m = dy.size(0), n = dy.size(1), k = chunk_buffer.size(1), chunk_rows = chunk_buffer.size(0);
-  at::Tensor product = at::empty({m, k}, dy.options());
-  at::Tensor dx_sum = at::empty({m, k}, dy.options().dtype(at::kFloat));
-  float* sum = dx_sum.data_ptr<float>();
-  uint16_t* product_bits = reinterpret_cast<uint16_t*>(product.data_ptr<c10::BFloat16>());
-  const CpuKernels& kernels = cpu_kernels();
-  auto over_elements = [&](auto body) {
-    at::parallel_for(0, m * k, parallel_grain, [&](int64_t begin, int64_t end) { body(begin, end - begin); });
-  };
-  bool first = true;
-  auto accumulate = [&] {
-    if (first) {
-      over_elements([&](int64_t at, int64_t count) { kernels.widen_bfloat16(product_bits + at, count, sum + at); });
-    } else {
-      over_elements([&](int64_t at, int64_t count) { kernels.add_bfloat16(product_bits + at, count, sum + at); });
-    }
-    first = false;
-  };
-  if (!fold_lora) {
-    at::mm_out(product, dy_b, lora_A);
-    accumulate();
-  }
-  for (int64_t row0 = 0; row0 < n; row0 += chunk_rows) {
-    const int64_t rows = std::min(chunk_rows, n - row0);
-    at::Tensor chunk = chunk_buffer.narrow(0, 0, rows);
-    perturbed.build_with_saved_scale(row0, chunk, saved_scale + row0, fold_lora);
-    at::mm_out(product, dy.narrow(1, row0, rows), chunk);
-    accumulate();
-  }
-  // The product buffer receives the rounded sum (peak: the fp32 sum plus one bf16 dx).
-  over_elements([&](int64_t at, int64_t count) { kernels.round_to_bfloat16(sum + at, count, product_bits + at); });
-  return product;
-}
-
 // dx = dy @ W' (its low-rank part folded into the chunks, or added as (s * dy @ B) @ A), in x_dtype.
 // dy_gemm, dy_b = s * dy @ B and lora_A_gemm are in the GEMM dtype; row_scale is the forward's.
 template <class Perturbed>
 at::Tensor input_grad_over_chunks(const Perturbed& perturbed, const at::Tensor& dy_gemm, const at::Tensor& dy_b,
                                   const at::Tensor& lora_A_gemm, const at::Tensor& row_scale, at::ScalarType x_dtype,
-                                  bool fold_lora, int64_t chunk_bytes, int64_t parallel_grain,
-                                  int64_t workspace_bytes) {
+                                  bool fold_lora, int64_t chunk_bytes, int64_t workspace_bytes) {
   const int64_t m = dy_gemm.size(0), n = dy_gemm.size(1), k = lora_A_gemm.size(1);
   const at::ScalarType compute = dy_gemm.scalar_type();
   const at::Tensor saved_scale = row_scale.contiguous();
   const float* scale = saved_scale.data_ptr<float>();
   const int64_t chunk_rows = rows_per_chunk(n, k, c10::elementSize(compute), chunk_bytes);
   at::Tensor buffer = chunk_workspace(chunk_rows, k, compute, workspace_bytes, dy_gemm.options());
-  if (compute == at::kBFloat16 && chunk_rows < n) {
-    return bfloat16_dx_over_chunks(perturbed, dy_gemm, dy_b, lora_A_gemm, scale, buffer, fold_lora, parallel_grain);
-  }
-  // One chunk in bf16, or fp32 / fp64 partial sums: dx += dy[:, rows] @ chunk; the first chunk
-  // overwrites, so dx needs no zero fill.
+  // dx += dy[:, rows] @ chunk in the GEMM dtype; the first chunk overwrites, so dx needs no zero fill.
+  // In bf16, oneDNN accumulates dx + dy[:, rows] @ chunk in fp32 and rounds once per chunk, so dx is
+  // the only dx-sized buffer: an fp32 running sum (plus a bf16 product) measured 3 dx-sized buffers
+  // beside the chunk, above the two a LoRA backward holds (benchmarks/RESULTS.md, memory section).
   at::Tensor dx_sum = at::empty({m, k}, dy_gemm.options());
   for (int64_t row0 = 0; row0 < n; row0 += chunk_rows) {
     const int64_t rows = std::min(chunk_rows, n - row0);
@@ -156,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_pass(const MakePerturbed
                                                              const at::Tensor& x, const at::Tensor& lora_A,
                                                              const at::Tensor& lora_B, const at::Tensor& row_scale,
                                                              double scaling, bool compute_dx, bool fold_lora,
-                                                             int64_t chunk_bytes, int64_t parallel_grain,
+                                                             int64_t chunk_bytes,
                                                              int64_t workspace_bytes) {
   const at::ScalarType compute = gemm_dtype(x);
   const at::Tensor dy_gemm = dy.to(compute);
@@ -166,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_pass(const MakePerturbed
   at::Tensor dx = at::empty({0}, x.options());
   if (compute_dx) {
     dx = input_grad_over_chunks(make_perturbed(), dy_gemm, dy_b, lora_A_gemm, row_scale, x.scalar_type(), fold_lora,
-                                chunk_bytes, parallel_grain, workspace_bytes);
+                                chunk_bytes, workspace_bytes);
   }
   auto [d_lora_A, d_lora_B] =
       lora_factor_grads(x_gemm, dy_gemm, dy_b, lora_A_gemm, scaling, lora_A.scalar_type(), lora_B.scalar_type());

@@ -18,10 +18,9 @@ struct CpuKernels {
                             float* rows);
   // ||row||^2 in one fixed summation order (8-lane strips of 64 in fp32, fp64 across): the row scale's.
   double (*row_squared_norm)(const float* row, int64_t n);
-  // bf16 <-> fp32 as bit patterns: widening (dst = src, or dst += src) is exact; narrowing rounds to
+  // bf16 <-> fp32 as bit patterns: widening is exact; narrowing rounds to
   // nearest even, as torch's conversion does (NaN: 0x7FC0).
   void (*widen_bfloat16)(const uint16_t* src, int64_t n, float* dst);
-  void (*add_bfloat16)(const uint16_t* src, int64_t n, float* dst);
   void (*round_to_bfloat16)(const float* src, int64_t n, uint16_t* dst);
   // Debug: this generator's Box-Muller of Philox words (z_cos[i], z_sin[i] from bits1[i], bits2[i]);
   // tests compare it with the definition in flatlora_kernels/noise.py.

@@ -270,15 +270,6 @@ void widen_bfloat16(const uint16_t* src, int64_t n, float* dst) {
   }
 }
 
-void add_bfloat16(const uint16_t* src, int64_t n, float* dst) {
-  for (int64_t j = 0; j < n; ++j) {
-    const uint32_t bits = static_cast<uint32_t>(src[j]) << 16;
-    float value;
-    std::memcpy(&value, &bits, sizeof bits);
-    dst[j] += value;
-  }
-}
-
 // Round to nearest even with integer ops so the loop vectorises; NaN becomes 0x7FC0, as torch's
 // float -> bfloat16 conversion does (so a rounded dx equals torch's .to(bfloat16) bit for bit).
 void round_to_bfloat16(const float* src, int64_t n, uint16_t* dst) {
@@ -296,7 +287,7 @@ void box_muller_words(const uint32_t* bits1, const uint32_t* bits2, int64_t coun
 }
 
 const CpuKernels kTable = {FLATLORA_ISA_NAME, normal_row,     add_scaled_normal_row, philox_at,
-                           add_low_rank_rows, row_squared_norm, widen_bfloat16,    add_bfloat16,
+                           add_low_rank_rows, row_squared_norm, widen_bfloat16,
                            round_to_bfloat16, box_muller_words};
 
 }  // namespace FLATLORA_ISA_NS

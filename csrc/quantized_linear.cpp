@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_4bit_cpu(
                                     parallel_grain);
   };
   return backward_pass(make_perturbed, dy, x, lora_A, lora_B, row_scale, scaling, compute_dx, fold_lora, chunk_bytes,
-                       parallel_grain, workspace_bytes);
+                       workspace_bytes);
 }
 
 }  // namespace flatlora

@@ -16,10 +16,33 @@ from __future__ import annotations
 #: -> 1.5-1.7x at M=512 with 8 MiB. So the cap holds 768x3072 in bf16 and 1024x2048 in fp32; not a sweep.
 CHUNK_BYTES: int = 8 << 20
 
-#: A chunk may also grow to the size of its pass's output (y forward, dx backward): LoRA's own pass
-#: holds a second buffer of that size at the same moment, so the peak stays at LoRA's. Measured
-#: (same CPU): bf16 2048x1024x1024 step memory 54 -> 25 MiB vs LoRA's 24.5, and one GEMM at large M.
+#: A chunk may also grow past CHUNK_BYTES with its pass's output (y forward, dx backward), to half of
+#: it under CHUNK_OUTPUT_FRACTION: LoRA's own pass holds output-sized buffers at the same moment, so
+#: the peak stays at LoRA's with fewer GEMMs at large M. Measured (same CPU, growing to the whole
+#: output): bf16 2048x1024x1024 step memory 54 -> 25 MiB vs LoRA's 24.5.
 CHUNK_GROWS_TO_OUTPUT: bool = True
+
+#: A chunk is also at most this fraction of its pass's output (y forward, dx backward): a LoRA
+#: backward holds dy plus two dx-sized buffers at once (PEFT: its branch's dx and the base's), the
+#: fused one dy, its dx and the chunk, so half the output leaves room for the row scales and rank-r
+#: products. Measured (AMD EPYC family 26, one thread, step peak over PEFT's, bias-free layers,
+#: ``benchmarks/adapter_dtype_memory.py``; dense 8 x 1024 / 8 x 2048 at M=512, 4 x 2048 bf16 at
+#: M=2048): the whole weight (the 8 MiB cap alone) 1.11-1.33x; a chunk of the output 1.005-1.013x in
+#: fp32; half of it 0.93-0.99x (bf16 needs dx accumulated in place, ``csrc/chunk_passes.h``). Step time
+#: (one layer fwd + bwd, one thread, 3 interleaved rounds, 1024^2 and 2048^2, M=512 and 2048, bf16 and
+#: fp32): 0.97-1.01x the whole-chunk step, fp32 1024^2 M=512 1.06x within its spread (22.7-24.9 ms vs
+#: 22.7-23.2), where callgrind counts 618.3 M instructions vs 613.3 M (+0.8%, one thread, C++ forward +
+#: backward of 2 steps). ``None``: no such cap (tests).
+CHUNK_OUTPUT_FRACTION: float | None = 0.5
+
+#: ... but a chunk keeps at least this many rows, so a small output does not split the GEMM into
+#: thin slices (there the chunk may exceed the fraction; at 128 rows a square layer keeps its chunk
+#: within the output down to M=128). Measured (same CPU, one thread, load ~4, fused step medians of 9
+#: interleaved, floors 32 / 64 / 128 / 256 / whole weight): bf16 1024^2 M=128 3.04 / 3.01 / 2.81 /
+#: 2.66 / 2.54 ms, M=32 2.74 / 2.27 / 2.06 / 1.95 / 1.87; bf16 2048^2 M=128 12.5 / 12.2 / 11.8 / 11.4 /
+#: 12.1; fp32 1024^2 M=128 7.15 / 7.08 / 6.96 / 6.98 / 7.21. So 128 rows cost ~10% at bf16 1024^2,
+#: M <= 128 (a 2-3 ms step), nothing at 2048^2 or in fp32; 32-64 rows cost more.
+CHUNK_MIN_ROWS: int = 128
 
 #: A chunk of at most this many bytes is built in a per-thread buffer kept across calls (one per
 #: calling thread, never per layer); bigger ones (the cap grown to the output's size) are allocated

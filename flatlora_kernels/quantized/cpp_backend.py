@@ -18,19 +18,15 @@ from ..backends import cpu_tuning
 _C = dense_cpp._C
 
 
-def _cap(x, output_elements: int, weight_elements: int) -> int:
-    """The chunk byte cap: the dense backend's (which may grow to the pass's output, in x's dtype), or
-    ``cpu_tuning.DEQUANTIZED_4BIT_FRACTION`` of ``deq(W)`` in the chunk's dtype when that is larger."""
-    cap = dense_cpp.chunk_cap(output_elements, x.element_size())
+def _cap(x, output_elements: int, out_features: int, in_features: int) -> int:
+    """The chunk byte cap: the dense backend's (``cpp.chunk_cap``: at most half the pass's output, in the
+    chunk's dtype), or ``cpu_tuning.DEQUANTIZED_4BIT_FRACTION`` of ``deq(W)`` when that is larger (PEFT
+    QLoRA holds all of ``deq(W)`` in each pass)."""
+    cap = dense_cpp.chunk_cap(output_elements, dense_cpp.chunk_element_size(x), in_features)
     fraction = cpu_tuning.DEQUANTIZED_4BIT_FRACTION
     if fraction is not None:
-        cap = max(cap, int(fraction * weight_elements * _chunk_element_size(x)))
+        cap = max(cap, int(fraction * out_features * in_features * dense_cpp.chunk_element_size(x)))
     return cap
-
-
-def _chunk_element_size(x) -> int:
-    """Bytes per chunk element: bf16 chunks for bf16 compute, fp32 otherwise (fp16 runs fp32 GEMMs)."""
-    return 2 if x.dtype == torch.bfloat16 else 4
 
 
 def release_chunk_workspace() -> None:
@@ -40,7 +36,7 @@ def release_chunk_workspace() -> None:
 
 def forward(x, codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize, nested_offset,
             weight_dtype, out_features, in_features, lora_A, lora_B, bias, scaling, sigma, seed):
-    cap = _cap(x, x.shape[0] * out_features, out_features * in_features)
+    cap = _cap(x, x.shape[0] * out_features, out_features, in_features)
     return _C.forward_4bit(
         x, codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize, float(nested_offset),
         weight_dtype, out_features, in_features, lora_A, lora_B, bias, float(scaling), sigma, seed, cap,
@@ -51,7 +47,7 @@ def forward(x, codes, absmax, code_table, nested_absmax, nested_code, blocksize,
 def backward(dy, x, codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize,
              nested_offset, weight_dtype, out_features, in_features, lora_A, lora_B, row_scale, scaling, seed,
              compute_dx):
-    cap = _cap(x, x.shape[0] * in_features, out_features * in_features)
+    cap = _cap(x, x.shape[0] * in_features, out_features, in_features)
     fold_lora = dense_cpp.fold_lora(x.shape[0], out_features, x.dtype)
     return _C.backward_4bit(
         dy, x, codes, absmax, code_table, nested_absmax, nested_code, blocksize, nested_blocksize,
