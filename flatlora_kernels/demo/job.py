@@ -46,7 +46,7 @@ def search(args, config, knobs, run, *, stage: str, reference_run: bool = True):
     """One stage of the validation search with its plan printed before and every candidate's score after."""
     print(f"\nvalidation search, {stage}: {len(knobs[0].grid)} candidates x {args.select_seeds} seeds per method, each run "
           f"{config.steps} steps with validation checkpoints every {config.eval_every}; an edge choice extends its grid "
-          f"(x2 per round, at most {args.max_extensions} rounds, caps: "
+          f"(x2 per round, a dropout x2 in its odds p/(1-p); at most {args.max_extensions} rounds; caps: "
           + ", ".join(f"{k.method} {k.name} [{k.low_cap:g}, {k.high_cap:g}]" for k in knobs) + ")", flush=True)
     choices, reference = validation_search(knobs, config, select_seeds=args.select_seeds, max_rounds=args.max_extensions, run=run,
                                            reference_run=reference_run)
