@@ -73,7 +73,7 @@ class Choice:
     def step(self) -> int | None:
         """The chosen candidate's best checkpoint (early stopping): the step count it is reported at."""
         curve = self.curves.get(self.value)
-        return best_step(curve) if curve else self.budget
+        return best_step(curve) if curve else None  # None: chosen by ``choose`` alone, no curves
 
     @property
     def step_status(self) -> str:
